@@ -1,0 +1,66 @@
+"""Every artefact path of the pipeline, decided in one place.
+
+Stages talk only through files at these derivable paths; nothing else builds artefact paths by
+string concatenation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# prepared data (``cmrfed prepare``)
+MANIFEST = "manifest.json"
+SHARDS_DIR = "shards"
+CACHE_DIR = "cache"
+
+
+def manifest_path(prepared: Path) -> Path:
+    return Path(prepared) / MANIFEST
+
+
+def shard_path(prepared: Path, client: str) -> Path:
+    return Path(prepared) / SHARDS_DIR / f"{client}.h5"
+
+
+def feature_cache_dir(prepared: Path) -> Path:
+    """Frozen-trunk feature caches live next to the prepared data they were computed from."""
+    return Path(prepared) / CACHE_DIR
+
+
+# federated runs (``cmrfed federate``)
+def run_config_path(run: Path) -> Path:
+    return Path(run) / "run.json"
+
+
+def rounds_log_path(run: Path) -> Path:
+    return Path(run) / "rounds.jsonl"
+
+
+def shared_tensors_path(run: Path, which: str = "final") -> Path:
+    """``final`` -> RUN/shared.safetensors; ``best`` -> RUN/best/shared.safetensors."""
+    if which == "final":
+        return Path(run) / "shared.safetensors"
+    return Path(run) / which / "shared.safetensors"
+
+
+def private_tensors_path(run: Path, client: str, which: str = "final") -> Path:
+    if which == "final":
+        return Path(run) / "clients" / client / "private.safetensors"
+    return Path(run) / which / "clients" / client / "private.safetensors"
+
+
+def checkpoint_dir(run: Path) -> Path:
+    return Path(run) / "checkpoint"
+
+
+# evaluation (``cmrfed evaluate``)
+def eval_dir(run: Path) -> Path:
+    return Path(run) / "eval"
+
+
+def predictions_path(run: Path) -> Path:
+    return eval_dir(run) / "predictions.csv"
+
+
+def metrics_path(run: Path) -> Path:
+    return eval_dir(run) / "metrics.json"

@@ -49,6 +49,52 @@ def cli() -> None:
 # --- commands (one block each) -------------------------------------------------------------
 
 
+@cli.command()
+@click.option("--data", "data", required=True, type=click.Path(path_type=str),
+              help="PREPARED folder written by `cmrfed prepare`.")
+@click.option("--method", default="duallora", show_default=True,
+              type=click.Choice(["duallora", "fedlora", "ffalora", "fedsa", "local", "central"]))
+@click.option("--blocks", default="2", show_default=True,
+              help="Adapt the last N transformer blocks, or 'all'.")
+@click.option("--rank", default=8, show_default=True, type=int, help="Rank of the (global) LoRA.")
+@click.option("--local-rank", default=None, type=int, help="Rank of DualLoRA's local LoRA [--rank].")
+@click.option("--alpha", default=16.0, show_default=True, type=float, help="LoRA alpha (scale alpha/r).")
+@click.option("--local-alpha", default=None, type=float, help="Alpha of the local LoRA [--alpha].")
+@click.option("--targets", default="q,kv,proj,fc1,fc2", show_default=True,
+              help="Comma-separated linear layers to adapt in each adapted block.")
+@click.option("--head", default="shared", show_default=True, type=click.Choice(["shared", "local"]),
+              help="Share the classification head, or keep it private per site.")
+@click.option("--rounds", default=10, show_default=True, type=int)
+@click.option("--local-epochs", default=1, show_default=True, type=int)
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--weight-decay", default=0.05, show_default=True, type=float)
+@click.option("--class-balanced/--no-class-balanced", default=True, show_default=True,
+              help="Weight the loss by inverse class frequency per site.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--backbone", default="tiny", show_default=True,
+              help="tiny|small|base (seeded random init) or a CineMA safetensors file.")
+@click.option("--cache/--no-cache", default=True, show_default=True,
+              help="Cache the frozen trunk's features (used when fewer than all blocks are adapted).")
+@click.option("--cache-dtype", default="float32", show_default=True,
+              type=click.Choice(["float32", "float16", "bfloat16"]))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--out", required=True, type=click.Path(path_type=str), help="RUN folder to write.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last round.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing RUN folder.")
+def federate(**options: object) -> None:
+    """Federated LoRA fine-tuning, every vendor a client, in this process."""
+    from cmrfed.fed.config import FederateConfig, parse_blocks
+    from cmrfed.fed.inprocess import federate as run_federate
+
+    device, out = options.pop("device"), options.pop("out")
+    resume, overwrite = options.pop("resume"), options.pop("overwrite")
+    options["blocks"] = parse_blocks(str(options["blocks"]))
+    options["targets"] = tuple(t.strip() for t in str(options["targets"]).split(",") if t.strip())
+    config = FederateConfig(**options)  # type: ignore[arg-type]
+    run_federate(config, out, device=device, resume=resume, overwrite=overwrite)
+
+
 # --- end of commands -----------------------------------------------------------------------
 
 

@@ -1,0 +1,164 @@
+"""Frozen-trunk feature cache.
+
+With the last N of the encoder's blocks adapted, the conv stem, the first ``depth - N`` blocks
+and the fusion's skip projections are a pure function of the image (the backbone is frozen and
+has no stochastic layers at training time). We compute them once per subject and reuse them
+across rounds, local epochs, methods and seeds; training then runs only the adapted blocks, the
+fusion norm and the head.
+
+A cache file is keyed by (backbone weights fingerprint, start block, input shape, storage dtype)
+and records the sha256 of the shard it was computed from: any change of key or shard makes a new
+file, and a stale file is never read. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch import nn
+
+from cmrfed.atomic import atomic_file
+from cmrfed.data.shards import load_split
+from cmrfed.paths import feature_cache_dir
+
+CACHE_FORMAT_VERSION = 1
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything the cached features depend on."""
+
+    backbone_fingerprint: str
+    start_block: int
+    input_shape: tuple[int, int, int]
+    dtype: str
+
+    def digest(self) -> str:
+        text = json.dumps(
+            [CACHE_FORMAT_VERSION, self.backbone_fingerprint, self.start_block,
+             list(self.input_shape), self.dtype]
+        )
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class CachedSplit:
+    subject_ids: tuple[str, ...]
+    labels: np.ndarray
+    hidden: torch.Tensor  # (n, 1 + N, D): tokens entering block ``start_block``
+    skips: torch.Tensor  # (n, N, D): summed fusion skip projections
+
+
+def cache_path(prepared: Path, key: CacheKey, client: str) -> Path:
+    return feature_cache_dir(prepared) / key.digest() / f"{client}.h5"
+
+
+def _to_storage(tensor: torch.Tensor, dtype: str) -> np.ndarray:
+    """HDF5 has no bfloat16: store its bit pattern as uint16."""
+    if dtype == "bfloat16":
+        return tensor.to(torch.bfloat16).view(torch.uint16).numpy()
+    return tensor.to(_TORCH_DTYPES[dtype]).numpy()
+
+
+def _from_storage(array: np.ndarray, dtype: str) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if dtype == "bfloat16":
+        return tensor.view(torch.bfloat16)
+    return tensor
+
+
+@torch.no_grad()
+def compute_trunk(
+    encoder: nn.Module, images: np.ndarray, start_block: int, device: torch.device, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the frozen part of the encoder: stem, skips and blocks ``[0, start_block)``."""
+    encoder.eval()
+    hidden, skips = [], []
+    for begin in range(0, len(images), batch_size):
+        batch = torch.from_numpy(images[begin : begin + batch_size]).to(device, torch.float32)
+        h, s = encoder.embed(batch)
+        h = encoder.forward_blocks(h, 0, start_block)
+        hidden.append(h.cpu())
+        skips.append(s.cpu())
+    return torch.cat(hidden), torch.cat(skips)
+
+
+def load_or_compute(
+    prepared: Path,
+    client: str,
+    splits: tuple[str, ...],
+    shard_sha256: str,
+    encoder: nn.Module,
+    key: CacheKey,
+    device: torch.device,
+    batch_size: int = 4,
+) -> dict[str, CachedSplit]:
+    """The cached trunk features of ``client``'s ``splits``, computing and storing them if the
+    cache has no valid entry (a missing file, another shard checksum, or missing splits)."""
+    path = cache_path(prepared, key, client)
+    cached = _read(path, splits, shard_sha256, key.dtype)
+    if cached is not None:
+        return cached
+    computed: dict[str, CachedSplit] = {}
+    for split in ("train", "val", "test"):
+        arrays = load_split(prepared, client, split)
+        if len(arrays.subject_ids):
+            hidden, skips = compute_trunk(encoder, arrays.images, key.start_block, device, batch_size)
+        else:
+            hidden = skips = torch.zeros(0)
+        computed[split] = CachedSplit(arrays.subject_ids, arrays.labels, hidden, skips)
+    _write(path, computed, shard_sha256, key)
+    stored = _read(path, splits, shard_sha256, key.dtype)
+    assert stored is not None  # just written
+    return stored
+
+
+def _write(path: Path, splits: dict[str, CachedSplit], shard_sha256: str, key: CacheKey) -> None:
+    with atomic_file(path) as tmp, h5py.File(tmp, "w") as handle:
+        handle.attrs["format_version"] = CACHE_FORMAT_VERSION
+        handle.attrs["shard_sha256"] = shard_sha256
+        handle.attrs["key"] = json.dumps(
+            {"backbone_fingerprint": key.backbone_fingerprint, "start_block": key.start_block,
+             "input_shape": list(key.input_shape), "dtype": key.dtype}
+        )
+        for name, split in splits.items():
+            group = handle.create_group(name)
+            group.create_dataset("subject_ids", data=np.array(split.subject_ids, dtype="S"))
+            group.create_dataset("labels", data=split.labels.astype(np.int64))
+            if len(split.subject_ids):
+                group.create_dataset("hidden", data=_to_storage(split.hidden, key.dtype))
+                group.create_dataset("skips", data=_to_storage(split.skips, key.dtype))
+
+
+def _read(
+    path: Path, splits: tuple[str, ...], shard_sha256: str, dtype: str
+) -> dict[str, CachedSplit] | None:
+    if not path.exists():
+        return None
+    try:
+        with h5py.File(path, "r") as handle:
+            if handle.attrs.get("shard_sha256") != shard_sha256:
+                return None
+            out = {}
+            for name in splits:
+                if name not in handle:
+                    return None
+                group = handle[name]
+                ids = tuple(s.decode() for s in group["subject_ids"][()])
+                labels = group["labels"][()]
+                if ids:
+                    hidden = _from_storage(group["hidden"][()], dtype)
+                    skips = _from_storage(group["skips"][()], dtype)
+                else:
+                    hidden = skips = torch.zeros(0)
+                out[name] = CachedSplit(ids, labels, hidden, skips)
+            return out
+    except OSError:
+        return None  # unreadable (e.g. truncated by a crash of another process): recompute

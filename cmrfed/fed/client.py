@@ -1,0 +1,220 @@
+"""A federated site: its data, its private state, local training and local evaluation.
+
+The model is a *workspace* shared by every client of a process (one frozen backbone in memory);
+a client owns only its adapter and head tensors (``state``) and loads them into the workspace
+before it trains or predicts. What may leave a client is decided in exactly one place,
+:meth:`Client.shared_state`; :meth:`Client.private_state` is what never does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cmrfed.errors import DataError
+from cmrfed.fed.methods import MethodSpec
+from cmrfed.fed.strategy import FitResult, TensorState
+from cmrfed.model.classifier import param_group
+
+
+@dataclass(frozen=True)
+class SplitTensors:
+    """One split of one client as the model consumes it.
+
+    ``inputs`` is ``(images,)`` for a full forward, or ``(h, skips)`` from the frozen-trunk cache,
+    in which case ``start_block`` says which block the cached hidden state enters.
+    """
+
+    subject_ids: tuple[str, ...]
+    labels: torch.Tensor
+    inputs: tuple[torch.Tensor, ...]
+    start_block: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.subject_ids)
+
+    def logits(self, model: nn.Module, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Logits of the subjects at ``index`` (a 1-D index tensor into this split)."""
+        batch = [t[index].to(device=device, dtype=torch.float32) for t in self.inputs]
+        if self.start_block is None:
+            return model(batch[0])
+        return model.forward_from(batch[0], batch[1], self.start_block)
+
+
+def concat_splits(splits: Sequence[SplitTensors]) -> SplitTensors:
+    """Pool several clients' splits into one (the ``central`` reference)."""
+    starts = {s.start_block for s in splits}
+    if len(starts) != 1:
+        raise ValueError("cannot pool splits with different cache start blocks")
+    n_inputs = len(splits[0].inputs)
+    return SplitTensors(
+        subject_ids=tuple(i for s in splits for i in s.subject_ids),
+        labels=torch.cat([s.labels for s in splits]),
+        inputs=tuple(torch.cat([s.inputs[k] for s in splits]) for k in range(n_inputs)),
+        start_block=starts.pop(),
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training options (identical on every client of a run)."""
+
+    local_epochs: int = 1
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 5.0
+    class_balanced: bool = True
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from the run seed and coordinates (round, client, ...), order-independent of
+    everything else, so resuming a run reproduces the same shuffles."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+def state_of(model: nn.Module, names: Sequence[str]) -> TensorState:
+    """Detached CPU copies of the named parameters of ``model``."""
+    params = dict(model.named_parameters())
+    return {name: params[name].detach().to("cpu").clone() for name in names}
+
+
+def load_into(model: nn.Module, state: TensorState) -> None:
+    """Copy ``state`` into the model's parameters of the same names (adapters and head only)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+
+
+def class_weights(labels: torch.Tensor, n_classes: int = 2) -> torch.Tensor:
+    """Inverse-frequency weights n / (K n_c), so each class contributes equally to the loss
+    (labels are strongly imbalanced per vendor); an absent class gets weight 0."""
+    counts = torch.bincount(labels, minlength=n_classes).to(torch.float32)
+    weights = torch.where(counts > 0, labels.numel() / (n_classes * counts.clamp(min=1)), 0.0)
+    return weights
+
+
+class Client:
+    """One site. ``state`` holds every adapter and head tensor of this site's model."""
+
+    def __init__(
+        self,
+        name: str,
+        index: int,
+        spec: MethodSpec,
+        state: TensorState,
+        train: SplitTensors,
+        val: SplitTensors | None,
+        config: TrainConfig,
+        seed: int,
+    ) -> None:
+        if len(train) == 0:
+            raise DataError(
+                f"client {name!r} has no train subjects; re-run `cmrfed prepare` with more data or "
+                "other --split fractions"
+            )
+        self.name = name
+        self.index = index
+        self.spec = spec
+        self.state = {k: v.clone() for k, v in state.items()}
+        self.train = train
+        self.val = val
+        self.config = config
+        self.seed = seed
+        self._groups = {k: param_group(k) for k in self.state}
+
+    # --- what leaves the site, and what never does ------------------------------------------
+    def shared_state(self) -> TensorState:
+        """The ONLY tensors this client ever sends: those of the method's shared groups."""
+        return {k: v.clone() for k, v in self.state.items() if self._groups[k] in self.spec.shared}
+
+    def private_state(self) -> TensorState:
+        """Trained tensors that never leave the site (empty for methods with none)."""
+        return {k: v.clone() for k, v in self.state.items() if self._groups[k] in self.spec.private}
+
+    def set_shared(self, shared: TensorState) -> None:
+        """Take the server's aggregate of the shared groups (exactly those, nothing else)."""
+        expected = {k for k, g in self._groups.items() if g in self.spec.shared}
+        if set(shared) != expected:
+            raise DataError(
+                f"client {self.name!r}: the server sent tensors {sorted(set(shared) ^ expected)[:5]}"
+                " that do not match this method's shared groups"
+            )
+        for key, tensor in shared.items():
+            self.state[key] = tensor.detach().to("cpu", self.state[key].dtype).clone()
+
+    def set_private(self, private: TensorState) -> None:
+        expected = {k for k, g in self._groups.items() if g in self.spec.private}
+        if set(private) != expected:
+            raise DataError(f"client {self.name!r}: private tensors do not match the method")
+        for key, tensor in private.items():
+            self.state[key] = tensor.detach().to("cpu", self.state[key].dtype).clone()
+
+    # --- local work ------------------------------------------------------------------------
+    def _activate(self, model: nn.Module) -> list[nn.Parameter]:
+        """Load this client's tensors and mark exactly the method's trained groups trainable."""
+        load_into(model, self.state)
+        trainable = []
+        for name, param in model.named_parameters():
+            train_it = self._groups.get(name) in self.spec.trained
+            param.requires_grad_(train_it)
+            if train_it:
+                trainable.append(param)
+        return trainable
+
+    def fit(self, model: nn.Module, round_index: int, device: torch.device) -> FitResult:
+        """Train the method's trainable groups for E local epochs with a fresh AdamW.
+
+        The optimiser is re-created every round (its moments are not part of any shared or
+        private state), and shuffling is seeded by (run seed, round, client), so a resumed
+        run repeats an uninterrupted one exactly.
+        """
+        cfg = self.config
+        params = self._activate(model)
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+        )
+        labels = self.train.labels
+        weight = class_weights(labels).to(device) if cfg.class_balanced else None
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, round_index, self.index))
+        model.train()
+        total_loss, seen = 0.0, 0
+        for _ in range(cfg.local_epochs):
+            order = torch.randperm(len(self.train), generator=generator)
+            for batch in order.split(cfg.batch_size):
+                logits = self.train.logits(model, batch, device)
+                target = labels[batch].to(device)
+                loss = F.cross_entropy(logits, target, weight=weight)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                total_loss += float(loss.detach()) * len(batch)
+                seen += len(batch)
+        model.eval()
+        self.state = state_of(model, list(self.state))
+        return FitResult(
+            client=self.name,
+            shared=self.shared_state(),
+            num_examples=len(self.train),
+            train_loss=total_loss / max(seen, 1),
+        )
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, split: SplitTensors, device: torch.device) -> np.ndarray:
+        """P(abnormal) for every subject of ``split`` with this client's model."""
+        load_into(model, self.state)
+        model.eval()
+        probs = []
+        for batch in torch.arange(len(split)).split(max(self.config.batch_size, 16)):
+            logits = split.logits(model, batch, device)
+            probs.append(torch.softmax(logits.float(), dim=-1)[:, 1].cpu())
+        return torch.cat(probs).numpy() if probs else np.zeros(0, dtype=np.float32)

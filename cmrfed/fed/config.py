@@ -1,0 +1,92 @@
+"""The full configuration of a federated run, recorded in RUN/run.json and read back by later
+stages (evaluate, compare, resume) as a frozen dataclass rather than a raw dict."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from cmrfed.errors import UsageError
+from cmrfed.fed.methods import resolve_method
+
+DEFAULT_TARGETS: tuple[str, ...] = ("q", "kv", "proj", "fc1", "fc2")
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class FederateConfig:
+    """Every option of ``cmrfed federate`` that shapes the result."""
+
+    data: str
+    method: str = "duallora"
+    blocks: int | str = 2
+    rank: int = 8
+    local_rank: int | None = None
+    alpha: float = 16.0
+    local_alpha: float | None = None
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    head: str = "shared"
+    rounds: int = 10
+    local_epochs: int = 1
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    class_balanced: bool = True
+    seed: int = 0
+    backbone: str = "tiny"
+    cache: bool = True
+    cache_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        resolve_method(self.method, self.head)
+        if isinstance(self.blocks, str) and self.blocks != "all":
+            raise UsageError(f"--blocks takes a number of blocks or 'all', not {self.blocks!r}")
+        if isinstance(self.blocks, int) and self.blocks < 1:
+            raise UsageError("--blocks must be at least 1")
+        for option, value in (("--rank", self.rank), ("--rounds", self.rounds),
+                              ("--local-epochs", self.local_epochs),
+                              ("--batch-size", self.batch_size)):
+            if value < 1:
+                raise UsageError(f"{option} must be at least 1, got {value}")
+        if self.local_rank is not None and self.local_rank < 1:
+            raise UsageError("--local-rank must be at least 1")
+        if self.lr <= 0:
+            raise UsageError("--lr must be positive")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise UsageError(f"--cache-dtype must be one of {', '.join(CACHE_DTYPES)}")
+        unknown = sorted(set(self.targets) - set(DEFAULT_TARGETS))
+        if not self.targets or unknown:
+            raise UsageError(
+                f"--targets must name some of {', '.join(DEFAULT_TARGETS)} (got unknown {unknown})"
+            )
+
+    @property
+    def effective_local_rank(self) -> int:
+        return self.local_rank if self.local_rank is not None else self.rank
+
+    @property
+    def effective_local_alpha(self) -> float:
+        return self.local_alpha if self.local_alpha is not None else self.alpha
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["targets"] = list(self.targets)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> FederateConfig:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known}
+        if "targets" in values:
+            values["targets"] = tuple(values["targets"])
+        return cls(**values)
+
+
+def parse_blocks(text: str) -> int | str:
+    """``--blocks`` value: a positive integer or ``all``."""
+    if text == "all":
+        return "all"
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise UsageError(f"--blocks takes a number of blocks or 'all', not {text!r}") from exc

@@ -1,0 +1,60 @@
+"""Server-side aggregation: weighted FedAvg of the shared tensors (McMahan et al., 2017).
+
+The maths are pure functions over tensors (:func:`weighted_average`); :class:`FedAvg` is the
+small strategy both engines (in-process and Flower) call, so aggregation is written once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from cmrfed.errors import DataError
+
+TensorState = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What a client returns after local training: its shared tensors and how much data made them."""
+
+    client: str
+    shared: TensorState
+    num_examples: int
+    train_loss: float
+
+
+def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> TensorState:
+    """Average each tensor over ``states`` with ``weights`` (normalised to sum to one).
+
+    Accumulates in float64 so the result does not depend on client order beyond rounding of the
+    final cast, then casts back to each tensor's dtype.
+    """
+    if not states:
+        return {}
+    if len(states) != len(weights):
+        raise ValueError("one weight per state is required")
+    total = float(sum(weights))
+    if total <= 0:
+        raise DataError("FedAvg weights sum to zero: every client reported 0 training examples")
+    keys = list(states[0])
+    for state in states[1:]:
+        if list(state) != keys:
+            raise DataError("clients sent different shared tensors; they must run the same method")
+    averaged: TensorState = {}
+    for key in keys:
+        acc = torch.zeros(states[0][key].shape, dtype=torch.float64)
+        for state, weight in zip(states, weights, strict=True):
+            acc += state[key].detach().to("cpu", torch.float64) * (weight / total)
+        averaged[key] = acc.to(states[0][key].dtype)
+    return averaged
+
+
+class FedAvg:
+    """FedAvg weighted by each client's number of training examples (w_k = n_k / sum n)."""
+
+    def aggregate(self, results: Sequence[FitResult]) -> TensorState:
+        """The new global shared state from one round's client results."""
+        return weighted_average([r.shared for r in results], [r.num_examples for r in results])

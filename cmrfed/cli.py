@@ -95,6 +95,22 @@ def federate(**options: object) -> None:
     run_federate(config, out, device=device, resume=resume, overwrite=overwrite)
 
 
+@cli.command()
+@click.argument("run", type=click.Path(path_type=str))
+@click.option("--split", default="test", show_default=True, type=click.Choice(["test", "val"]))
+@click.option("--round", "which", default="best", show_default=True, type=click.Choice(["best", "last"]),
+              help="The best round by mean client val balanced accuracy, or the last.")
+@click.option("--threshold", default="0.5", show_default=True, type=click.Choice(["0.5", "youden-val"]),
+              help="Fixed 0.5, or each model's Youden threshold on its val split.")
+@click.option("--n-boot", default=1000, show_default=True, type=int, help="Bootstrap replicates for CIs.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+def evaluate(run: str, split: str, which: str, threshold: str, n_boot: int, device: str) -> None:
+    """Per-client, pooled, macro and cross-site metrics of a finished RUN."""
+    from cmrfed.eval.evaluate import evaluate_run
+
+    evaluate_run(run, split=split, which=which, threshold=threshold, n_boot=n_boot, device=device)
+
+
 # --- end of commands -----------------------------------------------------------------------
 
 

@@ -25,15 +25,15 @@ from safetensors.torch import load_file, save_file
 
 from cmrfed import paths
 from cmrfed.atomic import atomic_dir, atomic_file, write_json
-from cmrfed.data.shards import Manifest, load_manifest, verify_shard
+from cmrfed.data.shards import load_manifest
 from cmrfed.errors import DataError, UsageError
 from cmrfed.eval.metrics import binary_metrics
 from cmrfed.fed.accounting import analytic_shared_params
-from cmrfed.fed.client import Client, SplitTensors, TrainConfig, concat_splits
+from cmrfed.fed.client import Client, concat_splits
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.methods import HEAD
 from cmrfed.fed.strategy import FedAvg, FitResult, TensorState
-from cmrfed.fed.task import RunModel, build_run_model, load_client_data, resolve_device
+from cmrfed.fed.task import build_clients, build_run_model, resolve_device
 from cmrfed.fed.wire import decode, encode, num_params
 from cmrfed.model.classifier import param_group
 from cmrfed.provenance import versions
@@ -61,30 +61,6 @@ class _Progress:
     round: int = 0
     best_round: int = 0
     best_score: float = float("-inf")
-
-
-def build_clients(
-    cfg: FederateConfig,
-    prepared: Path,
-    manifest: Manifest,
-    run_model: RunModel,
-    device: torch.device,
-) -> tuple[list[Client], dict[str, dict[str, SplitTensors]]]:
-    """One :class:`Client` per manifest client, all starting from the seeded initial state."""
-    train_cfg = TrainConfig(
-        local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-        weight_decay=cfg.weight_decay, class_balanced=cfg.class_balanced,
-    )
-    clients, data = [], {}
-    for index, name in enumerate(manifest.clients):
-        verify_shard(prepared, manifest, name)
-        splits = load_client_data(prepared, manifest, name, run_model, cfg, device)
-        data[name] = splits
-        clients.append(
-            Client(name, index, run_model.spec, run_model.initial_state, splits["train"],
-                   splits["val"], train_cfg, cfg.seed)
-        )
-    return clients, data
 
 
 def _val_metrics(client: Client, model: torch.nn.Module, device: torch.device) -> dict[str, float]:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from cmrfed.data.shards import Manifest, load_split
+from cmrfed.data.shards import Manifest, load_split, verify_shard
 from cmrfed.errors import UsageError
 from cmrfed.fed.cache import CacheKey, load_or_compute
-from cmrfed.fed.client import SplitTensors, state_of
+from cmrfed.fed.client import Client, SplitTensors, TrainConfig, state_of
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.methods import GLOBAL, LOCAL, MethodSpec, resolve_method
 from cmrfed.fed.strategy import TensorState
@@ -113,3 +113,27 @@ def load_client_data(
             inputs=(torch.from_numpy(arrays.images),),
         )
     return out
+
+
+def build_clients(
+    cfg: FederateConfig,
+    prepared: Path,
+    manifest: Manifest,
+    run_model: RunModel,
+    device: torch.device,
+) -> tuple[list[Client], dict[str, dict[str, SplitTensors]]]:
+    """One :class:`Client` per manifest client, all starting from the seeded initial state."""
+    train_cfg = TrainConfig(
+        local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+        weight_decay=cfg.weight_decay, class_balanced=cfg.class_balanced,
+    )
+    clients, data = [], {}
+    for index, name in enumerate(manifest.clients):
+        verify_shard(prepared, manifest, name)
+        splits = load_client_data(prepared, manifest, name, run_model, cfg, device)
+        data[name] = splits
+        clients.append(
+            Client(name, index, run_model.spec, run_model.initial_state, splits["train"],
+                   splits["val"], train_cfg, cfg.seed)
+        )
+    return clients, data

@@ -1,0 +1,68 @@
+"""A finished RUN folder read back: its configuration and its final or best tensors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file
+
+from cmrfed import paths
+from cmrfed.errors import DataError, UsageError
+from cmrfed.fed.config import FederateConfig
+from cmrfed.fed.strategy import TensorState
+
+ROUND_CHOICES = {"best": "best", "last": "final"}
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What run.json says about a run."""
+
+    path: Path
+    config: FederateConfig
+    method: str
+    seed: int
+    manifest_sha256: str
+    clients: tuple[str, ...]
+    raw: dict[str, Any]
+
+    @property
+    def prepared(self) -> Path:
+        return Path(self.config.data)
+
+
+def load_run(run: str | Path) -> RunInfo:
+    """Read RUN/run.json; refuse a folder that is not a finished cmrfed run."""
+    folder = Path(run)
+    config_file = paths.run_config_path(folder)
+    if not config_file.exists():
+        raise DataError(f"{folder}: no run.json; run `cmrfed federate --out {folder}` first")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        config = FederateConfig.from_dict(raw["config"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{config_file}: not a cmrfed run.json ({exc})") from exc
+    if "result" not in raw or not paths.shared_tensors_path(folder).exists():
+        raise DataError(f"{folder}: the run did not finish; continue it with "
+                        f"`cmrfed federate ... --out {folder} --resume`")
+    return RunInfo(
+        path=folder, config=config, method=config.method, seed=config.seed,
+        manifest_sha256=raw["data"]["manifest_sha256"], clients=tuple(raw["clients"]), raw=raw,
+    )
+
+
+def load_states(info: RunInfo, which: str) -> tuple[TensorState, dict[str, TensorState]]:
+    """(shared tensors, private tensors per client) of the ``best`` or ``last`` round."""
+    if which not in ROUND_CHOICES:
+        raise UsageError(f"--round must be one of {', '.join(ROUND_CHOICES)}, not {which!r}")
+    folder = ROUND_CHOICES[which]
+    try:
+        shared = load_file(str(paths.shared_tensors_path(info.path, folder)))
+        private = {c: load_file(str(paths.private_tensors_path(info.path, c, folder)))
+                   for c in info.clients}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{info.path}: cannot read the {which} tensors ({exc})") from exc
+    return shared, private

@@ -19,7 +19,7 @@ def analytic_shared_params(
     """
     ranks = {GLOBAL: cfg.rank, LOCAL: cfg.effective_local_rank}
     total = 0
-    blocks = model.encoder.encoder.blocks
+    blocks = model.backbone.encoder.blocks
     for block in list(blocks)[start_block:]:
         for name, module in block.named_modules():
             if name.split(".")[-1] not in cfg.targets or not hasattr(module, "weight"):

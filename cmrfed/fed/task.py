@@ -60,7 +60,7 @@ def build_run_model(cfg: FederateConfig, input_shape: tuple[int, int, int]) -> R
     adapters = [AdapterSpec(GLOBAL, cfg.rank, cfg.alpha)]
     if LOCAL in spec.adapters:
         adapters.append(AdapterSpec(LOCAL, cfg.effective_local_rank, cfg.effective_local_alpha))
-    inject_lora(encoder, n_blocks, cfg.targets, adapters, seed=cfg.seed)
+    inject_lora(encoder, n_blocks, adapters, seed=cfg.seed, targets=cfg.targets)
     model = CineMAClassifier(encoder, n_classes=2, seed=cfg.seed)
     names = [n for n, _ in model.named_parameters() if param_group(n) is not None]
     return RunModel(
@@ -93,7 +93,7 @@ def load_client_data(
         )
         cached = load_or_compute(
             prepared, client, splits, manifest.shard_sha256[client],
-            run_model.model.encoder, key, device,
+            run_model.model.backbone, key, device,
         )
         return {
             name: SplitTensors(

@@ -50,6 +50,60 @@ def cli() -> None:
 
 
 @cli.command()
+@click.option("--out", required=True, type=click.Path(path_type=str),
+              help="Folder to write the acdc/, mnms/ and mnms2/ trees into.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same files.")
+@click.option("--subjects", default=24, show_default=True, type=int, help="Subjects per dataset.")
+@click.option("--shape", default="96,96,8", show_default=True,
+              help="Nominal matrix x,y,z (each vendor's protocol scales it).")
+@click.option("--frames", default=None, type=int, help="Cine frames for all [per-vendor range].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT folder.")
+def synth(out: str, seed: int, subjects: int, shape: str, frames: int | None,
+          overwrite: bool) -> None:
+    """Write a synthetic multi-vendor cine CMR cohort in the ACDC / M&Ms-1 / M&Ms-2 layouts."""
+    from cmrfed.data.synth import cohort_table, write_synthetic_cohort
+
+    summary = write_synthetic_cohort(out, seed=seed, subjects=subjects,
+                                     shape=_int_triple(shape, "--shape"), frames=frames,
+                                     overwrite=overwrite)
+    Console().print(cohort_table(summary))
+
+
+@cli.command()
+@click.option("--acdc", type=click.Path(path_type=str), help="ACDC folder (holding database/, or it).")
+@click.option("--mnms", type=click.Path(path_type=str), help="M&Ms-1 folder (holding OpenDataset/, or it).")
+@click.option("--mnms2", type=click.Path(path_type=str), help="M&Ms-2 folder (holding MnM2/, or it).")
+@click.option("--out", required=True, type=click.Path(path_type=str), help="PREPARED folder to write.")
+@click.option("--spacing", default="1,1,10", show_default=True, help="Target voxel spacing in mm (x,y,z).")
+@click.option("--shape", default="192,192,16", show_default=True, help="Target volume shape (x,y,z).")
+@click.option("--split", default="0.6,0.2,0.2", show_default=True,
+              help="Train,val,test fractions per client.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split.")
+@click.option("--workers", default=1, show_default=True, type=int, help="Subjects processed in parallel.")
+@click.option("--skip-invalid", is_flag=True, help="Leave out bad subjects (listed in the manifest).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing PREPARED folder.")
+@click.option("--tables", type=click.Path(path_type=str), help="Alternative data_manifests folder.")
+def prepare(acdc: str | None, mnms: str | None, mnms2: str | None, out: str, spacing: str, shape: str,
+            split: str, seed: int, workers: int, skip_invalid: bool, overwrite: bool,
+            tables: str | None) -> None:
+    """Read ACDC / M&Ms-1 / M&Ms-2 as downloaded into per-vendor HDF5 shards + manifest.json."""
+    from pathlib import Path
+
+    from cmrfed.data.prepare import PrepareOptions, parse_split
+    from cmrfed.data.prepare import prepare as run_prepare
+
+    def as_path(text: str | None) -> Path | None:
+        return Path(text) if text is not None else None
+
+    run_prepare(PrepareOptions(
+        out=Path(out), acdc=as_path(acdc), mnms=as_path(mnms), mnms2=as_path(mnms2),
+        spacing=_float_triple(spacing, "--spacing"), shape=_int_triple(shape, "--shape"),
+        split=parse_split(split), seed=seed, workers=workers, skip_invalid=skip_invalid,
+        overwrite=overwrite, tables=as_path(tables),
+    ))
+
+
+@cli.command()
 @click.option("--data", "data", required=True, type=click.Path(path_type=str),
               help="PREPARED folder written by `cmrfed prepare`.")
 @click.option("--method", default="duallora", show_default=True,
@@ -109,6 +163,26 @@ def evaluate(run: str, split: str, which: str, threshold: str, n_boot: int, devi
     from cmrfed.eval.evaluate import evaluate_run
 
     evaluate_run(run, split=split, which=which, threshold=threshold, n_boot=n_boot, device=device)
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--test", required=True, type=click.Choice(["wilcoxon", "mcnemar", "bootstrap", "delong"]),
+              help="wilcoxon: per (seed, client) metric; mcnemar / bootstrap / delong: per subject.")
+@click.option("--reference", default="duallora", show_default=True,
+              help="The method every other method is paired with.")
+@click.option("--metric", default="balanced_accuracy", show_default=True,
+              type=click.Choice(["balanced_accuracy", "sensitivity", "specificity", "auc", "f1", "mcc",
+                                 "accuracy"]),
+              help="Metric of the tables, Wilcoxon pairs and bootstrap difference.")
+@click.option("--out", required=True, type=click.Path(path_type=str), help="REPORT folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing REPORT folder.")
+def compare(runs: tuple[str, ...], test: str, reference: str, metric: str, out: str,
+            overwrite: bool) -> None:
+    """Paired significance tests of evaluated RUNs against a reference method, and a report."""
+    from cmrfed.eval.report import compare_runs
+
+    compare_runs(list(runs), test, reference=reference, metric=metric, out=out, overwrite=overwrite)
 
 
 # --- end of commands -----------------------------------------------------------------------

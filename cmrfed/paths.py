@@ -53,6 +53,16 @@ def checkpoint_dir(run: Path) -> Path:
     return Path(run) / "checkpoint"
 
 
+def wire_log_path(run: Path) -> Path:
+    """Flower engine: one JSON line per message the server sent or received (keys and bytes)."""
+    return Path(run) / "wire.jsonl"
+
+
+def site_run_dir(site_dir: Path, run_name: str) -> Path:
+    """Flower engine: a site's RUN-shaped folder for its private tensors (never sent anywhere)."""
+    return Path(site_dir) / run_name
+
+
 # evaluation (``cmrfed evaluate``)
 def eval_dir(run: Path) -> Path:
     return Path(run) / "eval"
@@ -64,3 +74,30 @@ def predictions_path(run: Path) -> Path:
 
 def metrics_path(run: Path) -> Path:
     return eval_dir(run) / "metrics.json"
+
+
+# comparison report (``cmrfed compare``)
+def comparison_json_path(report: Path) -> Path:
+    return Path(report) / "comparison.json"
+
+
+def comparison_csv_path(report: Path) -> Path:
+    return Path(report) / "comparison.csv"
+
+
+def comparison_md_path(report: Path) -> Path:
+    return Path(report) / "comparison.md"
+
+
+def report_figure_path(report: Path, name: str) -> Path:
+    """A report figure: REPORT/<name>.png."""
+    return Path(report) / f"{name}.png"
+
+
+# synthetic cohort (``cmrfed synth``)
+SYNTH_SUMMARY = "synth_summary.json"
+
+
+def synth_summary_path(cohort: Path) -> Path:
+    """What ``cmrfed synth`` wrote into its OUT: every subject, the planted duplicate, options."""
+    return Path(cohort) / SYNTH_SUMMARY

@@ -39,9 +39,9 @@ def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequ
     total = float(sum(weights))
     if total <= 0:
         raise DataError("FedAvg weights sum to zero: every client reported 0 training examples")
-    keys = list(states[0])
+    keys = sorted(states[0])
     for state in states[1:]:
-        if list(state) != keys:
+        if sorted(state) != keys:
             raise DataError("clients sent different shared tensors; they must run the same method")
     averaged: TensorState = {}
     for key in keys:

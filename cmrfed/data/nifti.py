@@ -1,0 +1,118 @@
+"""The one NIfTI reader of cmrfed, and the one place arrays become SimpleITK images and back.
+
+Files are read with nibabel from bytes we read ourselves, so that one read gives the provenance
+hash, the gzip check and the voxels. Voxel spacing comes from the header zooms (``pixdim``),
+never from an sform-preferred affine: ACDC files carry an unscaled sform of diag(-1, -1, 1) while
+the qform / zooms hold the real spacing (reference/datasets.md). SimpleITK never reads the file
+itself: it refuses some M&Ms files ("No orthonormal definition found"), and resampling only needs
+the spacing, so images are built from the array with identity direction and zero origin.
+
+Axis convention: a nibabel array is indexed (i, j, k[, t]), which is ITK index order; SimpleITK's
+numpy view is (k, j, i), so the two converters below transpose.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from cmrfed.errors import DataError
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_NIFTI2_HEADER_SIZE = 540
+_SUPPORTED = "NIfTI-1 or NIfTI-2 (.nii or .nii.gz)"
+
+
+@dataclass(frozen=True)
+class NiftiVolume:
+    """One file's voxels in stored (i, j, k[, t]) order, its spatial spacing in mm and its hash."""
+
+    path: Path
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    sha256: str
+
+    @property
+    def n_frames(self) -> int:
+        return self.array.shape[3] if self.array.ndim == 4 else 1
+
+    def frame(self, index: int) -> np.ndarray:
+        """The 3-D volume at time ``index`` of a 4-D file (the array itself for a 3-D file)."""
+        return self.array[..., index] if self.array.ndim == 4 else self.array
+
+
+def _decode(path: Path, raw: bytes) -> nib.Nifti1Image | nib.Nifti2Image:
+    if path.name.endswith(".gz"):
+        if raw[:2] != _GZIP_MAGIC:
+            raise DataError(f"{path}: not gzip-compressed although named .gz; re-download the file")
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as exc:
+            raise DataError(
+                f"{path}: truncated or corrupt gzip stream ({exc}); re-download the file"
+            ) from exc
+    header_size = int.from_bytes(raw[:4], "little") if len(raw) >= 4 else 0
+    image_class = nib.Nifti2Image if header_size == _NIFTI2_HEADER_SIZE else nib.Nifti1Image
+    try:
+        return image_class.from_bytes(raw)
+    except (ValueError, OSError, EOFError, nib.filebasedimages.ImageFileError,
+            nib.spatialimages.HeaderDataError) as exc:
+        raise DataError(f"{path}: not a readable {_SUPPORTED} file ({exc})") from exc
+
+
+def read_nifti(path: Path, *, ndim: int, labels: bool = False) -> NiftiVolume:
+    """Read and validate one NIfTI file expected to hold ``ndim`` (3 or 4) dimensions.
+
+    Trailing singleton axes beyond ``ndim`` are dropped (some writers store (x, y, z, 1)); fewer
+    than ``ndim`` axes, or a single slice, is a 2-D image where a short-axis stack is expected.
+    Label files are rounded to integers; image files must hold only finite values.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: file not found; check the dataset folder is complete") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file ({exc.strerror})") from exc
+    image = _decode(path, raw)
+    try:
+        array = np.asanyarray(image.dataobj)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(
+            f"{path}: voxel data is truncated or unreadable ({exc}); re-download the file"
+        ) from exc
+    while array.ndim > ndim and array.shape[-1] == 1:
+        array = array[..., 0]
+    what = "4-D cine (x, y, z, t)" if ndim == 4 else "3-D short-axis volume (x, y, z)"
+    if array.ndim < 3 or array.shape[2] < 2:
+        raise DataError(f"{path}: image is 2-D (shape {array.shape}) where a {what} is expected")
+    if array.ndim != ndim:
+        raise DataError(f"{path}: image has shape {array.shape} where a {what} is expected")
+    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
+    if len(zooms) != 3 or not all(np.isfinite(z) and z > 0 for z in zooms):
+        raise DataError(f"{path}: header voxel spacing {zooms} is not three positive numbers")
+    if labels:
+        array = np.rint(np.nan_to_num(array)).astype(np.int16)
+    else:
+        array = np.asarray(array, dtype=np.float32)
+        if not np.isfinite(array).all():
+            raise DataError(f"{path}: image holds NaN or infinite voxels; re-export or remove it")
+    return NiftiVolume(path=path, array=array, spacing=zooms, sha256=hashlib.sha256(raw).hexdigest())
+
+
+def to_sitk(array: np.ndarray, spacing: tuple[float, float, float]) -> sitk.Image:
+    """A SimpleITK image of a 3-D (i, j, k) array with the given spacing, origin 0, identity direction."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    return image
+
+
+def from_sitk(image: sitk.Image) -> np.ndarray:
+    """The (i, j, k) numpy array of a 3-D SimpleITK image (its numpy view transposed)."""
+    return sitk.GetArrayFromImage(image).transpose(2, 1, 0)

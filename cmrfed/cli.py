@@ -185,6 +185,65 @@ def compare(runs: tuple[str, ...], test: str, reference: str, metric: str, out: 
     compare_runs(list(runs), test, reference=reference, metric=metric, out=out, overwrite=overwrite)
 
 
+@cli.group()
+def flower() -> None:
+    """Federate over Flower: a SuperNode next to each site's data, the server at a SuperLink.
+
+    Needs the optional extra: pip install 'cmrfed[flower]'.
+    """
+
+
+@flower.command("site-config")
+@click.option("--client", required=True, help="This site's client name (as in the manifest).")
+@click.option("--data", required=True, type=click.Path(path_type=str),
+              help="This site's PREPARED folder (holding its shard).")
+@click.option("--site-dir", required=True, type=click.Path(path_type=str),
+              help="Folder where this site keeps its private tensors.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+def flower_site_config(client: str, data: str, site_dir: str, device: str) -> None:
+    """Check this site's shard and print the --node-config of its flower-supernode."""
+    from pathlib import Path
+
+    from cmrfed.fed.flower import site_node_config
+
+    click.echo(site_node_config(client, Path(data), Path(site_dir), device))
+
+
+@flower.command("run")
+@click.option("--superlink", help="SuperLink address HOST:PORT to submit the run to.")
+@click.option("--connection", help="Or: a SuperLink connection of your own Flower config (flwr login).")
+@click.option("--insecure", is_flag=True, help="Plain HTTP to the SuperLink (loopback tests only).")
+@click.option("--root-certificates", type=click.Path(path_type=str),
+              help="CA certificate (PEM) that signed the SuperLink's TLS certificate.")
+@click.option("--sites", required=True, type=int, help="Number of sites (SuperNodes) to wait for.")
+@click.option("--data", default="", type=click.Path(path_type=str),
+              help="PREPARED folder recorded for `cmrfed evaluate` (when the sites share one).")
+@click.option("--node-timeout", default=600.0, show_default=True, type=float,
+              help="Seconds to wait for the SuperNodes to connect, and for each reply.")
+@click.option("--out", required=True, type=click.Path(path_type=str),
+              help="RUN folder the ServerApp writes (on the SuperLink's machine).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing RUN folder.")
+def flower_run(**options: object) -> None:
+    """Submit a federated run to a SuperLink and stream its log (same options as `federate`)."""
+    from pathlib import Path
+
+    from cmrfed.fed.config import FederateConfig, parse_blocks
+    from cmrfed.fed.flower_launch import run_flower
+
+    launch = {k: options.pop(k) for k in ("superlink", "connection", "insecure", "sites", "overwrite")}
+    certificates, node_timeout, out = (options.pop(k) for k in ("root_certificates", "node_timeout", "out"))
+    options["blocks"] = parse_blocks(str(options["blocks"]))
+    options["targets"] = tuple(t.strip() for t in str(options["targets"]).split(",") if t.strip())
+    config = FederateConfig(**options)  # type: ignore[arg-type]
+    run_flower(config, Path(str(out)), root_certificates=Path(str(certificates)) if certificates else None,
+               node_timeout_s=float(node_timeout), **launch)  # type: ignore[arg-type]
+
+
+# `flower run` takes every option of `federate` that shapes the result, defined once there.
+flower_run.params[:0] = [p for p in federate.params
+                         if p.name not in ("data", "device", "out", "resume", "overwrite")]
+
+
 # --- end of commands -----------------------------------------------------------------------
 
 

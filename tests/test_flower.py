@@ -1,0 +1,296 @@
+"""The Flower engine drives the same Client and FedAvg as the in-process engine.
+
+A real SuperLink and one SuperNode per client run on loopback (127.0.0.1, free ports); the run is
+submitted with the wrapper the README documents. The final shared tensors must equal the
+in-process engine's with the same seed, every site's private tensors must equal the in-process
+ones, no private tensor may ever reach the server, and ``evaluate`` must read the resulting RUN
+folder (once the sites' private tensors are copied in) exactly as it reads an in-process one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytest.importorskip("flwr", reason="Flower is an optional extra: pip install 'cmrfed[flower]'")
+
+import torch
+from safetensors.torch import load_file
+
+from cmrfed import paths
+from cmrfed.data.prepare import PrepareOptions, prepare
+from cmrfed.data.synth import write_synthetic_cohort
+from cmrfed.errors import DataError, UsageError
+from cmrfed.eval.evaluate import evaluate_run
+from cmrfed.fed.config import FederateConfig
+from cmrfed.fed.flower import (
+    SiteConfig,
+    check_shared_keys,
+    federate_config_of,
+    run_config_of,
+    site_node_config,
+)
+from cmrfed.fed.flower_launch import COMPONENTS, run_flower, write_app
+from cmrfed.fed.inprocess import federate
+from cmrfed.fed.methods import resolve_method
+from cmrfed.fed.task import build_run_model
+from cmrfed.model.classifier import param_group
+
+pytestmark = pytest.mark.flower
+
+SHAPE = (32, 32, 4)
+START_TIMEOUT_S = 60.0
+RUN_TIMEOUT_S = 300.0
+ATOL = 1e-5
+
+
+# --- fast checks of the pieces -------------------------------------------------------------------
+def test_run_config_carries_the_whole_federate_config(tmp_path: Path) -> None:
+    # Prepare: options that need encoding (None, 'all', a tuple)
+    cfg = FederateConfig(data="ignored", method="fedsa", blocks="all", local_rank=None,
+                         targets=("q", "fc1"), rounds=3, lr=3e-4, class_balanced=False, seed=7)
+    # Execute: through TOML and back, as Flower carries it
+    run_config = run_config_of(cfg, tmp_path / "RUN", sites=2)
+    back = federate_config_of(tomllib.loads(_toml(run_config)))
+    # Assert
+    assert back == cfg
+    assert run_config["out"] == str((tmp_path / "RUN").resolve())
+    assert run_config["sites"] == 2 and run_config["run-name"] == "RUN"
+    with pytest.raises(UsageError, match="--sites"):
+        run_config_of(cfg, tmp_path / "RUN", sites=0)
+
+
+def test_write_app_is_a_flower_app_of_our_components(tmp_path: Path) -> None:
+    run_config = run_config_of(FederateConfig(data=""), tmp_path / "RUN", sites=3)
+    app = write_app(tmp_path / "app", run_config)
+    project = tomllib.loads((app / "pyproject.toml").read_text())
+    assert project["tool"]["flwr"]["app"]["components"] == COMPONENTS
+    assert project["tool"]["flwr"]["app"]["config"] == run_config
+
+
+def test_site_config_needs_client_data_and_site_folder() -> None:
+    site = SiteConfig.of({"client": "ge", "prepared": "/p", "site-dir": "/s"})
+    assert site == SiteConfig("ge", Path("/p"), Path("/s"), "auto")
+    assert site.node_config() == 'client="ge" prepared="/p" site-dir="/s" device="auto"'
+    with pytest.raises(UsageError, match="site-dir"):
+        SiteConfig.of({"client": "ge", "prepared": "/p"})
+
+
+def test_server_refuses_a_private_tensor() -> None:
+    # Prepare: real tensor names of a DualLoRA model
+    cfg = FederateConfig(data="", method="duallora", backbone="tiny")
+    names = list(build_run_model(cfg, SHAPE).initial_state)
+    spec = resolve_method("duallora")
+    shared = [n for n in names if param_group(n) in spec.shared]
+    private = [n for n in names if param_group(n) in spec.private]
+    assert shared and private
+    # Execute / Assert
+    check_shared_keys(shared, spec, "ge")
+    with pytest.raises(DataError, match="outside the shared groups"):
+        check_shared_keys([*shared, private[0]], spec, "ge")
+
+
+# --- the loopback federation ---------------------------------------------------------------------
+def _toml(flat: dict) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(flat)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"SuperLink exited early:\n{log.read_text()[-3000:]}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"SuperLink did not listen on {port} within {START_TIMEOUT_S} s")
+
+
+class _Processes:
+    """Flower processes this test started, each in its own process group, all stopped at the end."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.started: list[subprocess.Popen] = []
+        bin_dir = str(Path(sys.executable).parent)
+        self.env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
+                        FLWR_TELEMETRY_ENABLED="0", OMP_NUM_THREADS="1")
+
+    def start(self, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
+        log = self.root / f"{name}.log"
+        env = dict(self.env, FLWR_HOME=str(self.root / f"home-{name}"))
+        with log.open("wb") as handle:
+            process = subprocess.Popen(args, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        self.started.append(process)
+        return process, log
+
+    def stop(self) -> None:
+        """SIGTERM every started process and its descendants (Flower starts its SuperExec in a
+        session of its own), then SIGKILL whatever is left after a grace period."""
+        family = []
+        for process in self.started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                family.extend(psutil.Process(process.pid).children(recursive=True))
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for child in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.terminate()
+        for process in self.started:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=15)
+        _, alive = psutil.wait_procs(family, timeout=15)
+        for child in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+
+    def logs(self) -> str:
+        logs = sorted(self.root.glob("*.log"))
+        return "\n".join(f"== {log.name}\n{log.read_text()[-2000:]}" for log in logs)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("flower-cohort")
+    write_synthetic_cohort(root / "raw", seed=0, subjects=8, shape=SHAPE)
+    prepare(PrepareOptions(out=root / "prepared", mnms2=root / "raw" / "mnms2", spacing=(4.0, 4.0, 10.0),
+                           shape=SHAPE), console=_quiet())
+    return root / "prepared"
+
+
+def _quiet():
+    from rich.console import Console
+
+    return Console(quiet=True)
+
+
+@pytest.fixture(scope="module")
+def runs(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The same duallora run twice: in-process, and over a loopback Flower federation."""
+    root = tmp_path_factory.mktemp("flower-runs")
+    cfg = FederateConfig(data=str(cohort), method="duallora", rounds=2, backbone="tiny", seed=3)
+    federate(cfg, root / "inprocess", device="cpu", console=_quiet())
+    clients = json.loads(paths.run_config_path(root / "inprocess").read_text())["clients"]
+
+    processes = _Processes(root)
+    started = time.perf_counter()
+    try:
+        link_port = _free_port()
+        link, link_log = processes.start("superlink", [
+            "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+            "--host", "127.0.0.1", "--port", str(link_port)])
+        _wait_for_port(link_port, link, link_log)
+        for client in clients:
+            node_config = site_node_config(client, cohort, root / f"site-{client}", device="cpu")
+            processes.start(f"supernode-{client}", [
+                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                "--host", "127.0.0.1", "--port", str(_free_port()), "--node-config", node_config,
+                "--max-wait-time", str(START_TIMEOUT_S)])
+        summary = run_flower(cfg, root / "flower", sites=len(clients), superlink=f"127.0.0.1:{link_port}",
+                             insecure=True, node_timeout_s=120.0, wait_s=RUN_TIMEOUT_S, console=_quiet())
+    except Exception as exc:
+        raise AssertionError(f"the loopback Flower run failed: {exc}\n{processes.logs()}") from exc
+    finally:
+        processes.stop()
+    return {"root": root, "cfg": cfg, "clients": list(clients), "summary": summary,
+            "flower_s": time.perf_counter() - started}
+
+
+def test_flower_run_writes_the_same_run_folder(runs: dict) -> None:
+    flower, inprocess = runs["root"] / "flower", runs["root"] / "inprocess"
+    info = json.loads(paths.run_config_path(flower).read_text())
+    reference = json.loads(paths.run_config_path(inprocess).read_text())
+    assert info["config"] == reference["config"] | {"data": info["config"]["data"]}
+    assert info["clients"] == reference["clients"]
+    assert info["data"]["manifest_sha256"] == reference["data"]["manifest_sha256"]
+    assert info["backbone"] == reference["backbone"]
+    assert info["engine"]["name"] == "flower"
+    assert info["result"]["completed_rounds"] == 2
+    rounds = [json.loads(line) for line in paths.rounds_log_path(flower).read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for record, ref in zip(rounds, (json.loads(x) for x in paths.rounds_log_path(inprocess).read_text()
+                                    .splitlines()), strict=True):
+        for client, entry in record["clients"].items():
+            # bytes are those of the ArrayRecords Flower carried: the tensors plus small headers
+            assert entry["bytes_up"] >= 4 * entry["params_up"] > 0
+            assert entry["params_up"] == ref["clients"][client]["params_up"]
+            assert entry["train_loss"] == pytest.approx(ref["clients"][client]["train_loss"], abs=1e-5)
+
+
+def test_flower_shared_and_private_tensors_equal_the_inprocess_ones(runs: dict) -> None:
+    flower, inprocess = runs["root"] / "flower", runs["root"] / "inprocess"
+    for which in ("final", "best"):
+        got = load_file(str(paths.shared_tensors_path(flower, which)))
+        want = load_file(str(paths.shared_tensors_path(inprocess, which)))
+        assert set(got) == set(want) and got
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], atol=ATOL, rtol=0)
+        for client in runs["clients"]:
+            site_run = paths.site_run_dir(runs["root"] / f"site-{client}", flower.name)
+            got = load_file(str(paths.private_tensors_path(site_run, client, which)))
+            want = load_file(str(paths.private_tensors_path(inprocess, client, which)))
+            assert set(got) == set(want) and got
+            for key in want:
+                torch.testing.assert_close(got[key], want[key], atol=ATOL, rtol=0)
+    assert not (flower / "clients").exists()  # the server never wrote a private tensor
+
+
+def test_no_private_tensor_ever_reached_the_server(runs: dict) -> None:
+    spec = resolve_method("duallora")
+    wire_log = paths.wire_log_path(runs["root"] / "flower")
+    entries = [json.loads(line) for line in wire_log.read_text().splitlines()]
+    received = {key for e in entries if e["direction"] == "up" for key in e["keys"]}
+    assert len([e for e in entries if e["direction"] == "up"]) == 2 * len(runs["clients"])
+    private_keys = {key for client in runs["clients"]
+                    for key in load_file(str(paths.private_tensors_path(runs["root"] / "inprocess", client)))}
+    assert received and private_keys
+    assert not received & private_keys
+    assert {param_group(key) for key in received} <= spec.shared
+    assert all(param_group(key) not in spec.private for e in entries for key in e["keys"])
+
+
+def test_evaluate_reads_the_flower_run_once_sites_copy_their_private_tensors(runs: dict) -> None:
+    flower, inprocess = runs["root"] / "flower", runs["root"] / "inprocess"
+    for client in runs["clients"]:
+        shutil.copytree(paths.site_run_dir(runs["root"] / f"site-{client}", flower.name), flower,
+                        dirs_exist_ok=True)
+    evaluate_run(flower, split="val", n_boot=20, device="cpu", console=_quiet())
+    evaluate_run(inprocess, split="val", n_boot=20, device="cpu", console=_quiet())
+    got = _rows(paths.predictions_path(flower))
+    want = _rows(paths.predictions_path(inprocess))
+    assert len(got) == len(want) > 0
+    for row, ref in zip(got, want, strict=True):
+        assert (row["subject"], row["client"], row["model"], row["label"]) == \
+            (ref["subject"], ref["client"], ref["model"], ref["label"])
+        assert float(row["probability"]) == pytest.approx(float(ref["probability"]), abs=1e-5)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))

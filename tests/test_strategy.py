@@ -12,7 +12,7 @@ def test_weighted_average_is_exact_weighting_by_examples():
     # Prepare: three clients with 1, 2 and 5 training subjects
     states = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([4.0, 2.0])},
               {"w": torch.tensor([0.0, 8.0])}]
-    results = [FitResult(f"c{i}", s, n, 0.0) for i, (s, n) in enumerate(zip(states, [1, 2, 5]))]
+    results = [FitResult(f"c{i}", s, n, 0.0) for i, (s, n) in enumerate(zip(states, [1, 2, 5], strict=True))]
     # Execute
     averaged = FedAvg().aggregate(results)
     # Assert: (1*1 + 2*4 + 5*0)/8 and (0 + 2*2 + 5*8)/8

@@ -74,10 +74,7 @@ def _packaged_table(name: str) -> str:
 
 def _read_toml(directory: Path | None, name: str) -> dict[str, Any]:
     try:
-        if directory is None:
-            text = _packaged_table(name)
-        else:
-            text = (directory / name).read_text(encoding="utf-8")
+        text = _packaged_table(name) if directory is None else (directory / name).read_text(encoding="utf-8")
         return tomllib.loads(text)
     except FileNotFoundError as exc:
         raise UsageError(f"table {name} not found in {directory}: copy it from data_manifests/") from exc

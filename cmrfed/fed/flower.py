@@ -43,7 +43,7 @@ from cmrfed import paths
 from cmrfed.atomic import write_json
 from cmrfed.data.shards import Manifest, load_manifest, verify_shard
 from cmrfed.errors import DataError, UsageError
-from cmrfed.fed.client import Client, TrainConfig
+from cmrfed.fed.client import Client
 from cmrfed.fed.config import FederateConfig, parse_blocks
 from cmrfed.fed.inprocess import RunSummary
 from cmrfed.fed.methods import MethodSpec, resolve_method
@@ -61,7 +61,7 @@ from cmrfed.fed.runlog import (
     write_result,
 )
 from cmrfed.fed.strategy import FedAvg, FitResult, TensorState
-from cmrfed.fed.task import RunModel, build_run_model, load_client_data, resolve_device
+from cmrfed.fed.task import RunModel, build_client, build_run_model, resolve_device
 from cmrfed.fed.wire import num_params
 from cmrfed.model.classifier import param_group
 
@@ -214,13 +214,8 @@ def _open_site(context: Context) -> _Site:
     device = resolve_device(site.device)
     run_model = build_run_model(cfg, tuple(manifest.shape))
     run_model.model.to(device)
-    splits = load_client_data(site.prepared, manifest, site.client, run_model, cfg, device,
-                              splits=("train", "val"))
-    train_config = TrainConfig(local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                               weight_decay=cfg.weight_decay, class_balanced=cfg.class_balanced)
-    # The manifest position is the client index the in-process engine seeds shuffles with.
-    client = Client(site.client, manifest.clients.index(site.client), run_model.spec,
-                    run_model.initial_state, splits["train"], splits["val"], train_config, cfg.seed)
+    client, _ = build_client(cfg, site.prepared, manifest, site.client, run_model, device,
+                             splits=("train", "val"))
     if STATE in context.state.array_records:
         client.state = to_state(context.state.array_records[STATE])
     return _Site(site, cfg, manifest, run_model, client, device)

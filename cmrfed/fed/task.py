@@ -115,6 +115,33 @@ def load_client_data(
     return out
 
 
+def train_config(cfg: FederateConfig) -> TrainConfig:
+    """The local-training options of a run."""
+    return TrainConfig(local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                       weight_decay=cfg.weight_decay, class_balanced=cfg.class_balanced)
+
+
+def build_client(
+    cfg: FederateConfig,
+    prepared: Path,
+    manifest: Manifest,
+    name: str,
+    run_model: RunModel,
+    device: torch.device,
+    splits: tuple[str, ...] = SPLITS,
+) -> tuple[Client, dict[str, SplitTensors]]:
+    """One site from its shard: its data and a :class:`Client` at the seeded initial state.
+
+    Its index (which seeds its shuffles) is its position in the manifest, so a site run by
+    Flower trains exactly as the same site in-process.
+    """
+    verify_shard(prepared, manifest, name)
+    data = load_client_data(prepared, manifest, name, run_model, cfg, device, splits=splits)
+    client = Client(name, manifest.clients.index(name), run_model.spec, run_model.initial_state,
+                    data["train"], data.get("val"), train_config(cfg), cfg.seed)
+    return client, data
+
+
 def build_clients(
     cfg: FederateConfig,
     prepared: Path,
@@ -122,18 +149,9 @@ def build_clients(
     run_model: RunModel,
     device: torch.device,
 ) -> tuple[list[Client], dict[str, dict[str, SplitTensors]]]:
-    """One :class:`Client` per manifest client, all starting from the seeded initial state."""
-    train_cfg = TrainConfig(
-        local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-        weight_decay=cfg.weight_decay, class_balanced=cfg.class_balanced,
-    )
+    """Every manifest client, all starting from the seeded initial state."""
     clients, data = [], {}
-    for index, name in enumerate(manifest.clients):
-        verify_shard(prepared, manifest, name)
-        splits = load_client_data(prepared, manifest, name, run_model, cfg, device)
-        data[name] = splits
-        clients.append(
-            Client(name, index, run_model.spec, run_model.initial_state, splits["train"],
-                   splits["val"], train_cfg, cfg.seed)
-        )
+    for name in manifest.clients:
+        client, data[name] = build_client(cfg, prepared, manifest, name, run_model, device)
+        clients.append(client)
     return clients, data

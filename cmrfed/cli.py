@@ -7,6 +7,7 @@ without a traceback, with exit code 2 for usage errors and 1 for data errors.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -87,7 +88,6 @@ def prepare(acdc: str | None, mnms: str | None, mnms2: str | None, out: str, spa
             split: str, seed: int, workers: int, skip_invalid: bool, overwrite: bool,
             tables: str | None) -> None:
     """Read ACDC / M&Ms-1 / M&Ms-2 as downloaded into per-vendor HDF5 shards + manifest.json."""
-    from pathlib import Path
 
     from cmrfed.data.prepare import PrepareOptions, parse_split
     from cmrfed.data.prepare import prepare as run_prepare
@@ -144,6 +144,7 @@ def federate(**options: object) -> None:
     device, out = options.pop("device"), options.pop("out")
     resume, overwrite = options.pop("resume"), options.pop("overwrite")
     options["blocks"] = parse_blocks(str(options["blocks"]))
+    options["data"] = str(Path(str(options["data"])).resolve())
     options["targets"] = tuple(t.strip() for t in str(options["targets"]).split(",") if t.strip())
     config = FederateConfig(**options)  # type: ignore[arg-type]
     run_federate(config, out, device=device, resume=resume, overwrite=overwrite)
@@ -202,7 +203,6 @@ def flower() -> None:
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 def flower_site_config(client: str, data: str, site_dir: str, device: str) -> None:
     """Check this site's shard and print the --node-config of its flower-supernode."""
-    from pathlib import Path
 
     from cmrfed.fed.flower import site_node_config
 
@@ -225,7 +225,6 @@ def flower_site_config(client: str, data: str, site_dir: str, device: str) -> No
 @click.option("--overwrite", is_flag=True, help="Replace an existing RUN folder.")
 def flower_run(**options: object) -> None:
     """Submit a federated run to a SuperLink and stream its log (same options as `federate`)."""
-    from pathlib import Path
 
     from cmrfed.fed.config import FederateConfig, parse_blocks
     from cmrfed.fed.flower_launch import run_flower
@@ -233,6 +232,7 @@ def flower_run(**options: object) -> None:
     launch = {k: options.pop(k) for k in ("superlink", "connection", "insecure", "sites", "overwrite")}
     certificates, node_timeout, out = (options.pop(k) for k in ("root_certificates", "node_timeout", "out"))
     options["blocks"] = parse_blocks(str(options["blocks"]))
+    options["data"] = str(Path(str(options["data"])).resolve())
     options["targets"] = tuple(t.strip() for t in str(options["targets"]).split(",") if t.strip())
     config = FederateConfig(**options)  # type: ignore[arg-type]
     run_flower(config, Path(str(out)), root_certificates=Path(str(certificates)) if certificates else None,
@@ -242,6 +242,18 @@ def flower_run(**options: object) -> None:
 # `flower run` takes every option of `federate` that shapes the result, defined once there.
 flower_run.params[:0] = [p for p in federate.params
                          if p.name not in ("data", "device", "out", "resume", "overwrite")]
+
+
+@cli.command()
+@click.option("--out", default="cmrfed-demo", show_default=True, type=click.Path(path_type=str),
+              help="Folder for the cohort, prepared data, runs and report.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+def demo(out: str, overwrite: bool) -> None:
+    """The whole pipeline on a synthetic cohort: synth, prepare, federate (duallora, fedlora,
+    ffalora x 3 seeds), evaluate, compare --test wilcoxon."""
+    from cmrfed.demo import run_demo
+
+    run_demo(out, overwrite=overwrite)
 
 
 # --- end of commands -----------------------------------------------------------------------

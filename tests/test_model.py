@@ -254,6 +254,18 @@ def test_init_is_seeded_and_leaves_global_rng_alone() -> None:
     assert all(torch.isfinite(t).all() for t in first.values())
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_stem_keeps_patch_intensity(seed: int) -> None:
+    # With near-zero first-conv biases the stem LayerNorm maps every flat patch to one vector
+    # (cosine 1.0), so a random backbone cannot see blood vs myocardium; the threshold biases
+    # must make a dark and a bright flat patch clearly different.
+    stem = build_encoder("tiny", input_shape=(16, 16, 1), seed=seed).enc_down_dict["sax"]
+    first = stem.conv_blocks[0].patch_embed
+    dark, bright = (first(torch.full((1, 2, 4, 4, 1), value)).flatten() for value in (0.2, 0.9))
+    assert torch.cosine_similarity(dark, bright, dim=0) < 0.5
+
+
 def test_patchify_order_matches_reference() -> None:
     # (B=1, C=2, X=4, Y=2, Z=3) with (2, 2, 1) patches -> grid (2, 1, 3)
     x = torch.arange(2 * 4 * 2 * 3, dtype=torch.float32).reshape(1, 2, 4, 2, 3)

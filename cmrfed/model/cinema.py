@@ -394,7 +394,19 @@ def init_default_(module: nn.Linear | nn.Conv3d, generator: torch.Generator) -> 
 @torch.no_grad()
 def init_weights(model: CineMASaxEncoder, generator: torch.Generator) -> None:
     """CineMA's init, seeded: linear xavier-uniform / zero bias, LayerNorm 1 / 0, convs PyTorch's
-    default, cls token N(0, 0.02), pos table from the formula. Modules in a fixed order."""
+    default, cls token N(0, 0.02), pos table from the formula. Modules in a fixed order.
+
+    One departure, for random init only (loaded weights replace it): the biases of the first
+    stem conv, the one that sees the image, are intensity thresholds. A channel LayerNorm follows
+    that conv; with PyTorch's near-zero default biases its output for a flat patch of intensity c
+    is about ``c * W.sum()``, which the LayerNorm maps to one vector for every c > 0, so an
+    untrained stem cannot tell blood from myocardium and a frozen random backbone learns nothing.
+    PyTorch's default assumes zero-mean inputs; ours are in [0, 1] (preprocessing rescales each
+    volume). So output channel k gets the bias ``-t_k * W_k.sum()``, t_k ~ U(0, 1): it changes
+    sign where a flat patch crosses intensity t_k, and the channels together encode brightness
+    (random thresholds spread over the input range, as in random-feature models). Drawn last, so
+    every other tensor is as before.
+    """
     for module in model.modules():
         if isinstance(module, nn.Linear):
             nn.init.xavier_uniform_(module.weight, generator=generator)
@@ -406,6 +418,9 @@ def init_weights(model: CineMASaxEncoder, generator: torch.Generator) -> None:
             init_default_(module, generator)
     nn.init.normal_(model.encoder.cls_token, std=0.02, generator=generator)
     model.enc_down_dict[VIEW].pos_embed.copy_(sincos_pos_table(model.embed_dim, model.grid_size))
+    first_conv = model.enc_down_dict[VIEW].conv_blocks[0].patch_embed.conv
+    thresholds = torch.empty(first_conv.out_channels).uniform_(0.0, 1.0, generator=generator)
+    first_conv.bias.copy_(-thresholds * first_conv.weight.sum(dim=(1, 2, 3, 4)))
 
 
 # --- checkpoint loading ----------------------------------------------------------------------------

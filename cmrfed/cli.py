@@ -6,7 +6,6 @@ without a traceback, with exit code 2 for usage errors and 1 for data errors.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
@@ -38,7 +37,19 @@ def _float_triple(text: str, option: str) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Prints a CmrfedError on one line (no traceback) and exits with its code: 2 for usage
+    errors, 1 for data errors; the same whether run as a console script or under a test runner."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except CmrfedError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cmrfed")
 def cli() -> None:
     """Federated, parameter-efficient fine-tuning of the CineMA cine CMR foundation model.
@@ -121,7 +132,7 @@ def prepare(acdc: str | None, mnms: str | None, mnms2: str | None, out: str, spa
 @click.option("--rounds", default=10, show_default=True, type=int)
 @click.option("--local-epochs", default=1, show_default=True, type=int)
 @click.option("--batch-size", default=8, show_default=True, type=int)
-@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--lr", default=3e-3, show_default=True, type=float)
 @click.option("--weight-decay", default=0.05, show_default=True, type=float)
 @click.option("--class-balanced/--no-class-balanced", default=True, show_default=True,
               help="Weight the loss by inverse class frequency per site.")
@@ -260,21 +271,8 @@ def demo(out: str, overwrite: bool) -> None:
 
 
 def main() -> None:
-    """Console entry point: run the click group, turning CmrfedError into a one-line message."""
-    try:
-        cli.main(standalone_mode=False)
-    except CmrfedError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        err_console.print("aborted")
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        sys.exit(130)
+    """Console entry point."""
+    cli()
 
 
 if __name__ == "__main__":

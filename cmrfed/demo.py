@@ -31,8 +31,8 @@ from cmrfed.fed.inprocess import federate
 class DemoSettings:
     """The study the demo runs (every number here is a documented choice, not a tuned result)."""
 
-    subjects_per_dataset: int = 30
-    synth_shape: tuple[int, int, int] = (80, 80, 8)
+    subjects_per_dataset: int = 60
+    synth_shape: tuple[int, int, int] = (64, 64, 8)
     frames: int = 12
     shape: tuple[int, int, int] = (64, 64, 8)
     spacing: tuple[float, float, float] = (2.0, 2.0, 10.0)
@@ -40,8 +40,8 @@ class DemoSettings:
     seeds: tuple[int, ...] = (0, 1, 2)
     blocks: int = 2
     rank: int = 8
-    rounds: int = 8
-    local_epochs: int = 2
+    rounds: int = 10
+    local_epochs: int = 3
     batch_size: int = 8
     lr: float = 3e-3
 

@@ -249,3 +249,29 @@ def test_a_client_without_train_subjects_is_refused(small_prepared, tmp_path):
     manifest_file.write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"canon.*no train subjects"):
         run(emptied, tmp_path / "r")
+
+
+def test_cli_runs_end_to_end_on_a_cinema_layout_pretrained_file(small_prepared, pretrained_file,
+                                                               tmp_path):
+    """`cmrfed federate --backbone PATH` with a file in CineMA's public 4-view layout (base size)."""
+    from click.testing import CliRunner
+
+    from cmrfed.cli import cli
+
+    out = tmp_path / "base-run"
+    result = CliRunner().invoke(cli, [
+        "federate", "--data", str(small_prepared), "--method", "duallora", "--blocks", "2",
+        "--rank", "2", "--rounds", "1", "--backbone", str(pretrained_file), "--device", "cpu",
+        "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    info = json.loads(paths.run_config_path(out).read_text())
+    assert info["backbone"]["depth"] == 12 and info["backbone"]["first_adapted_block"] == 10
+    # two adapted base blocks, rank 2, global LoRA on 5 targets, plus the shared head
+    assert info["communication"]["analytic_params_per_message"] == 2 * 13_056 * 2 + 2 * (768 * 2 + 2)
+    assert "round   1" in result.output
+    again = CliRunner().invoke(cli, ["federate", "--data", str(small_prepared), "--out", str(out)])
+    assert again.exit_code == 2 and "already exists" in again.output
+    missing = CliRunner().invoke(cli, ["federate", "--data", str(tmp_path / "none"), "--out",
+                                       str(tmp_path / "x")])
+    assert missing.exit_code == 1 and "cmrfed prepare" in missing.output

@@ -8,7 +8,6 @@ tested against the real layouts without the real weights.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import math
 import re
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import key_table
 from safetensors.torch import load_file, save_file
 
 from cmrfed.errors import DataError, UsageError
@@ -34,31 +34,7 @@ from cmrfed.model import (
 )
 from cmrfed.model.cinema import FIRST_CONV_KEY, POS_EMBED_KEY, patchify
 
-DATA = Path(__file__).parent / "data"
 TINY_SHAPE = (64, 64, 8)
-
-
-def _key_table(name: str) -> dict[str, list[int]]:
-    return json.loads((DATA / name).read_text(encoding="utf-8"))
-
-
-def _write_random_checkpoint(path: Path, table: dict[str, list[int]], seed: int) -> Path:
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {name: torch.rand(shape, generator=generator) for name, shape in table.items()}
-    save_file(tensors, str(path))
-    return path
-
-
-@pytest.fixture(scope="session")
-def pretrained_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "cinema.safetensors"
-    return _write_random_checkpoint(path, _key_table("cinema_pretrained_keys.json"), seed=1)
-
-
-@pytest.fixture(scope="session")
-def finetuned_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "finetuned_sax.safetensors"
-    return _write_random_checkpoint(path, _key_table("cinema_finetuned_sax_keys.json"), seed=2)
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +81,7 @@ def test_base_has_cinema_parameter_counts(base_from_pretrained) -> None:
 
 
 def test_state_dict_is_cinema_sax_subset(base_from_pretrained) -> None:
-    finetuned = _key_table("cinema_finetuned_sax_keys.json")
+    finetuned = key_table("cinema_finetuned_sax_keys.json")
     expected = {k: v for k, v in finetuned.items() if not k.startswith("pred_head_dict.")}
     ours = {k: list(v.shape) for k, v in base_from_pretrained.state_dict().items()}
     assert ours == expected
@@ -116,8 +92,8 @@ def test_state_dict_is_cinema_sax_subset(base_from_pretrained) -> None:
 @pytest.mark.parametrize("size", ["tiny", "small"])
 def test_smaller_sizes_keep_structure(size: str, tiny) -> None:
     encoder = build_encoder(size, input_shape=TINY_SHAPE)
-    base_keys = set(_key_table("cinema_finetuned_sax_keys.json")) - {
-        k for k in _key_table("cinema_finetuned_sax_keys.json") if k.startswith("pred_head_dict.")}
+    base_keys = set(key_table("cinema_finetuned_sax_keys.json")) - {
+        k for k in key_table("cinema_finetuned_sax_keys.json") if k.startswith("pred_head_dict.")}
     assert set(encoder.state_dict()) == base_keys
     assert len(encoder.encoder.blocks) == 12
 

@@ -46,6 +46,12 @@ def _finite(value: float) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
+def _nanmean(values: list[float]) -> float:
+    """Mean over clients where the metric is defined; NaN (no warning) when it is nowhere."""
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 def _clean(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _clean(v) for k, v in obj.items()}
@@ -155,7 +161,7 @@ def evaluate_run(
     else:  # thresholds differ per site: only the threshold-free AUC is lost, so drop it
         pooled = {**binary_metrics(y_all, pooled_pred, 0.5), "auc": float("nan"),
                   "note": "each subject thresholded by its own site's Youden threshold; AUC not pooled"}
-    macro = {m: float(np.nanmean([per_client[c][m] for c in data])) for m in METRICS}
+    macro = {m: _nanmean([per_client[c][m] for c in data]) for m in METRICS}
 
     metrics_doc = {
         "format_version": EVAL_FORMAT_VERSION,

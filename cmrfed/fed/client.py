@@ -66,7 +66,7 @@ class TrainConfig:
 
     local_epochs: int = 1
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 5.0

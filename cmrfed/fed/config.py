@@ -29,7 +29,7 @@ class FederateConfig:
     rounds: int = 10
     local_epochs: int = 1
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.05
     class_balanced: bool = True
     seed: int = 0

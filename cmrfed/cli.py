@@ -17,24 +17,23 @@ from cmrfed.errors import CmrfedError
 err_console = Console(stderr=True)
 
 
-def _int_triple(text: str, option: str) -> tuple[int, int, int]:
+def _triple(text: str, option: str, cast: type, example: str) -> tuple:
+    """Three positive numbers given as ``a,b,c`` (shapes and spacings)."""
     try:
-        values = tuple(int(v) for v in text.split(","))
+        values = tuple(cast(v) for v in text.split(","))
     except ValueError as exc:
-        raise click.BadParameter(f"{option} takes three integers like 192,192,16") from exc
+        raise click.BadParameter(f"{option} takes three numbers like {example}") from exc
     if len(values) != 3 or min(values) <= 0:
-        raise click.BadParameter(f"{option} takes three positive integers like 192,192,16")
-    return values  # type: ignore[return-value]
+        raise click.BadParameter(f"{option} takes three positive numbers like {example}")
+    return values
+
+
+def _int_triple(text: str, option: str) -> tuple[int, int, int]:
+    return _triple(text, option, int, "192,192,16")
 
 
 def _float_triple(text: str, option: str) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError as exc:
-        raise click.BadParameter(f"{option} takes three numbers like 1,1,10") from exc
-    if len(values) != 3 or min(values) <= 0:
-        raise click.BadParameter(f"{option} takes three positive numbers like 1,1,10")
-    return values  # type: ignore[return-value]
+    return _triple(text, option, float, "1,1,10")
 
 
 class _Group(click.Group):

@@ -6,6 +6,7 @@ without a traceback, with exit code 2 for usage errors and 1 for data errors.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -270,8 +271,17 @@ def demo(out: str, overwrite: bool) -> None:
 
 
 def main() -> None:
-    """Console entry point."""
-    cli()
+    """Console entry point: exit codes 0 ok, 1 data error, 2 usage error, 130 interrupted."""
+    try:
+        code = cli.main(standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        err_console.print("interrupted")
+        sys.exit(130)
+    if isinstance(code, int) and code != 0:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

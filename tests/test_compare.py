@@ -281,7 +281,7 @@ def test_cli_exit_codes(runs: list[Path], tmp_path: Path, monkeypatch: pytest.Mo
     bad_choice = runner.invoke(cli, ["compare", str(runs[0]), "--test", "ttest", "--out", str(out)])
     assert bad_choice.exit_code == 2
     again = runner.invoke(cli, args)
-    assert again.exit_code != 0 and isinstance(again.exception, UsageError)
+    assert again.exit_code == 2 and "already exists" in again.output
     # the console entry point maps UsageError to exit 2 and DataError to exit 1
     for argv, code in ((args, 2), (["compare", str(tmp_path / "nope"), "--test", "mcnemar", "--out",
                                     str(tmp_path / "r2")], 1)):

@@ -261,7 +261,7 @@ flower_run.params[:0] = [p for p in federate.params
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 def demo(out: str, overwrite: bool) -> None:
     """The whole pipeline on a synthetic cohort: synth, prepare, federate (duallora, fedlora,
-    ffalora x 3 seeds), evaluate, compare --test wilcoxon."""
+    ffalora x 5 seeds), evaluate, compare --test wilcoxon."""
     from cmrfed.demo import run_demo
 
     run_demo(out, overwrite=overwrite)

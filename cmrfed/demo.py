@@ -37,7 +37,7 @@ class DemoSettings:
     shape: tuple[int, int, int] = (64, 64, 8)
     spacing: tuple[float, float, float] = (2.0, 2.0, 10.0)
     methods: tuple[str, ...] = ("duallora", "fedlora", "ffalora")
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     blocks: int = 2
     rank: int = 8
     rounds: int = 10

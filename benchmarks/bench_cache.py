@@ -251,7 +251,7 @@ def components_section(parts: Components, n_train: int, n_val: int, measured: fl
         "round adds beyond the model-level costs (partial batches, state copies, aggregation, "
         "metrics, the checkpoint write) is paid by both sides alike and lowers it further. The "
         "largest single piece of the extra is the LoRA branch's full-size (tokens x out) passes: "
-        "lora.md measures a change that removes part of it.\n"
+        "cmrfed now adds all adapters in one ``addmm`` (lora.md measured that change).\n"
     )
 
 

@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import Machine, markdown_table, write_results
 from rich.console import Console
 from rich.table import Table
 
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2", help="worker counts to compare")
     args = parser.parse_args()
     console = Console()
+    machine = Machine()
     worker_counts = [int(w) for w in args.workers.split(",")]
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -71,6 +73,15 @@ def main() -> None:
     console.print(table)
     identical = all(row[-1] == rows[0][-1] for row in rows)
     console.print(f"identical shards across worker counts: {identical}")
+    body = (f"{args.subjects} synthetic subjects per dataset, prepared to --shape {args.shape} "
+            f"--spacing {args.spacing}.\n\n" + markdown_table(
+                ("workers", "subjects", "wall s", "subjects / s", "speed-up vs first", "CPU s / subject"),
+                [(w, n, f"{t:.2f}", f"{n / t:.2f}", f"{n / t / base_rate:.2f}x", f"{c / n:.3f}")
+                 for w, n, t, c, _ in rows])
+            + f"\n\nIdentical shards across worker counts: {identical}.\n")
+    path = write_results(Path(__file__).parent / "results", "prepare", machine,
+                         "cmrfed prepare: subjects per second by worker count", body)
+    console.print(f"written: {path.relative_to(Path(__file__).parent.parent)}")
     if not identical:
         raise SystemExit(1)
 

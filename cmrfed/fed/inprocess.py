@@ -257,11 +257,17 @@ def federate(
 def _truncate_rounds_log(out: Path, completed: int) -> list[dict[str, Any]]:
     """Keep the rounds.jsonl lines of completed (checkpointed) rounds; drop any later ones."""
     log = paths.rounds_log_path(out)
-    lines = log.read_text(encoding="utf-8").splitlines() if log.exists() else []
-    kept = [ln for ln in lines if ln.strip() and json.loads(ln)["round"] <= completed]
+    records = []
+    for line in log.read_text(encoding="utf-8").splitlines() if log.exists() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a kill: its round was never checkpointed
+            continue
+        if record["round"] <= completed:
+            records.append(record)
     with atomic_file(log) as tmp:
-        tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
-    return [json.loads(ln) for ln in kept]
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return records
 
 
 def _print_communication(console: Console, out: Path, clients: list[Client], analytic: int) -> None:

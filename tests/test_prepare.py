@@ -522,7 +522,7 @@ def _copy_trees(trees: Path, tmp_path: Path, *names: str) -> Path:
     return tmp_path
 
 
-def _expect_failure(monkeypatch, capsys, tmp_path, args: list[str], *needles: str) -> str:
+def assert_prepare_fails(monkeypatch, capsys, tmp_path, args: list[str], *needles: str) -> str:
     out = tmp_path / "prepared"
     code, text = run_cli(monkeypatch, capsys, "prepare", *args, "--out", str(out), *FAST)
     assert code == 1, text
@@ -533,19 +533,19 @@ def _expect_failure(monkeypatch, capsys, tmp_path, args: list[str], *needles: st
 
 
 def test_missing_input_folder(tmp_path, monkeypatch, capsys):
-    _expect_failure(monkeypatch, capsys, tmp_path, ["--acdc", str(tmp_path / "nowhere")],
+    assert_prepare_fails(monkeypatch, capsys, tmp_path, ["--acdc", str(tmp_path / "nowhere")],
                     str(tmp_path / "nowhere"), "does not exist")
 
 
 def test_input_of_wrong_dataset(prep_trees, tmp_path, monkeypatch, capsys):
-    _expect_failure(monkeypatch, capsys, tmp_path, ["--acdc", str(prep_trees / "mnms")],
+    assert_prepare_fails(monkeypatch, capsys, tmp_path, ["--acdc", str(prep_trees / "mnms")],
                     str(prep_trees / "mnms"), "does not hold the ACDC dataset")
 
 
 def test_no_metadata_csv(prep_trees, tmp_path, monkeypatch, capsys):
     root = _copy_trees(prep_trees, tmp_path, "mnms")
     (root / "mnms" / "OpenDataset" / MNMS_CSV).unlink()
-    _expect_failure(monkeypatch, capsys, tmp_path, ["--mnms", str(root / "mnms")], "OpenDataset",
+    assert_prepare_fails(monkeypatch, capsys, tmp_path, ["--mnms", str(root / "mnms")], "OpenDataset",
                     "no metadata CSV")
 
 
@@ -553,7 +553,7 @@ def test_csv_missing_a_column(prep_trees, tmp_path, monkeypatch, capsys):
     root = _copy_trees(prep_trees, tmp_path, "mnms2")
     table = root / "mnms2" / "MnM2" / "dataset_information.csv"
     table.write_text(table.read_text().replace("VENDOR", "MAKER", 1))
-    _expect_failure(monkeypatch, capsys, tmp_path, ["--mnms2", str(root / "mnms2")],
+    assert_prepare_fails(monkeypatch, capsys, tmp_path, ["--mnms2", str(root / "mnms2")],
                     str(table), "missing column(s) 'VENDOR'")
 
 
@@ -561,7 +561,7 @@ def test_vendor_not_in_table(prep_trees, tmp_path, monkeypatch, capsys):
     root = _copy_trees(prep_trees, tmp_path, "mnms2")
     table = root / "mnms2" / "MnM2" / "dataset_information.csv"
     table.write_text(table.read_text().replace("GE MEDICAL SYSTEMS", "TOSHIBA", 1))
-    _expect_failure(monkeypatch, capsys, tmp_path, ["--mnms2", str(root / "mnms2")],
+    assert_prepare_fails(monkeypatch, capsys, tmp_path, ["--mnms2", str(root / "mnms2")],
                     "subject 003", "vendor 'TOSHIBA' is not in the mnms2 vendor table")
     # the fix the message names: an extended table passed with --tables
     tables = tmp_path / "tables"
@@ -590,14 +590,14 @@ def test_bad_nifti_file(prep_trees, tmp_path, monkeypatch, capsys, damage):
     else:
         target.write_bytes(gzip.decompress(data))
         needle = "not gzip-compressed"
-    _expect_failure(monkeypatch, capsys, tmp_path, ["--acdc", str(root / "acdc")], str(target), needle)
+    assert_prepare_fails(monkeypatch, capsys, tmp_path, ["--acdc", str(root / "acdc")], str(target), needle)
 
 
 def test_ed_es_out_of_range(prep_trees, tmp_path, monkeypatch, capsys):
     root = _copy_trees(prep_trees, tmp_path, "acdc")
     info = root / "acdc/database/training/patient002/Info.cfg"
     info.write_text(info.read_text().replace("ES: 5", "ES: 31"))
-    _expect_failure(monkeypatch, capsys, tmp_path, ["--acdc", str(root / "acdc")], str(info),
+    assert_prepare_fails(monkeypatch, capsys, tmp_path, ["--acdc", str(root / "acdc")], str(info),
                     "ES frame 31 is out of range 1..10")
 
 
@@ -609,7 +609,7 @@ def test_mnms_csv_index_out_of_range(prep_trees, tmp_path, monkeypatch, capsys):
     unlabelled[5] = "40"  # no labels to re-derive from: the CSV index is used, and is wrong
     with table.open("w", newline="") as handle:
         csv.writer(handle).writerows(rows)
-    _expect_failure(monkeypatch, capsys, tmp_path, ["--mnms", str(root / "mnms")], str(table),
+    assert_prepare_fails(monkeypatch, capsys, tmp_path, ["--mnms", str(root / "mnms")], str(table),
                     "mnms_C1C1C1 ED index 40 is out of range 0..9")
 
 
@@ -617,7 +617,8 @@ def test_two_d_where_three_d_expected(prep_trees, tmp_path, monkeypatch, capsys)
     root = _copy_trees(prep_trees, tmp_path, "mnms2")
     target = root / "mnms2/MnM2/dataset/002/002_SA_ES.nii.gz"
     _save(target, read_nifti(target, ndim=3).array[:, :, 0])
-    _expect_failure(monkeypatch, capsys, tmp_path, ["--mnms2", str(root / "mnms2")], str(target), "is 2-D")
+    assert_prepare_fails(monkeypatch, capsys, tmp_path, ["--mnms2", str(root / "mnms2")], str(target),
+                         "is 2-D")
 
 
 def test_nan_voxels(prep_trees, tmp_path, monkeypatch, capsys):
@@ -626,7 +627,7 @@ def test_nan_voxels(prep_trees, tmp_path, monkeypatch, capsys):
     cine = read_nifti(target, ndim=4).array
     cine[3, 3, 1, 2] = np.nan
     _save(target, cine)
-    _expect_failure(monkeypatch, capsys, tmp_path, ["--mnms", str(root / "mnms")], str(target),
+    assert_prepare_fails(monkeypatch, capsys, tmp_path, ["--mnms", str(root / "mnms")], str(target),
                     "NaN or infinite")
 
 

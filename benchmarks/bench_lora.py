@@ -6,8 +6,7 @@ step runs only the adapted blocks, and there the LoRA branch is no longer small 
 product by ``alpha / r``, and ``LoRALinear.forward`` adds each adapter's full-size output to the
 frozen output separately. Both are passes over (tokens x out) memory, and so are their backward
 counterparts. The proposals, applied here by replacing the method for the measurement only
-(cmrfed adopted ``fused``; when this file was last written the baseline was the two-pass
-forward described above, so rerunning it now compares ``fused`` with itself):
+(cmrfed now uses ``fused``; ``before`` re-creates the earlier two-pass forward for the comparison):
 
 - ``scale-rank``: scale the (tokens x r) intermediate instead of the (tokens x out) product
   (one line in ``LoRAAdapter.forward``; bit-identical when alpha / r is a power of two);
@@ -31,11 +30,21 @@ from cmrfed.model import lora
 from cmrfed.model.classifier import param_group
 
 NAME = "lora"
-TITLE = "LoRA forward: a proposed change, measured"
+TITLE = "LoRA forward: the fused adapter product, measured against the earlier forward"
+
+
+def forward_two_pass(self: lora.LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """The forward cmrfed had before: each adapter's full (tokens x out) product, scaled, then
+    added to the frozen output one adapter at a time (the baseline, labelled ``before``)."""
+    out = F.linear(x, self.weight, self.bias)
+    for name, adapter in self.adapters.items():
+        if self.active_adapters is None or name in self.active_adapters:
+            out = out + F.linear(F.linear(x, adapter.A), adapter.B) * adapter.scaling
+    return out
 
 
 def forward_scale_rank(self: lora.LoRALinear, x: torch.Tensor) -> torch.Tensor:
-    """``LoRAAdapter.forward`` as ``F.linear(F.linear(x, self.A) * self.scaling, self.B)``."""
+    """Only the scaling moved: ``F.linear(F.linear(x, A) * scaling, B)`` per adapter."""
     out = F.linear(x, self.weight, self.bias)
     for name, adapter in self.adapters.items():
         if self.active_adapters is None or name in self.active_adapters:
@@ -43,22 +52,10 @@ def forward_scale_rank(self: lora.LoRALinear, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def forward_fused(self: lora.LoRALinear, x: torch.Tensor) -> torch.Tensor:
-    """Frozen output + [s_1 x A_1^T, s_2 x A_2^T, ...] [B_1, B_2, ...]^T in one addmm."""
-    out = F.linear(x, self.weight, self.bias)
-    active = [adapter for name, adapter in self.adapters.items()
-              if self.active_adapters is None or name in self.active_adapters]
-    if not active:
-        return out
-    low = torch.cat([F.linear(x, a.A) * a.scaling for a in active], dim=-1)  # (..., sum r)
-    up = torch.cat([a.B for a in active], dim=1)  # (out, sum r)
-    return torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), up.t()).view_as(out)
-
-
 VARIANTS: dict[str, Callable[[lora.LoRALinear, torch.Tensor], torch.Tensor]] = {
-    "current": lora.LoRALinear.forward,
+    "before": forward_two_pass,
     "scale-rank": forward_scale_rank,
-    "fused": forward_fused,
+    "fused": lora.LoRALinear.forward,  # what cmrfed uses: all adapters in one addmm
 }
 
 
@@ -130,7 +127,7 @@ def micro(suite: Suite, size: str, batch: int = 8, repeats: int = 5) -> str:
                     begin = time.perf_counter()
                     fn()
                     times.setdefault((variant, label), []).append(time.perf_counter() - begin)
-    base_train, base_eval = median(times[("current", "train")]), median(times[("current", "eval")])
+    base_train, base_eval = median(times[("before", "train")]), median(times[("before", "eval")])
     rows = []
     for variant in VARIANTS:
         train, evaluation = median(times[(variant, "train")]), median(times[(variant, "eval")])
@@ -138,14 +135,14 @@ def micro(suite: Suite, size: str, batch: int = 8, repeats: int = 5) -> str:
         rows.append([variant, f"{train * 1e3:.1f}", f"{100 * (train / base_train - 1):+.0f}%",
                      f"{evaluation * 1e3:.1f}", f"{100 * (evaluation / base_eval - 1):+.0f}%",
                      f"{logit_gap:.1e}", f"{grad_gap:.1e}"])
-    return markdown_table(["LoRA forward", "train step ms", "vs current", "validation ms", "vs current",
+    return markdown_table(["LoRA forward", "train step ms", "vs before", "validation ms", "vs before",
                            "max logit diff", "max rel. grad diff"], rows)
 
 
 def rounds(suite: Suite, size: str, repeats: int, n_rounds: int) -> str:
-    """Steady round times, plain and cached, with the current and the fused forward."""
+    """Steady round times, plain and cached, with the earlier and the fused forward."""
     samples: dict[tuple[str, bool], list[float]] = {}
-    plan = [(v, c) for v in ("current", "fused") for c in (False, True)]
+    plan = [(v, c) for v in ("before", "fused") for c in (False, True)]
     for repeat in range(repeats):
         for variant, cache in plan if repeat % 2 == 0 else list(reversed(plan)):
             with lora_forward(variant):
@@ -154,7 +151,7 @@ def rounds(suite: Suite, size: str, repeats: int, n_rounds: int) -> str:
             samples.setdefault((variant, cache), []).extend(r.cpu for r in timing.steady_rounds)
             suite.console.log(f"lora {variant} cache={cache}: {[round(r.wall, 2) for r in timing.rounds]} s")
     rows = []
-    for variant in ("current", "fused"):
+    for variant in ("before", "fused"):
         plain, cached = median(samples[(variant, False)]), median(samples[(variant, True)])
         rows.append([variant, f"{plain:.2f}", f"{cached:.2f}", f"{plain / cached:.2f}x"])
     return markdown_table(["LoRA forward", "plain CPU s / round", "cached CPU s / round",

@@ -42,7 +42,6 @@ from cmrfed.fed.runlog import (
 from cmrfed.fed.strategy import FedAvg, FitResult, TensorState
 from cmrfed.fed.task import build_clients, build_run_model, resolve_device
 from cmrfed.fed.wire import decode, encode, num_params
-from cmrfed.model.classifier import param_group
 
 
 @dataclass(frozen=True)
@@ -109,7 +108,9 @@ def _read_checkpoint(run: Path) -> tuple[_Progress, dict[str, TensorState], dict
 
 
 def _snapshot(clients: list[Client], server: TensorState) -> dict[str, TensorState]:
-    snap = {f"client:{c.name}": {k: v.clone() for k, v in c.state.items()} for c in clients}
+    """What the final artefacts of a round hold: the server's shared tensors and each client's
+    private tensors (as :meth:`Client.private_state` decides)."""
+    snap = {f"client:{c.name}": c.private_state() for c in clients}
     snap["server"] = {k: v.clone() for k, v in server.items()}
     return snap
 
@@ -118,9 +119,8 @@ def _write_final(run: Path, which: str, snapshot: dict[str, TensorState], client
     """RUN/shared.safetensors and RUN/clients/<c>/private.safetensors (or under RUN/best/)."""
     save_tensors(paths.shared_tensors_path(run, which), snapshot["server"])
     for client in clients:
-        state = snapshot[f"client:{client.name}"]
-        private = {k: v for k, v in state.items() if param_group(k) in client.spec.private}
-        save_tensors(paths.private_tensors_path(run, client.name, which), private)
+        save_tensors(paths.private_tensors_path(run, client.name, which),
+                     snapshot[f"client:{client.name}"])
 
 
 def _check_resume(cfg: FederateConfig, out: Path) -> None:

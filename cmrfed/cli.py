@@ -118,7 +118,8 @@ def prepare(acdc: str | None, mnms: str | None, mnms2: str | None, out: str, spa
 @click.option("--data", "data", required=True, type=click.Path(path_type=str),
               help="PREPARED folder written by `cmrfed prepare`.")
 @click.option("--method", default="duallora", show_default=True,
-              type=click.Choice(["duallora", "fedlora", "ffalora", "fedsa", "local", "central"]))
+              type=click.Choice(["duallora", "fedlora", "ffalora", "fedsa", "local", "central",
+                                 "central-full"]))
 @click.option("--blocks", default="2", show_default=True,
               help="Adapt the last N transformer blocks, or 'all'.")
 @click.option("--rank", default=8, show_default=True, type=int, help="Rank of the (global) LoRA.")
@@ -143,6 +144,23 @@ def prepare(acdc: str | None, mnms: str | None, mnms2: str | None, out: str, spa
               help="Cache the frozen trunk's features (used when fewer than all blocks are adapted).")
 @click.option("--cache-dtype", default="float32", show_default=True,
               type=click.Choice(["float32", "float16", "bfloat16"]))
+@click.option("--augment", default="cinema", show_default=True, type=click.Choice(["cinema", "none"]),
+              help="Training augmentation: CineMA's random affine + gamma + noise, or none.")
+@click.option("--augment-views", default=8, show_default=True, type=int,
+              help="Seeded augmented views per train subject (cached with the trunk); 0: a fresh "
+                   "view every step (needs --no-cache).")
+@click.option("--augment-seed", default=0, show_default=True, type=int,
+              help="Seed of the views (shared by every method and --seed of a study).")
+@click.option("--label-smoothing", default=0.1, show_default=True, type=float)
+@click.option("--schedule", default="cosine", show_default=True, type=click.Choice(["cosine", "constant"]),
+              help="lr: warm-up then cosine decay to --min-lr across rounds, or --lr throughout.")
+@click.option("--warmup-rounds", default=1.0, show_default=True, type=float,
+              help="Rounds of linear lr warm-up (cosine schedule).")
+@click.option("--min-lr", default=1e-5, show_default=True, type=float, help="lr at the end of the cosine.")
+@click.option("--layer-decay", default=0.75, show_default=True, type=float,
+              help="Layer-wise lr decay when the backbone is trained (central-full).")
+@click.option("--select", default="mcc", show_default=True, type=click.Choice(["mcc", "balanced_accuracy"]),
+              help="Mean client validation metric that picks the best round.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--out", required=True, type=click.Path(path_type=str), help="RUN folder to write.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last round.")

@@ -9,6 +9,12 @@ fusion norm and the head.
 A cache file is keyed by (backbone weights fingerprint, start block, input shape, storage dtype)
 and records the sha256 of the shard it was computed from: any change of key or shard makes a new
 file, and a stale file is never read. Files are written atomically.
+
+Augmentation: the trunk is just as much a pure function of an *augmented* image, so K seeded
+augmented views of every training subject are cached too, in a file of their own keyed by the
+plain key plus the augmentation recipe, K and the augmentation seed (:class:`ViewsKey`). The views
+are seeded by (augmentation seed, client, subject, view), not by the run seed, so one views file
+serves every method and every run seed of a study; validation and test use the plain features.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 from torch import nn
 
 from cmrfed.atomic import atomic_file
+from cmrfed.data.augment import AugmentSpec, augment_batch
 from cmrfed.data.shards import load_split
 from cmrfed.paths import feature_cache_dir
 
@@ -45,6 +52,21 @@ class CacheKey:
             [CACHE_FORMAT_VERSION, self.backbone_fingerprint, self.start_block,
              list(self.input_shape), self.dtype]
         )
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ViewsKey:
+    """What the cached augmented views depend on besides the plain key."""
+
+    base: CacheKey
+    augment: AugmentSpec
+    n_views: int
+    augment_seed: int
+
+    def digest(self) -> str:
+        text = json.dumps([self.base.digest(), "views", self.augment.to_dict(), self.n_views,
+                           self.augment_seed])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -162,3 +184,77 @@ def _read(
             return out
     except OSError:
         return None  # unreadable (e.g. truncated by a crash of another process): recompute
+
+
+def views_path(prepared: Path, key: ViewsKey, client: str) -> Path:
+    return feature_cache_dir(prepared) / key.digest() / f"{client}.views.h5"
+
+
+@torch.no_grad()
+def compute_views(
+    encoder: nn.Module, images: np.ndarray, seeds: torch.Tensor, spec: AugmentSpec, start_block: int,
+    device: torch.device, batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden (K, n, 1 + N, D), skips (K, n, N, D)): the frozen trunk on view k of every subject,
+    view k of subject i augmented from ``seeds[i, k]``."""
+    hidden, skips = [], []
+    tensor = torch.from_numpy(images)
+    for k in range(seeds.shape[1]):
+        augmented = torch.cat([
+            augment_batch(tensor[b : b + batch_size], seeds[b : b + batch_size, k].tolist(), spec)
+            for b in range(0, len(tensor), batch_size)
+        ])
+        h, s = compute_trunk(encoder, augmented.numpy(), start_block, device, batch_size)
+        hidden.append(h)
+        skips.append(s)
+    return torch.stack(hidden), torch.stack(skips)
+
+
+def load_or_compute_views(
+    prepared: Path,
+    client: str,
+    subject_ids: tuple[str, ...],
+    seeds: torch.Tensor,
+    shard_sha256: str,
+    encoder: nn.Module,
+    key: ViewsKey,
+    device: torch.device,
+    batch_size: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K cached trunk views of ``client``'s train split, computing and storing them when the
+    cache has no valid file (missing, another shard checksum, or other subjects)."""
+    path = views_path(prepared, key, client)
+    stored = _read_views(path, subject_ids, shard_sha256, key.base.dtype)
+    if stored is not None:
+        return stored
+    arrays = load_split(prepared, client, "train")
+    if arrays.subject_ids != subject_ids:
+        raise ValueError(f"client {client!r}: the train split changed while building its views")
+    hidden, skips = compute_views(encoder, arrays.images, seeds, key.augment, key.base.start_block,
+                                  device, batch_size)
+    with atomic_file(path) as tmp, h5py.File(tmp, "w") as handle:
+        handle.attrs["format_version"] = CACHE_FORMAT_VERSION
+        handle.attrs["shard_sha256"] = shard_sha256
+        handle.attrs["key"] = json.dumps({"base": key.base.digest(), "augment": key.augment.to_dict(),
+                                          "n_views": key.n_views, "augment_seed": key.augment_seed})
+        handle.create_dataset("subject_ids", data=np.array(subject_ids, dtype="S"))
+        handle.create_dataset("hidden", data=_to_storage(hidden, key.base.dtype))
+        handle.create_dataset("skips", data=_to_storage(skips, key.base.dtype))
+    stored = _read_views(path, subject_ids, shard_sha256, key.base.dtype)
+    assert stored is not None  # just written
+    return stored
+
+
+def _read_views(path: Path, subject_ids: tuple[str, ...], shard_sha256: str,
+                dtype: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if not path.exists():
+        return None
+    try:
+        with h5py.File(path, "r") as handle:
+            if handle.attrs.get("shard_sha256") != shard_sha256:
+                return None
+            if tuple(s.decode() for s in handle["subject_ids"][()]) != subject_ids:
+                return None
+            return (_from_storage(handle["hidden"][()], dtype), _from_storage(handle["skips"][()], dtype))
+    except (OSError, KeyError):
+        return None  # unreadable or incomplete: recompute

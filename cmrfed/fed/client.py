@@ -8,6 +8,7 @@ before it trains or predicts. What may leave a client is decided in exactly one 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,8 +19,10 @@ from torch import nn
 
 from cmrfed.errors import DataError
 from cmrfed.fed.methods import MethodSpec
+from cmrfed.fed.schedule import LrSchedule
 from cmrfed.fed.strategy import FitResult, TensorState
-from cmrfed.model.classifier import param_group
+from cmrfed.fed.views import ViewSource
+from cmrfed.model.classifier import layer_lr_scale, tensor_group
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,12 @@ class SplitTensors:
 
     def logits(self, model: nn.Module, index: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Logits of the subjects at ``index`` (a 1-D index tensor into this split)."""
-        batch = [t[index].to(device=device, dtype=torch.float32) for t in self.inputs]
+        return self.forward(model, tuple(t[index] for t in self.inputs), device)
+
+    def forward(self, model: nn.Module, inputs: tuple[torch.Tensor, ...],
+                device: torch.device) -> torch.Tensor:
+        """Logits of a batch of inputs in this split's form (images, or cached (h, skips))."""
+        batch = [t.to(device=device, dtype=torch.float32) for t in inputs]
         if self.start_block is None:
             return model(batch[0])
         return model.forward_from(batch[0], batch[1], self.start_block)
@@ -71,6 +79,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 5.0
     class_balanced: bool = True
+    label_smoothing: float = 0.0
+    schedule: LrSchedule | None = None  # None: ``lr`` at every step
+    layer_decay: float = 0.75  # CineMA's layer-wise lr decay, when the backbone is trained
 
 
 def derive_seed(*parts: int) -> int:
@@ -114,6 +125,7 @@ class Client:
         val: SplitTensors | None,
         config: TrainConfig,
         seed: int,
+        views: ViewSource | None = None,
     ) -> None:
         if len(train) == 0:
             raise DataError(
@@ -128,7 +140,8 @@ class Client:
         self.val = val
         self.config = config
         self.seed = seed
-        self._groups = {k: param_group(k) for k in self.state}
+        self.views = views  # augmented training views; None: the plain train split
+        self._groups = {k: tensor_group(k) for k in self.state}
 
     # --- what leaves the site, and what never does ------------------------------------------
     def shared_state(self) -> TensorState:
@@ -169,29 +182,58 @@ class Client:
                 trainable.append(param)
         return trainable
 
+    def _param_groups(self, model: nn.Module, params: list[nn.Parameter]) -> list[dict]:
+        """AdamW parameter groups. LoRA methods: one group. When the backbone is trained, CineMA's
+        ``param_groups_lr_decay``: an lr scale per layer (:func:`layer_lr_scale`) and no weight
+        decay on 1-D tensors (biases, norms)."""
+        cfg = self.config
+        if not self.spec.trains_backbone:
+            return [{"params": params, "weight_decay": cfg.weight_decay, "lr_scale": 1.0}]
+        depth = model.backbone.depth
+        groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                key = (layer_lr_scale(name, depth, cfg.layer_decay),
+                       0.0 if param.ndim == 1 else cfg.weight_decay)
+                groups.setdefault(key, []).append(param)
+        return [{"params": ps, "lr_scale": scale, "weight_decay": decay}
+                for (scale, decay), ps in groups.items()]
+
     def fit(self, model: nn.Module, round_index: int, device: torch.device) -> FitResult:
         """Train the method's trainable groups for E local epochs with a fresh AdamW.
 
         The optimiser is re-created every round (its moments are not part of any shared or
-        private state), and shuffling is seeded by (run seed, round, client), so a resumed
-        run repeats an uninterrupted one exactly.
+        private state); shuffling is seeded by (run seed, round, client), each step's view draws
+        by (run seed, round, client, step), and the learning rate is a pure function of
+        (round, step) (:class:`LrSchedule`), so a resumed run repeats an uninterrupted one exactly.
         """
         cfg = self.config
         params = self._activate(model)
         optimizer = torch.optim.AdamW(
-            params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+            self._param_groups(model, params), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
         )
+        schedule = cfg.schedule or LrSchedule(kind="constant", lr=cfg.lr)
+        steps_per_round = cfg.local_epochs * math.ceil(len(self.train) / cfg.batch_size)
         labels = self.train.labels
         weight = class_weights(labels).to(device) if cfg.class_balanced else None
         generator = torch.Generator().manual_seed(derive_seed(self.seed, round_index, self.index))
         model.train()
-        total_loss, seen = 0.0, 0
+        total_loss, seen, step = 0.0, 0, 0
         for _ in range(cfg.local_epochs):
             order = torch.randperm(len(self.train), generator=generator)
             for batch in order.split(cfg.batch_size):
-                logits = self.train.logits(model, batch, device)
+                lr = schedule.lr_at(round_index, step, steps_per_round)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group["lr_scale"]
+                if self.views is None:
+                    logits = self.train.logits(model, batch, device)
+                else:
+                    draws = torch.Generator().manual_seed(
+                        derive_seed(self.seed, round_index, self.index, step))
+                    logits = self.train.forward(model, self.views.inputs(batch, draws), device)
+                step += 1
                 target = labels[batch].to(device)
-                loss = F.cross_entropy(logits, target, weight=weight)
+                loss = F.cross_entropy(logits, target, weight=weight, label_smoothing=cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip > 0:

@@ -6,11 +6,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from cmrfed.data.augment import augment_spec
 from cmrfed.errors import UsageError
 from cmrfed.fed.methods import resolve_method
+from cmrfed.fed.schedule import LrSchedule
 
 DEFAULT_TARGETS: tuple[str, ...] = ("q", "kv", "proj", "fc1", "fc2")
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
+SELECT_CHOICES = ("balanced_accuracy", "mcc")
+# The training recipe's options and the values that reproduce runs made before they existed
+# (no augmentation, constant lr, plain cross-entropy, best round by balanced accuracy): a
+# run.json without any of them was trained that way and is read back that way.
+RECIPE_BEFORE_OPTIONS: dict[str, Any] = {
+    "augment": "none", "label_smoothing": 0.0, "schedule": "constant", "select": "balanced_accuracy",
+}
 
 
 @dataclass(frozen=True)
@@ -36,9 +45,29 @@ class FederateConfig:
     backbone: str = "tiny"
     cache: bool = True
     cache_dtype: str = "float32"
+    # the training recipe of CineMA's disease-classification fine-tuning (see README)
+    augment: str = "cinema"
+    augment_views: int = 8
+    augment_seed: int = 0
+    label_smoothing: float = 0.1
+    schedule: str = "cosine"
+    warmup_rounds: float = 1.0
+    min_lr: float = 1e-5
+    layer_decay: float = 0.75
+    select: str = "mcc"
 
     def __post_init__(self) -> None:
         resolve_method(self.method, self.head)
+        augment_spec(self.augment)
+        self.lr_schedule  # noqa: B018 (validates --schedule, --warmup-rounds, --min-lr)
+        if self.augment_views < 0:
+            raise UsageError(f"--augment-views must be >= 0, got {self.augment_views}")
+        if not 0 <= self.label_smoothing < 1:
+            raise UsageError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 < self.layer_decay <= 1:
+            raise UsageError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        if self.select not in SELECT_CHOICES:
+            raise UsageError(f"unknown --select {self.select!r}; choose one of {', '.join(SELECT_CHOICES)}")
         if isinstance(self.blocks, str) and self.blocks != "all":
             raise UsageError(f"--blocks takes a number of blocks or 'all', not {self.blocks!r}")
         if isinstance(self.blocks, int) and self.blocks < 1:
@@ -61,6 +90,11 @@ class FederateConfig:
             )
 
     @property
+    def lr_schedule(self) -> LrSchedule:
+        return LrSchedule(kind=self.schedule, lr=self.lr, min_lr=self.min_lr,
+                          warmup_rounds=self.warmup_rounds, rounds=self.rounds)
+
+    @property
     def effective_local_rank(self) -> int:
         return self.local_rank if self.local_rank is not None else self.rank
 
@@ -77,6 +111,8 @@ class FederateConfig:
     def from_dict(cls, raw: dict[str, Any]) -> FederateConfig:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in raw.items() if k in known}
+        if not any(k in raw for k in RECIPE_BEFORE_OPTIONS):
+            values = {**RECIPE_BEFORE_OPTIONS, **values}
         if "targets" in values:
             values["targets"] = tuple(values["targets"])
         return cls(**values)

@@ -56,6 +56,7 @@ from cmrfed.fed.runlog import (
     round_record,
     run_record,
     save_tensors,
+    selection_score,
     start_run_folder,
     val_metrics,
     write_result,
@@ -489,11 +490,11 @@ def serve(grid: Grid, run_config: Mapping[str, Any], console: Console | None = N
         val, down = run.evaluate(round_index, server)
         clients = {r.client: client_round_record(r.train_loss, r.num_examples, val[r.client], up[r.client],
                                                  down[r.client], num_params(server)) for r in results}
-        record = round_record(round_index, clients, time.perf_counter() - started)
+        record = round_record(round_index, clients, time.perf_counter() - started, cfg.select)
         total_up += sum(up.values())
         total_down += sum(down.values())
-        if has_score(record) and record["mean_val_balanced_accuracy"] > best_score:
-            best_round, best_score, best_server = round_index, record["mean_val_balanced_accuracy"], server
+        if has_score(record) and selection_score(record) > best_score:
+            best_round, best_score, best_server = round_index, selection_score(record), server
         append_round(out, record)
         console.print(round_line(record), highlight=False)
 
@@ -502,7 +503,7 @@ def serve(grid: Grid, run_config: Mapping[str, Any], console: Console | None = N
     run.finalize(best_round)
     save_tensors(paths.shared_tensors_path(out, "final"), server)
     save_tensors(paths.shared_tensors_path(out, "best"), best_server)
-    write_result(out, cfg.rounds, best_round, best_score, total_up, total_down)
+    write_result(out, cfg.rounds, best_round, best_score, total_up, total_down, cfg.select)
     console.print(f"wrote {out}; each site wrote its private tensors under <site-dir>/{options.run_name}",
                   highlight=False)
     return RunSummary(out, cfg.rounds, best_round, best_score, total_up, total_down)

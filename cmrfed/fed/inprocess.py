@@ -35,12 +35,14 @@ from cmrfed.fed.runlog import (
     round_record,
     run_record,
     save_tensors,
+    selection_score,
     start_run_folder,
     val_metrics,
     write_result,
 )
 from cmrfed.fed.strategy import FedAvg, FitResult, TensorState
 from cmrfed.fed.task import build_clients, build_run_model, resolve_device
+from cmrfed.fed.views import concat_views
 from cmrfed.fed.wire import decode, encode, num_params
 
 
@@ -161,7 +163,7 @@ def federate(
     if spec.pooled:
         pooled = concat_splits([data[c.name]["train"] for c in clients])
         trainers = [Client("central", len(clients), spec, run_model.initial_state, pooled, None,
-                           clients[0].config, cfg.seed)]
+                           clients[0].config, cfg.seed, views=concat_views([c.views for c in clients]))]
     strategy = FedAvg()
     server: TensorState = clients[0].shared_state()
     analytic = analytic_params_per_message(run_model, cfg)
@@ -230,13 +232,13 @@ def federate(
                 )
                 for client in clients
             }
-            record = round_record(round_index, entries, time.perf_counter() - started)
+            record = round_record(round_index, entries, time.perf_counter() - started, cfg.select)
             total_up += sum(up.values())
             total_down += sum(down.values())
             progress.round = round_index
-            if has_score(record) and record["mean_val_balanced_accuracy"] > progress.best_score:
+            if has_score(record) and selection_score(record) > progress.best_score:
                 progress.best_round = round_index
-                progress.best_score = record["mean_val_balanced_accuracy"]
+                progress.best_score = selection_score(record)
                 best = _snapshot(clients, server)
             append_round(out, record)
             _write_checkpoint(out, clients, server, progress, best)
@@ -248,7 +250,8 @@ def federate(
         best = _snapshot(clients, server)
     _write_final(out, "final", _snapshot(clients, server), clients)
     _write_final(out, "best", best, clients)
-    write_result(out, progress.round, progress.best_round, progress.best_score, total_up, total_down)
+    write_result(out, progress.round, progress.best_round, progress.best_score, total_up, total_down,
+                 cfg.select)
     _print_communication(console, out, clients, analytic)
     return RunSummary(out, progress.round, progress.best_round, progress.best_score, total_up,
                       total_down)

@@ -1,8 +1,9 @@
 """ONE table: for each federated method, which adapter tensor groups exist, are trained, shared, kept.
 
 A tensor group is ``"<adapter>.A"``, ``"<adapter>.B"`` (LoRA factors of the named adapter, on
-every adapted layer) or ``"head"`` (the classification head). Everything else in the code reads
-this table; no method name appears in an ``if`` elsewhere.
+every adapted layer), ``"head"`` (the classification head) or ``"backbone"`` (every encoder weight,
+held only by ``central-full``). Everything else in the code reads this table; no method name
+appears in an ``if`` elsewhere.
 
 References:
 - FedAvg: McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
@@ -15,6 +16,10 @@ References:
   ICLR 2025 (A shared, B kept local).
 - Med-DualLoRA: Perramon-Llussà et al., 2026 (a global LoRA aggregated across sites plus a local
   LoRA that never leaves its site, added together).
+- Full fine-tuning (``central-full``): what CineMA itself does for disease classification
+  (Zhang et al., "CineMA: A Foundation Model for Cine Cardiac MRI", 2025; its
+  cinema/classification/*/config.yaml: ``freeze_pretrained: False``, layer-wise lr decay 0.75),
+  on the pooled data: the upper reference next to the LoRA methods.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from cmrfed.errors import UsageError
 GLOBAL = "global"
 LOCAL = "local"
 HEAD = "head"
+BACKBONE = "backbone"
 
 HEAD_CHOICES = ("shared", "local")
 
@@ -48,8 +54,13 @@ class MethodSpec:
 
     @property
     def groups(self) -> frozenset[str]:
-        """Every tensor group the model of this method holds."""
-        return _groups(*self.adapters) | {HEAD}
+        """Every tensor group the model of this method holds (the backbone only when trained)."""
+        return _groups(*self.adapters) | {HEAD} | (self.trained & {BACKBONE})
+
+    @property
+    def trains_backbone(self) -> bool:
+        """True when every encoder weight is trained: no frozen trunk, so no feature cache."""
+        return BACKBONE in self.trained
 
     @property
     def private(self) -> frozenset[str]:
@@ -107,6 +118,16 @@ METHODS: dict[str, MethodSpec] = {
             adapters=(GLOBAL,),
             trained=_groups(GLOBAL) | {HEAD},
             shared=_groups(GLOBAL) | {HEAD},
+            federated=False,
+            pooled=True,
+        ),
+        MethodSpec(
+            name="central-full",
+            summary="Centralised full fine-tuning: every backbone weight + head on the pooled data "
+                    "(CineMA's own recipe; no LoRA, no privacy; upper reference)",
+            adapters=(),
+            trained=frozenset({BACKBONE, HEAD}),
+            shared=frozenset({BACKBONE, HEAD}),
             federated=False,
             pooled=True,
         ),

@@ -111,20 +111,35 @@ def client_round_record(
     }
 
 
-def round_record(round_index: int, clients: Mapping[str, Mapping[str, Any]], wall_s: float) -> dict[str, Any]:
-    """A rounds.jsonl line; the mean is over clients whose selection metric is defined."""
-    scores = [c["val"][SELECTION_METRIC] for c in clients.values()
-              if SELECTION_METRIC in c["val"] and np.isfinite(c["val"][SELECTION_METRIC])]
-    return {
+def _mean_val(clients: Mapping[str, Mapping[str, Any]], metric: str) -> float:
+    """Mean over clients whose ``metric`` is defined (NaN when it is nowhere)."""
+    scores = [c["val"][metric] for c in clients.values()
+              if metric in c["val"] and np.isfinite(c["val"][metric])]
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def round_record(round_index: int, clients: Mapping[str, Mapping[str, Any]], wall_s: float,
+                 select: str = SELECTION_METRIC) -> dict[str, Any]:
+    """A rounds.jsonl line: always the mean val balanced accuracy, plus the mean of the ``select``
+    metric the best round is chosen by (``--select``), and which metric that is."""
+    record = {
         "round": round_index,
         "clients": {name: dict(entry) for name, entry in clients.items()},
-        "mean_val_balanced_accuracy": float(np.mean(scores)) if scores else float("nan"),
+        "mean_val_balanced_accuracy": _mean_val(clients, SELECTION_METRIC),
         "wall_s": wall_s,
     }
+    record[f"mean_val_{select}"] = _mean_val(clients, select)
+    record["select"] = select
+    return record
+
+
+def selection_score(record: Mapping[str, Any]) -> float:
+    """The mean val metric a round is ranked by (balanced accuracy for lines without ``select``)."""
+    return float(record[f"mean_val_{record.get('select', SELECTION_METRIC)}"])
 
 
 def has_score(record: Mapping[str, Any]) -> bool:
-    return bool(np.isfinite(record["mean_val_balanced_accuracy"]))
+    return bool(np.isfinite(selection_score(record)))
 
 
 def append_round(out: Path, record: Mapping[str, Any]) -> None:
@@ -139,12 +154,22 @@ def save_tensors(path: Path, state: TensorState) -> None:
 
 
 def write_result(out: Path, completed_rounds: int, best_round: int, best_score: float,
-                 bytes_up: int, bytes_down: int) -> None:
-    """Add ``result`` to run.json: the mark ``evaluate`` checks for a finished run."""
+                 bytes_up: int, bytes_down: int, select: str = SELECTION_METRIC) -> None:
+    """Add ``result`` to run.json: the mark ``evaluate`` checks for a finished run. The best round's
+    mean val balanced accuracy is always there (read from rounds.jsonl when it was selected by
+    another metric), with the selected metric's value next to it."""
     run_info = json.loads(paths.run_config_path(out).read_text(encoding="utf-8"))
+    best_balanced = best_score
+    if select != SELECTION_METRIC:
+        log = paths.rounds_log_path(out)
+        lines = log.read_text(encoding="utf-8").splitlines() if log.exists() else []
+        rows = [json.loads(ln) for ln in lines if ln.strip()]
+        best_balanced = next((r["mean_val_balanced_accuracy"] for r in rows if r["round"] == best_round),
+                             float("nan"))
     run_info["result"] = {
         "completed_rounds": completed_rounds, "best_round": best_round,
-        "best_mean_val_balanced_accuracy": best_score,
+        "best_mean_val_balanced_accuracy": best_balanced,
+        "selected_by": select, f"best_mean_val_{select}": best_score,
         "bytes_up_total": bytes_up, "bytes_down_total": bytes_down,
     }
     write_json(paths.run_config_path(out), run_info)
@@ -156,6 +181,8 @@ def round_line(record: Mapping[str, Any]) -> str:
     loss = np.mean([c["train_loss"] for c in clients])
     up = sum(c["bytes_up"] for c in clients)
     down = sum(c["bytes_down"] for c in clients)
+    select = record.get("select", SELECTION_METRIC)
+    selected = "" if select == SELECTION_METRIC else f"  val {select} {record[f'mean_val_{select}']:.3f}"
     return (f"round {record['round']:>3}  loss {loss:.4f}  val bal.acc "
-            f"{record['mean_val_balanced_accuracy']:.3f}  up {up / 1024:.1f} KiB  "
+            f"{record['mean_val_balanced_accuracy']:.3f}{selected}  up {up / 1024:.1f} KiB  "
             f"down {down / 1024:.1f} KiB  {record['wall_s']:.1f}s")

@@ -7,8 +7,10 @@ fine-tuned SAX files loads by name (:meth:`CineMAClassifier.load_head`), and our
 starts from the same head design the CineMA paper evaluated.
 
 Tensor groups (what cmrfed/fed/methods.py trains, shares or keeps): ``"<adapter>.A"``,
-``"<adapter>.B"`` for LoRA factors and ``"head"`` for the head; the backbone has no group and
-stays frozen.
+``"<adapter>.B"`` for LoRA factors and ``"head"`` for the head; the backbone has no group of
+:func:`param_group` and stays frozen, except for full fine-tuning, which holds it as the group
+``"backbone"`` (:func:`tensor_group`) and trains it with CineMA's layer-wise lr decay
+(:func:`layer_lr_scale`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from cmrfed.model.cinema import HEAD_PREFIX, HEAD_VIEWS, VIEW, CineMASaxEncoder,
 from cmrfed.model.lora import adapter_group, seeded_generator, set_trainable_groups
 
 HEAD_GROUP = "head"
+BACKBONE_GROUP = "backbone"
+_BACKBONE_PREFIX = "backbone."
 
 
 def param_group(param_name: str) -> str | None:
@@ -30,6 +34,35 @@ def param_group(param_name: str) -> str | None:
     if param_name.startswith(HEAD_PREFIX):
         return HEAD_GROUP
     return adapter_group(param_name)
+
+
+def tensor_group(param_name: str) -> str | None:
+    """:func:`param_group`, with every other encoder weight in the group ``"backbone"``, except the
+    fixed sin-cos position table (a parameter CineMA never trains: ``requires_grad=False``)."""
+    group = param_group(param_name)
+    if group is not None:
+        return group
+    return None if param_name.endswith("pos_embed") else BACKBONE_GROUP
+
+
+def layer_id(param_name: str, depth: int) -> int:
+    """CineMA's layer of a parameter for layer-wise lr decay (cinema/convvit.py
+    ``get_layer_id_for_vit``, after BEiT): 0 for the conv stem, the fusion (CineMA's ``enc_*``
+    modules) and the cls token / position table; i + 1 for block i; ``depth + 1`` for the rest
+    (the final norm and the head)."""
+    name = param_name.removeprefix(_BACKBONE_PREFIX)
+    if name.startswith("enc_") or any(k in name for k in ("cls_token", "pos_embed", "patch_embed",
+                                                            "view_embed")):
+        return 0
+    if name.startswith("encoder.blocks."):
+        return int(name.split(".")[2]) + 1
+    return depth + 1
+
+
+def layer_lr_scale(param_name: str, depth: int, decay: float) -> float:
+    """decay ** (depth + 1 - layer): 1 for the head and final norm, decay ** 13 for the stem of a
+    12-block encoder (CineMA's ``param_groups_lr_decay``)."""
+    return decay ** (depth + 1 - layer_id(param_name, depth))
 
 
 class CineMAClassifier(nn.Module):

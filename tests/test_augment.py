@@ -44,7 +44,7 @@ def test_a_90_degree_rotation_rotates_the_mask_like_rot90():
 
 
 def test_an_integer_shift_moves_the_image_and_pads_with_zeros():
-    image, mask = phantom()
+    image, _mask = phantom()
     shifted = affine_resample(image, 0.0, (3.0, -2.0), 1.0).numpy()
     # output voxel p samples input p + t: the content moves by -t
     expected = np.zeros_like(image.numpy())
@@ -53,7 +53,7 @@ def test_an_integer_shift_moves_the_image_and_pads_with_zeros():
 
 
 def test_a_45_degree_rotation_moves_the_centroid_by_the_rotation_and_keeps_slices_apart():
-    image, mask = phantom()
+    _image, mask = phantom()
     rotated = affine_resample(torch.from_numpy(mask[None].astype(np.float32)), 45.0, (0.0, 0.0), 1.0)[0]
     centre = (32 - 1) / 2
 

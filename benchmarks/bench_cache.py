@@ -73,7 +73,7 @@ def cases(suite: Suite) -> list[Case]:
 def config(prepared: Path, size: str, blocks: int | str, cache: bool, rounds: int,
            method: str = METHOD, seed: int = 0) -> FederateConfig:
     return FederateConfig(data=str(prepared), method=method, blocks=blocks, rank=8, rounds=rounds,
-                          local_epochs=1, seed=seed, backbone=size, cache=cache)
+                          local_epochs=1, seed=seed, backbone=size, cache=cache, augment="none")
 
 
 @dataclass

@@ -47,7 +47,7 @@ def child(spec: dict[str, object]) -> dict[str, float]:
     torch.set_num_threads(int(spec["threads"]))
     after_import = psutil.Process().memory_info().rss / MIB
     cfg = FederateConfig(data=str(spec["prepared"]), method=str(spec["method"]), blocks=2, rank=8,
-                         rounds=1, backbone=str(spec["size"]), cache=bool(spec["cache"]))
+                         rounds=1, backbone=str(spec["size"]), cache=bool(spec["cache"]), augment="none")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
     federate(cfg, Path(str(spec["out"])), device=device, overwrite=True, console=Console(quiet=True))

@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_augment
 import bench_cache
 import bench_comm
 import bench_gpu
@@ -25,7 +26,7 @@ from rich.console import Console
 from rich.rule import Rule
 
 # the cheap, load-insensitive table first; the GPU table last (it only reports a skip on CPU)
-MODULES = (bench_comm, bench_cache, bench_lora, bench_scaling, bench_memory, bench_gpu)
+MODULES = (bench_comm, bench_cache, bench_augment, bench_lora, bench_scaling, bench_memory, bench_gpu)
 
 
 def main() -> None:

@@ -183,7 +183,7 @@ def federate(**options: object) -> None:
 @click.argument("run", type=click.Path(path_type=str))
 @click.option("--split", default="test", show_default=True, type=click.Choice(["test", "val"]))
 @click.option("--round", "which", default="best", show_default=True, type=click.Choice(["best", "last"]),
-              help="The best round by mean client val balanced accuracy, or the last.")
+              help="The best round by the run's --select metric (mean client val), or the last.")
 @click.option("--threshold", default="0.5", show_default=True, type=click.Choice(["0.5", "youden-val"]),
               help="Fixed 0.5, or each model's Youden threshold on its val split.")
 @click.option("--n-boot", default=1000, show_default=True, type=int, help="Bootstrap replicates for CIs.")

@@ -34,7 +34,8 @@ def tensors(run, which):
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_resume_with_augmentation_and_schedule_is_bit_identical(small_prepared, tmp_path, monkeypatch, method):
+def test_resume_with_augmentation_and_schedule_is_bit_identical(small_prepared, tmp_path, monkeypatch,
+                                                                method):
     cfg = FederateConfig(data=str(small_prepared), method=method, rounds=3, rank=4, batch_size=8,
                          lr=2e-3, augment="cinema", augment_views=2, schedule="cosine",
                          warmup_rounds=1.0, label_smoothing=0.1, select="mcc",
@@ -71,6 +72,7 @@ def test_resume_with_augmentation_and_schedule_is_bit_identical(small_prepared, 
         for client in ra["clients"]:
             assert ra["clients"][client]["train_loss"] == rb["clients"][client]["train_loss"]
             assert ra["clients"][client]["val"] == rb["clients"][client]["val"]
-    result = [json.loads(paths.run_config_path(run).read_text())["result"] for run in (reference, interrupted)]
+    result = [json.loads(paths.run_config_path(run).read_text())["result"]
+              for run in (reference, interrupted)]
     assert result[0]["best_round"] == result[1]["best_round"]
     assert result[0]["selected_by"] == "mcc" and "best_mean_val_balanced_accuracy" in result[0]

@@ -112,9 +112,14 @@ def client_round_record(
 
 
 def _mean_val(clients: Mapping[str, Mapping[str, Any]], metric: str) -> float:
-    """Mean over clients whose ``metric`` is defined (NaN when it is nowhere)."""
-    scores = [c["val"][metric] for c in clients.values()
-              if metric in c["val"] and np.isfinite(c["val"][metric])]
+    """Mean over clients whose ``metric`` is defined (NaN when it is nowhere). An undefined MCC (a
+    model that predicts one class for every subject) counts as 0, chance level, as scikit-learn
+    and so CineMA's early stopping count it; otherwise such a round would be ranked by its other
+    sites alone."""
+    values = [c["val"][metric] for c in clients.values() if metric in c["val"]]
+    if metric == "mcc":
+        values = [v if np.isfinite(v) else 0.0 for v in values]
+    scores = [v for v in values if np.isfinite(v)]
     return float(np.mean(scores)) if scores else float("nan")
 
 

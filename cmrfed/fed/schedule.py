@@ -35,7 +35,7 @@ class LrSchedule:
             raise UsageError(f"unknown --schedule {self.kind!r}; choose one of {', '.join(SCHEDULE_CHOICES)}")
         if self.warmup_rounds < 0:
             raise UsageError(f"--warmup-rounds must be >= 0, got {self.warmup_rounds}")
-        if not 0 <= self.min_lr <= self.lr:
+        if self.kind == "cosine" and not 0 <= self.min_lr <= self.lr:
             raise UsageError(f"--min-lr must be in [0, --lr], got {self.min_lr}")
 
     def lr_at(self, round_index: int, step: int, steps_per_round: int) -> float:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmrfed.errors import DataError
+from cmrfed.faults import fault_point
 from cmrfed.fed.methods import MethodSpec
 from cmrfed.fed.schedule import LrSchedule
 from cmrfed.fed.strategy import FitResult, TensorState
@@ -222,6 +223,7 @@ class Client:
         for _ in range(cfg.local_epochs):
             order = torch.randperm(len(self.train), generator=generator)
             for batch in order.split(cfg.batch_size):
+                fault_point("federate.train-step")
                 lr = schedule.lr_at(round_index, step, steps_per_round)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group["lr_scale"]

@@ -2,8 +2,9 @@
 smoothing, selection on MCC), for every method of the table.
 
 The run is interrupted in-process: the checkpoint write of round 2 raises (as a kill between the
-rounds.jsonl line and the checkpoint would), then ``--resume`` continues from round 1. The SIGKILL
-path itself is exercised by tests/test_federate.py.
+rounds.jsonl line and the checkpoint would), then ``--resume`` continues from round 1. Real
+SIGKILLs at every kill point are in tests/test_resume_matrix.py, which runs the CLI defaults (this
+recipe); this test pins the recipe's options so it keeps testing them whatever the defaults.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def test_resume_with_augmentation_and_schedule_is_bit_identical(small_prepared, 
     with pytest.raises(Crash):
         inprocess.federate(cfg, interrupted, device="cpu", console=quiet_console())
     monkeypatch.setattr(inprocess, "_write_checkpoint", real)
-    assert json.loads((paths.checkpoint_dir(interrupted) / "progress.json").read_text())["round"] == 1
+    assert inprocess.read_checkpoint(interrupted)[0].round == 1
     inprocess.federate(cfg, interrupted, device="cpu", resume=True, console=quiet_console())
 
     for which in ("final", "best"):

@@ -132,6 +132,8 @@ def _orientation(
     """Spatial origin and 3 x 3 direction as SimpleITK reads them (nibabel's affine if it cannot)."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's header remarks are not the user's
     try:
         reader.ReadImageInformation()
     except RuntimeError:
@@ -140,6 +142,8 @@ def _orientation(
         columns = lps[:, :3] / np.linalg.norm(lps[:, :3], axis=0)
         return (tuple(float(v) for v in lps[:, 3]), tuple(float(v) for v in columns.ravel()),
                 "nibabel")
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     n = reader.GetDimension()
     direction = np.array(reader.GetDirection()).reshape(n, n)[:3, :3]
     return (tuple(float(v) for v in reader.GetOrigin()[:3]), tuple(float(v) for v in direction.ravel()),

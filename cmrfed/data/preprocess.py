@@ -156,7 +156,9 @@ def normalise_uint8(volume: np.ndarray) -> np.ndarray:
 
     Percentiles 0.95 / 99.5 of the voxels (numpy, in the volume's pixel type), ``Clamp`` to them
     (bounds cast to the pixel type by SimpleITK), ``Normalize`` (z-score), ``RescaleIntensity``
-    to [0, 1], times 255 and cast to uint8 (truncation, i.e. ``floor(255 x)``). A volume that is
+    to [0, 1], times 255 and cast to uint8 (truncation, i.e. ``floor(255 x)``). ``Normalize``
+    runs on one thread so that the bytes never depend on the machine (CineMA runs it on ITK's
+    default thread count; its sums may then round differently in the last bit). A volume that is
     constant after clipping becomes zeros (cmrfed's guard; CineMA would divide by zero).
     """
     image = sitk.GetImageFromArray(np.ascontiguousarray(volume.transpose(2, 1, 0)))
@@ -165,7 +167,9 @@ def normalise_uint8(volume: np.ndarray) -> np.ndarray:
     clamped = sitk.GetArrayViewFromImage(image)
     if clamped.min() == clamped.max():
         return np.zeros(volume.shape, dtype=np.uint8)
-    image = sitk.RescaleIntensity(sitk.Normalize(image), outputMinimum=0.0, outputMaximum=1.0)
+    normalize = sitk.NormalizeImageFilter()
+    normalize.SetNumberOfThreads(1)  # its mean / sigma sums would otherwise depend on the threads
+    image = sitk.RescaleIntensity(normalize.Execute(image), outputMinimum=0.0, outputMaximum=1.0)
     return from_sitk(sitk.Cast(image * 255, sitk.sitkUInt8))
 
 

@@ -18,6 +18,9 @@ from cmrfed.data.layouts import SubjectFrames
 from cmrfed.data.nifti import read_nifti
 from cmrfed.data.shards import FORMAT_VERSION, load_manifest, load_split, write_manifest
 from cmrfed.errors import DataError
+from cmrfed.fed.client import load_into
+from cmrfed.fed.config import FederateConfig
+from cmrfed.fed.task import build_client, build_run_model
 from cmrfed.fed.windows import split_tensors
 from cmrfed.paths import shard_path
 
@@ -205,17 +208,35 @@ def test_windows_over_deep_stacks():
                                [[0.4, 0.6], [0.9, 0.1]])
 
 
-def test_window_rows_train_as_samples_and_predict_per_subject():
-    ids, labels = ("a", "b"), np.array([0, 1])
-    inputs = (torch.arange(3.0)[:, None],)
-    train = split_tensors("train", ids, labels, np.array([0, 1, 1]), inputs)
-    assert train.subject_ids == ("a", "b", "b") and train.labels.tolist() == [0, 1, 1]
-    assert train.window_subject is None and len(train) == train.rows == 3
-    test = split_tensors("test", ids, labels, np.array([0, 1, 1]), inputs)
-    assert test.subject_ids == ids and len(test) == 2 and test.rows == 3
-    assert test.window_subject.tolist() == [0, 1, 1]
-    single = split_tensors("test", ids, labels, np.array([0, 1]), inputs[:1])
-    assert single.window_subject is None and single.rows == 2
+def test_window_rows_draw_one_window_per_subject_and_predict_the_mean():
+    ids, labels = ("a", "b", "c"), np.array([0, 1, 1])
+    inputs = (torch.arange(6.0)[:, None],)
+    split = split_tensors(ids, labels, np.array([0, 1, 1, 1, 2, 2]), inputs)
+    assert split.subject_ids == ids and len(split) == 3 and split.rows == 6
+    assert split.window_subject.tolist() == [0, 1, 1, 1, 2, 2]
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([split.draw_windows(generator) for _ in range(300)])
+    assert (draws[:, 0] == 0).all()  # "a" has one window: row 0
+    assert set(draws[:, 1].tolist()) == {1, 2, 3} and set(draws[:, 2].tolist()) == {4, 5}
+    single = split_tensors(ids, labels, np.array([0, 1, 2]), inputs)
+    assert single.window_subject is None and single.rows == 3
+
+
+def test_client_predicts_the_mean_of_window_probabilities(small_prepared):
+    # the small cohort has 8-10 slices at --shape z = 4: every subject has 3-4 windows
+    cfg = FederateConfig(data=str(small_prepared), method="fedlora", rank=2, backbone="tiny", cache=False)
+    manifest = load_manifest(small_prepared)
+    run_model = build_run_model(cfg, tuple(manifest.shape))
+    client, data = build_client(cfg, small_prepared, manifest, "siemens", run_model, torch.device("cpu"))
+    test = data["test"]
+    assert test.window_subject is not None and test.rows > len(test) > 0
+    load_into(run_model.model, client.state)
+    run_model.model.eval()
+    with torch.no_grad():
+        rows = torch.softmax(test.logits(run_model.model, torch.arange(test.rows), torch.device("cpu")), -1)
+    expected = [rows[test.window_subject == i, 1].mean().item() for i in range(len(test))]
+    predicted = client.predict(run_model.model, test, torch.device("cpu"))
+    np.testing.assert_allclose(predicted, expected, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- shards

@@ -46,8 +46,17 @@ class SplitTensors:
     def rows(self) -> int:
         return len(self.subject_ids) if self.window_subject is None else len(self.window_subject)
 
+    def draw_windows(self, generator: torch.Generator) -> torch.Tensor:
+        """One input row per subject, a uniformly drawn one of its windows (a subject's rows are
+        contiguous): CineMA trains on one random window per subject and epoch."""
+        assert self.window_subject is not None
+        counts = torch.bincount(self.window_subject, minlength=len(self))
+        first = torch.cumsum(counts, 0) - counts
+        return first + (torch.rand(len(self), generator=generator) * counts).long()
+
     def logits(self, model: nn.Module, index: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Logits of the subjects at ``index`` (a 1-D index tensor into this split)."""
+        """Logits of the input rows at ``index`` (a 1-D index tensor; rows are subjects unless
+        ``window_subject`` is set)."""
         batch = [t[index].to(device=device, dtype=torch.float32) for t in self.inputs]
         if self.start_block is None:
             return model(batch[0])
@@ -204,8 +213,9 @@ class Client:
         total_loss, seen = 0.0, 0
         for _ in range(cfg.local_epochs):
             order = torch.randperm(len(self.train), generator=generator)
+            rows = None if self.train.window_subject is None else self.train.draw_windows(generator)
             for batch in order.split(cfg.batch_size):
-                logits = self.train.logits(model, batch, device)
+                logits = self.train.logits(model, batch if rows is None else rows[batch], device)
                 target = labels[batch].to(device)
                 loss = F.cross_entropy(logits, target, weight=weight)
                 optimizer.zero_grad(set_to_none=True)

@@ -97,14 +97,14 @@ def load_client_data(
             run_model.model.backbone, key, device,
         )
         return {
-            name: split_tensors(name, item.subject_ids, item.labels, item.window_subject,
+            name: split_tensors(item.subject_ids, item.labels, item.window_subject,
                                 (item.hidden, item.skips), run_model.start_block)
             for name, item in cached.items()
         }
     out = {}
     for name in splits:
         arrays = load_split(prepared, client, name)
-        out[name] = split_tensors(name, arrays.subject_ids, arrays.labels, arrays.window_subject,
+        out[name] = split_tensors(arrays.subject_ids, arrays.labels, arrays.window_subject,
                                   (torch.from_numpy(arrays.images),))
     return out
 

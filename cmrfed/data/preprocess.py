@@ -28,6 +28,8 @@ Axes are ITK index order (i, j, k) throughout, as :mod:`cmrfed.data.nifti` retur
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -156,9 +158,7 @@ def normalise_uint8(volume: np.ndarray) -> np.ndarray:
 
     Percentiles 0.95 / 99.5 of the voxels (numpy, in the volume's pixel type), ``Clamp`` to them
     (bounds cast to the pixel type by SimpleITK), ``Normalize`` (z-score), ``RescaleIntensity``
-    to [0, 1], times 255 and cast to uint8 (truncation, i.e. ``floor(255 x)``). ``Normalize``
-    runs on one thread so that the bytes never depend on the machine (CineMA runs it on ITK's
-    default thread count; its sums may then round differently in the last bit). A volume that is
+    to [0, 1], times 255 and cast to uint8 (truncation, i.e. ``floor(255 x)``). A volume that is
     constant after clipping becomes zeros (cmrfed's guard; CineMA would divide by zero).
     """
     image = sitk.GetImageFromArray(np.ascontiguousarray(volume.transpose(2, 1, 0)))
@@ -167,9 +167,7 @@ def normalise_uint8(volume: np.ndarray) -> np.ndarray:
     clamped = sitk.GetArrayViewFromImage(image)
     if clamped.min() == clamped.max():
         return np.zeros(volume.shape, dtype=np.uint8)
-    normalize = sitk.NormalizeImageFilter()
-    normalize.SetNumberOfThreads(1)  # its mean / sigma sums would otherwise depend on the threads
-    image = sitk.RescaleIntensity(normalize.Execute(image), outputMinimum=0.0, outputMaximum=1.0)
+    image = sitk.RescaleIntensity(sitk.Normalize(image), outputMinimum=0.0, outputMaximum=1.0)
     return from_sitk(sitk.Cast(image * 255, sitk.sitkUInt8))
 
 
@@ -215,10 +213,31 @@ def combine_windows(probabilities: np.ndarray, window_subject: np.ndarray, n_sub
     return sums / counts[:, None]
 
 
+@contextmanager
+def one_itk_thread() -> Iterator[None]:
+    """Run SimpleITK on one thread: its resampling (scanline increments per thread region) and
+    statistics sums round differently with the thread count, so that the bytes never depend on
+    the machine. CineMA ran ITK's default thread count; the results agree but for rare last-bit
+    ties that move a voxel by 1/255."""
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+
+
 def preprocess(
     frames: SubjectFrames, lv_label: int, spacing: Triple, shape: tuple[int, int, int]
 ) -> Preprocessed:
-    """One subject's ED/ES frames -> the stored (2, x, y, z) uint8 image."""
+    """One subject's ED/ES frames -> the stored (2, x, y, z) uint8 image (ITK on one thread)."""
+    with one_itk_thread():
+        return _preprocess(frames, lv_label, spacing, shape)
+
+
+def _preprocess(
+    frames: SubjectFrames, lv_label: int, spacing: Triple, shape: tuple[int, int, int]
+) -> Preprocessed:
     geometry = {"origin": frames.origin, "direction": frames.direction}
     ed = resample(frames.ed, frames.spacing, spacing, labels=False, **geometry)
     es = resample(frames.es, frames.spacing, spacing, labels=False, **geometry)

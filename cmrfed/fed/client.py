@@ -18,6 +18,7 @@ from torch import nn
 
 from cmrfed.data.preprocess import combine_windows
 from cmrfed.errors import DataError
+from cmrfed.faults import fault_point
 from cmrfed.fed.methods import MethodSpec
 from cmrfed.fed.strategy import FitResult, TensorState
 from cmrfed.model.classifier import param_group
@@ -215,6 +216,7 @@ class Client:
             order = torch.randperm(len(self.train), generator=generator)
             rows = None if self.train.window_subject is None else self.train.draw_windows(generator)
             for batch in order.split(cfg.batch_size):
+                fault_point("federate.train-step")
                 logits = self.train.logits(model, batch if rows is None else rows[batch], device)
                 target = labels[batch].to(device)
                 loss = F.cross_entropy(logits, target, weight=weight)

@@ -96,6 +96,26 @@ def test_nifti_keeps_stored_pixel_type_and_simpleitk_direction(tmp_path):
     assert volume.direction[0] == pytest.approx(-np.cos(angle), abs=1e-6)  # RAS x -> LPS -x
 
 
+def test_orientation_from_nibabel_where_simpleitk_refuses_the_header(tmp_path):
+    affine = np.diag([1.25, 1.25, 10.0, 1.0])
+    affine[0, 1] = 0.6  # sheared sform, no qform: ITK finds no orthonormal definition
+    image = nib.Nifti1Image(np.zeros((8, 6, 3), np.int16), affine)
+    image.set_sform(affine, code=1)
+    image.header["qform_code"] = 0
+    path = tmp_path / "sheared.nii.gz"
+    nib.save(image, path)
+    with pytest.raises(RuntimeError):
+        sitk.ReadImage(str(path))
+    volume = read_nifti(path, ndim=3)
+    direction = np.array(volume.direction).reshape(3, 3)
+    assert volume.orientation_from == "nibabel"
+    np.testing.assert_allclose(direction @ direction.T, np.eye(3), atol=1e-12)
+    assert direction[0, 0] < 0 and direction[2, 2] == pytest.approx(1.0)  # RAS x -> LPS -x
+    out = pp.resample(volume.array, volume.spacing, CINEMA, labels=False, origin=volume.origin,
+                      direction=volume.direction)
+    assert out.shape == (10, 8, 3) and out.dtype == np.int16
+
+
 # ----------------------------------------------------------------------------- 2. crop
 
 

@@ -10,7 +10,8 @@ the file's pixel type.
 The orientation (origin, direction) is what SimpleITK reads from the header, because CineMA's
 resampling shifts the output origin along the world axes and so depends on the direction. Where
 SimpleITK refuses a header (some M&Ms files: "No orthonormal definition found") it is taken from
-nibabel's affine instead (qform, else sform; RAS turned into ITK's LPS) and a warning says so.
+nibabel's affine instead (qform, else sform; RAS turned into ITK's LPS, axes made orthonormal)
+and a warning says so.
 
 Axis convention: a nibabel array is indexed (i, j, k[, t]), which is ITK index order; SimpleITK's
 numpy view is (k, j, i), so the two converters below transpose.
@@ -139,8 +140,8 @@ def _orientation(
     except RuntimeError:
         affine = image.get_qform() if int(image.header["qform_code"]) > 0 else image.affine
         lps = np.diag([-1.0, -1.0, 1.0]) @ affine[:3, :4]
-        columns = lps[:, :3] / np.linalg.norm(lps[:, :3], axis=0)
-        return (tuple(float(v) for v in lps[:, 3]), tuple(float(v) for v in columns.ravel()),
+        u, _, vt = np.linalg.svd(lps[:, :3])  # the nearest rotation (ITK needs orthonormal axes)
+        return (tuple(float(v) for v in lps[:, 3]), tuple(float(v) for v in (u @ vt).ravel()),
                 "nibabel")
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)

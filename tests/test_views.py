@@ -111,3 +111,28 @@ def test_augmentation_off_keeps_the_plain_split_and_zero_views_need_no_cache(sma
     draws = [client.views.inputs(torch.tensor([0, 1]), torch.Generator().manual_seed(s))[0]
              for s in (1, 1, 2)]
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+def test_subjects_with_several_z_windows_get_views_per_window_and_train():
+    from cmrfed.data.augment import AugmentSpec as Spec
+    from cmrfed.fed.client import Client, SplitTensors, TrainConfig
+    from cmrfed.fed.methods import METHODS
+    from cmrfed.fed.views import row_ids, view_seeds
+    from cmrfed.model.cinema import build_encoder
+    from cmrfed.model.classifier import CineMAClassifier, tensor_group
+
+    assert row_ids(("a", "b"), None) == ("a", "b")
+    window_subject = torch.tensor([0, 0, 1, 2, 2, 2])
+    rows = row_ids(("a", "b", "c"), window_subject)
+    assert rows == ("a#0", "a#1", "b#0", "c#0", "c#1", "c#2")
+    seeds = view_seeds(0, "ge", rows, 2)
+    assert seeds.shape == (6, 2) and len(set(seeds.flatten().tolist())) == 12
+    model = CineMAClassifier(build_encoder("tiny", input_shape=(32, 32, 4), seed=0), n_classes=2, seed=0)
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if tensor_group(n) == "head"}
+    images = torch.rand((6, 2, 32, 32, 4), generator=torch.Generator().manual_seed(0))
+    split = SplitTensors(("a", "b", "c"), torch.tensor([0, 1, 0]), (images,), window_subject=window_subject)
+    views = OnTheFlyViews(2, images, seeds, Spec())
+    spec = METHODS["central"]
+    client = Client("c", 0, spec, state, split, None, TrainConfig(batch_size=2), 0, views=views)
+    result = client.fit(model, 1, torch.device("cpu"))
+    assert result.num_examples == 3 and torch.isfinite(torch.tensor(result.train_loss))

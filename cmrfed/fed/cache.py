@@ -32,6 +32,7 @@ from torch import nn
 from cmrfed.atomic import atomic_file
 from cmrfed.data.augment import AugmentSpec, augment_batch
 from cmrfed.data.shards import load_split
+from cmrfed.fed.views import row_ids
 from cmrfed.paths import feature_cache_dir
 
 CACHE_FORMAT_VERSION = 1
@@ -74,8 +75,9 @@ class ViewsKey:
 class CachedSplit:
     subject_ids: tuple[str, ...]
     labels: np.ndarray
-    hidden: torch.Tensor  # (n, 1 + N, D): tokens entering block ``start_block``
-    skips: torch.Tensor  # (n, N, D): summed fusion skip projections
+    hidden: torch.Tensor  # (rows, 1 + N, D): tokens entering block ``start_block``
+    skips: torch.Tensor  # (rows, N, D): summed fusion skip projections
+    window_subject: np.ndarray  # (rows,): subject index of each z-window row (SplitArrays)
 
 
 def cache_path(prepared: Path, key: CacheKey, client: str) -> Path:
@@ -135,7 +137,8 @@ def load_or_compute(
             hidden, skips = compute_trunk(encoder, arrays.images, key.start_block, device, batch_size)
         else:
             hidden = skips = torch.zeros(0)
-        computed[split] = CachedSplit(arrays.subject_ids, arrays.labels, hidden, skips)
+        computed[split] = CachedSplit(arrays.subject_ids, arrays.labels, hidden, skips,
+                                      arrays.window_subject)
     _write(path, computed, shard_sha256, key)
     stored = _read(path, splits, shard_sha256, key.dtype)
     assert stored is not None  # just written
@@ -154,6 +157,7 @@ def _write(path: Path, splits: dict[str, CachedSplit], shard_sha256: str, key: C
             group = handle.create_group(name)
             group.create_dataset("subject_ids", data=np.array(split.subject_ids, dtype="S"))
             group.create_dataset("labels", data=split.labels.astype(np.int64))
+            group.create_dataset("window_subject", data=split.window_subject.astype(np.int64))
             if len(split.subject_ids):
                 group.create_dataset("hidden", data=_to_storage(split.hidden, key.dtype))
                 group.create_dataset("skips", data=_to_storage(split.skips, key.dtype))
@@ -170,7 +174,7 @@ def _read(
                 return None
             out = {}
             for name in splits:
-                if name not in handle:
+                if name not in handle or "window_subject" not in handle[name]:
                     return None
                 group = handle[name]
                 ids = tuple(s.decode() for s in group["subject_ids"][()])
@@ -180,7 +184,7 @@ def _read(
                     skips = _from_storage(group["skips"][()], dtype)
                 else:
                     hidden = skips = torch.zeros(0)
-                out[name] = CachedSplit(ids, labels, hidden, skips)
+                out[name] = CachedSplit(ids, labels, hidden, skips, group["window_subject"][()])
             return out
     except OSError:
         return None  # unreadable (e.g. truncated by a crash of another process): recompute
@@ -221,14 +225,15 @@ def load_or_compute_views(
     device: torch.device,
     batch_size: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The K cached trunk views of ``client``'s train split, computing and storing them when the
-    cache has no valid file (missing, another shard checksum, or other subjects)."""
+    """The K cached trunk views of ``client``'s train split (``subject_ids``: its input rows, as
+    :func:`row_ids` names them), computing and storing them when the cache has no valid file
+    (missing, another shard checksum, or other rows)."""
     path = views_path(prepared, key, client)
     stored = _read_views(path, subject_ids, shard_sha256, key.base.dtype)
     if stored is not None:
         return stored
     arrays = load_split(prepared, client, "train")
-    if arrays.subject_ids != subject_ids:
+    if row_ids(arrays.subject_ids, arrays.window_subject) != subject_ids:
         raise ValueError(f"client {client!r}: the train split changed while building its views")
     hidden, skips = compute_views(encoder, arrays.images, seeds, key.augment, key.base.start_block,
                                   device, batch_size)

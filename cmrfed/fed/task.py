@@ -19,7 +19,8 @@ from cmrfed.fed.client import Client, SplitTensors, TrainConfig, state_of
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.methods import GLOBAL, LOCAL, MethodSpec, resolve_method
 from cmrfed.fed.strategy import TensorState
-from cmrfed.fed.views import CachedViews, OnTheFlyViews, ViewSource, view_seeds
+from cmrfed.fed.views import CachedViews, OnTheFlyViews, ViewSource, row_ids, view_seeds
+from cmrfed.fed.windows import split_tensors
 from cmrfed.model.cinema import backbone_fingerprint, load_backbone
 from cmrfed.model.classifier import CineMAClassifier, tensor_group
 from cmrfed.model.lora import AdapterSpec, inject_lora
@@ -101,22 +102,15 @@ def load_client_data(
             run_model.model.backbone, key, device,
         )
         return {
-            name: SplitTensors(
-                subject_ids=item.subject_ids,
-                labels=torch.as_tensor(item.labels, dtype=torch.int64),
-                inputs=(item.hidden, item.skips),
-                start_block=run_model.start_block,
-            )
+            name: split_tensors(item.subject_ids, item.labels, item.window_subject,
+                                (item.hidden, item.skips), run_model.start_block)
             for name, item in cached.items()
         }
     out = {}
     for name in splits:
         arrays = load_split(prepared, client, name)
-        out[name] = SplitTensors(
-            subject_ids=arrays.subject_ids,
-            labels=torch.as_tensor(arrays.labels, dtype=torch.int64),
-            inputs=(torch.from_numpy(arrays.images),),
-        )
+        out[name] = split_tensors(arrays.subject_ids, arrays.labels, arrays.window_subject,
+                                  (torch.from_numpy(arrays.images),))
     return out
 
 
@@ -139,7 +133,8 @@ def train_views(
     spec = augment_spec(cfg.augment)
     if spec is None:
         return None
-    seeds = view_seeds(cfg.augment_seed, client, train.subject_ids, cfg.augment_views)
+    rows = row_ids(train.subject_ids, train.window_subject)
+    seeds = view_seeds(cfg.augment_seed, client, rows, cfg.augment_views)
     if not uses_cache(cfg, run_model):  # the train split holds the images themselves
         return OnTheFlyViews(cfg.augment_views, train.inputs[0], seeds, spec)
     if cfg.augment_views == 0:
@@ -151,7 +146,7 @@ def train_views(
     )
 
     def load() -> tuple[torch.Tensor, torch.Tensor]:
-        return load_or_compute_views(prepared, client, train.subject_ids, seeds,
+        return load_or_compute_views(prepared, client, rows, seeds,
                                      manifest.shard_sha256[client], run_model.model.backbone, key, device)
 
     return CachedViews(cfg.augment_views, load)

@@ -1,5 +1,5 @@
-"""Where a training step gets its augmented inputs: K seeded views per training subject, cached
-as frozen-trunk outputs or augmented on the fly.
+"""Where a training step gets its augmented inputs: K seeded views per training subject (per z
+window, for stacks with several), cached as frozen-trunk outputs or augmented on the fly.
 
 View k of a subject is the augmentation drawn from ``subject_view_seed(augment_seed, client,
 subject, k)`` (cmrfed/data/augment.py). A training step draws one view index per sample from a
@@ -20,8 +20,21 @@ import torch
 from cmrfed.data.augment import AugmentSpec, augment_batch, augment_image, subject_view_seed
 
 
+def row_ids(subject_ids: Sequence[str], window_subject: Sequence[int] | None) -> tuple[str, ...]:
+    """A name per input row: the subject id, or ``<subject>#<window>`` when subjects have several
+    z windows (cmrfed/fed/windows.py), so each window gets views of its own."""
+    if window_subject is None or len(window_subject) == len(subject_ids):
+        return tuple(subject_ids)
+    seen: dict[int, int] = {}
+    names = []
+    for s in (int(v) for v in window_subject):
+        names.append(f"{subject_ids[s]}#{seen.get(s, 0)}")
+        seen[s] = seen.get(s, 0) + 1
+    return tuple(names)
+
+
 def view_seeds(augment_seed: int, client: str, subject_ids: Sequence[str], n_views: int) -> torch.Tensor:
-    """(n, K) int64 seeds: row i, column k seeds view k of subject i."""
+    """(n, K) int64 seeds: row i, column k seeds view k of input row i (``row_ids``)."""
     return torch.tensor([[subject_view_seed(augment_seed, client, sid, k) for k in range(n_views)]
                          for sid in subject_ids], dtype=torch.int64).reshape(len(subject_ids), n_views)
 

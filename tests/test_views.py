@@ -37,8 +37,8 @@ def test_cached_views_equal_the_trunk_on_augmented_images(small_prepared):
     assert isinstance(client.views, CachedViews)
     hidden, skips = client.views.tensors
     images = load_split(small_prepared, CLIENT, "train").images
-    n = len(client.train)
-    assert hidden.shape[:2] == (3, n) and skips.shape[:2] == (3, n)
+    n = client.train.rows  # input rows: one per z window of each subject
+    assert len(images) == n and hidden.shape[:2] == (3, n) and skips.shape[:2] == (3, n)
     _, _, fly, _ = site(small_prepared, cache=False)
     assert isinstance(fly, type(client)) and isinstance(fly.views, OnTheFlyViews)
     for k in range(3):

@@ -263,3 +263,32 @@ def _print_gap(console: Console, gap: dict[str, Any]) -> None:
     for site, row in gap["sites"].items():
         table.add_row(site, fmt(row[HELD_OUT]), fmt(row[ADAPTED]), fmt(row[MEMBER]))
     console.print(table)
+
+
+def check_evaluate_modes(site_evals: tuple[str, ...] | list[str], *, client: str | None,
+                         private: str | None, data: str | None, out: str | None, metrics_only: bool,
+                         merge: bool, member_run: str | None) -> str:
+    """Which of evaluate's three modes the options ask for ("pooled", "site", "merge"), refusing
+    options that belong to another mode."""
+    site_only = {"--private": private, "--data": data, "--out": out,
+                 "--metrics-only": metrics_only or None}
+    if merge:
+        stray = [k for k, v in {"--client": client, **site_only}.items() if v is not None]
+        if stray:
+            raise UsageError(f"--merge takes SITE_EVAL folders, not {', '.join(stray)}")
+        if not site_evals:
+            raise UsageError("--merge needs the SITE_EVAL folders after RUN: evaluate RUN --merge A B ...")
+        return "merge"
+    if site_evals:
+        raise UsageError(f"unexpected extra arguments {list(site_evals)}; to merge site evaluations "
+                         "pass --merge")
+    if member_run is not None:
+        raise UsageError("--member-run goes with --merge")
+    if client is not None:
+        if data is None:
+            raise UsageError("--client needs --data: the site's own PREPARED folder")
+        return "site"
+    stray = [k for k, v in site_only.items() if v is not None]
+    if stray:
+        raise UsageError(f"{', '.join(stray)} go with --client SITE")
+    return "pooled"

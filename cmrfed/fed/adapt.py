@@ -32,7 +32,7 @@ from cmrfed.atomic import atomic_dir, sha256_file, write_json
 from cmrfed.data.shards import load_manifest
 from cmrfed.errors import DataError, UsageError
 from cmrfed.eval.runinfo import RunInfo, load_run, load_shared, round_index, shared_path
-from cmrfed.fed.client import Client, SplitTensors
+from cmrfed.fed.client import Client, SplitTensors, class_weights
 from cmrfed.fed.runlog import save_tensors
 from cmrfed.fed.strategy import TensorState
 from cmrfed.fed.task import RunModel, build_client, build_run_model, resolve_device, train_config
@@ -66,13 +66,19 @@ def newcomer_client(run_model: RunModel, shared: TensorState, base: Client,
     return client
 
 
-def mean_log_loss(client: Client, model: torch.nn.Module, split: SplitTensors, device: torch.device) -> float:
-    """Mean cross-entropy of ``client``'s model on ``split`` (unweighted; NaN when it is empty)."""
+def weighted_val_loss(client: Client, model: torch.nn.Module, split: SplitTensors,
+                      device: torch.device) -> float:
+    """Cross-entropy of ``client``'s model on ``split``, class-weighted as training weighs it
+    (``--class-balanced``: each class counts equally); NaN when the split is empty."""
     if len(split) == 0:
         return float("nan")
     probs = np.clip(client.predict(model, split, device).astype(np.float64), EPS, 1 - EPS)
-    labels = split.labels.numpy()
-    return float(-np.mean(np.where(labels == 1, np.log(probs), np.log1p(-probs))))
+    labels = split.labels
+    per_subject = np.where(labels.numpy() == 1, -np.log(probs), -np.log1p(-probs))
+    if not client.config.class_balanced:
+        return float(per_subject.mean())
+    weights = class_weights(labels).numpy().astype(np.float64)[labels.numpy()]
+    return float((weights * per_subject).sum() / weights.sum())
 
 
 def run_identity(info: RunInfo, which: str) -> dict[str, Any]:
@@ -140,13 +146,13 @@ def adapt(
     model = run_model.model
     val = split_data["val"]
     started = time.perf_counter()
-    val_loss = [mean_log_loss(site, model, val, torch_device)]
+    val_loss = [weighted_val_loss(site, model, val, torch_device)]
     train_loss = []
     for epoch in range(1, epochs + 1):
         # seeded past the run's rounds, so its shuffles are its own and reproducible
         result = site.fit(model, info.config.rounds + epoch, torch_device)
         train_loss.append(result.train_loss)
-        val_loss.append(mean_log_loss(site, model, val, torch_device))
+        val_loss.append(weighted_val_loss(site, model, val, torch_device))
     adapted = site.private_state()
     record = {
         "format_version": ADAPT_FORMAT_VERSION,

@@ -22,6 +22,7 @@ import time
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
@@ -32,6 +33,7 @@ from safetensors.torch import load_file
 
 from cmrfed import paths
 from cmrfed.data.prepare import PrepareOptions, prepare
+from cmrfed.data.shards import load_manifest
 from cmrfed.data.synth import write_synthetic_cohort
 from cmrfed.errors import DataError, UsageError
 from cmrfed.eval.evaluate import evaluate_run
@@ -46,6 +48,7 @@ from cmrfed.fed.flower import (
 from cmrfed.fed.flower_launch import COMPONENTS, run_flower, write_app
 from cmrfed.fed.inprocess import federate
 from cmrfed.fed.methods import resolve_method
+from cmrfed.fed.participation import participants
 from cmrfed.fed.task import build_run_model
 from cmrfed.model.classifier import param_group
 
@@ -266,7 +269,8 @@ def test_no_private_tensor_ever_reached_the_server(runs: dict) -> None:
     wire_log = paths.wire_log_path(runs["root"] / "flower")
     entries = [json.loads(line) for line in wire_log.read_text().splitlines()]
     received = {key for e in entries if e["direction"] == "up" for key in e["keys"]}
-    assert len([e for e in entries if e["direction"] == "up"]) == 2 * len(runs["clients"])
+    assert len([e for e in entries if e["direction"] == "up" and e["message_type"] == "train"]) == \
+        2 * len(runs["clients"])
     private_keys = {key for client in runs["clients"]
                     for key in load_file(str(paths.private_tensors_path(runs["root"] / "inprocess", client)))}
     assert received and private_keys
@@ -294,3 +298,108 @@ def test_evaluate_reads_the_flower_run_once_sites_copy_their_private_tensors(run
 def _rows(path: Path) -> list[dict[str, str]]:
     with path.open(newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
+
+
+# --- drop-outs: real SuperNodes killed mid-run ------------------------------------------------------
+def _kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a SuperNode and everything it started (its SuperExec and ClientApp processes)."""
+    family = [psutil.Process(process.pid)]
+    with contextlib.suppress(psutil.NoSuchProcess):
+        family += family[0].children(recursive=True)
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.send_signal(signal.SIGKILL)
+    process.wait(timeout=15)
+
+
+def _victims(sites: list[str], per_round: int) -> tuple[int, str, str]:
+    """A seed and two sites to kill after round 1 such that round 2 asks exactly one of them (it
+    fails, the other site it asks still answer: --min-sites 2 is met) and round 3 asks both (one
+    site answers: the run stops). The second is not asked in round 2 but is sent the aggregate."""
+    for seed in range(100):
+        asked2, asked3 = (participants(sites, per_round, seed, r) for r in (2, 3))
+        (skipped,) = set(sites) - set(asked2)
+        for first in asked2:
+            if {first, skipped} <= set(asked3):
+                return seed, first, skipped
+    raise AssertionError("no seed gives the wanted draws")
+
+
+def test_a_killed_supernode_is_survived_with_min_sites_and_stops_the_run_below(small_prepared, tmp_path):
+    sites = list(load_manifest(small_prepared).clients)
+    seed, first, second = _victims(sites, 3)
+    processes = _Processes(tmp_path)
+    out = tmp_path / "run"
+    nodes = {}
+    try:
+        link_port = _free_port()
+        link, link_log = processes.start("superlink", [
+            "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+            "--host", "127.0.0.1", "--port", str(link_port)])
+        _wait_for_port(link_port, link, link_log)
+        for client in sites:
+            node_config = site_node_config(client, small_prepared, tmp_path / f"site-{client}", device="cpu")
+            nodes[client], _ = processes.start(f"supernode-{client}", [
+                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                "--host", "127.0.0.1", "--port", str(_free_port()), "--node-config", node_config,
+                "--max-wait-time", str(START_TIMEOUT_S)])
+        command = [sys.executable, "-m", "cmrfed.cli", "flower", "run", "--superlink",
+                   f"127.0.0.1:{link_port}", "--insecure", "--sites", str(len(sites)), "--data",
+                   str(small_prepared), "--method", "duallora", "--rounds", "3", "--rank", "4",
+                   "--seed", str(seed), "--sites-per-round", "3", "--min-sites", "2",
+                   "--node-timeout", "150", "--out", str(out)]
+        cli_log = tmp_path / "cli.log"
+        with cli_log.open("wb") as handle:
+            cli = subprocess.Popen(command, env=processes.env, stdout=handle, stderr=subprocess.STDOUT)
+        # the marker: round 1 is in rounds.jsonl, so both victims have answered it
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not _logged_rounds(out) and cli.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _logged_rounds(out) == [1], cli_log.read_text()[-3000:]
+        _kill_tree(nodes[first])
+        _kill_tree(nodes[second])
+        code = cli.wait(timeout=RUN_TIMEOUT_S)
+    except Exception as exc:
+        raise AssertionError(f"the drop-out run failed: {exc}\n{processes.logs()}") from exc
+    finally:
+        processes.stop()
+    output = cli_log.read_text()
+    # stopped cleanly, with a clear message, at round 3: only one of the three sites asked answered
+    assert code == 1, output[-3000:]
+    assert "stopped early" in output and "--min-sites is 2" in output and "Traceback" not in output
+    result = json.loads(paths.run_config_path(out).read_text())["result"]
+    assert result["completed_rounds"] == 2 and result["stopped"]["round"] == 3
+    assert first in result["stopped"]["reason"] and second in result["stopped"]["reason"]
+    # round 2 survived the first dead site; both drop-outs are recorded
+    rounds = [json.loads(line) for line in paths.rounds_log_path(out).read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for record in rounds:
+        assert record["participants"] == participants(sites, 3, seed, record["round"])
+    assert rounds[0]["failed"] == {}
+    assert set(rounds[1]["failed"]) == {first, second}
+    assert rounds[1]["failed"][first].startswith("train")
+    assert rounds[1]["failed"][second].startswith("evaluate")  # not asked, but sent the aggregate
+    for client, entry in rounds[1]["clients"].items():
+        trained = client in rounds[1]["participants"] and client != first
+        assert np.isfinite(entry["train_loss"]) == trained
+        assert (entry["bytes_up"] > 0) == trained
+        assert (entry["val"] != {}) == (client not in (first, second))
+    # the last good state: round 2's aggregate, and the living sites' private tensors of round 2
+    assert paths.shared_tensors_path(out).exists() and paths.shared_tensors_path(out, "best").exists()
+    for client in sites:
+        site_run = paths.site_run_dir(tmp_path / f"site-{client}", out.name)
+        assert paths.private_tensors_path(site_run, client).exists() == (client not in (first, second))
+    # nothing private ever reached the server, in any message of the run
+    spec = resolve_method("duallora")
+    entries = [json.loads(line) for line in paths.wire_log_path(out).read_text().splitlines()]
+    assert {e["message_type"] for e in entries} == {"query.identify", "train", "evaluate", "query.finalize"}
+    assert all(param_group(key) in spec.shared for e in entries for key in e["keys"])
+    dead = (first, second)
+    assert not [e for e in entries if e["direction"] == "up" and e["round"] > 1 and e["client"] in dead]
+
+
+def _logged_rounds(run: Path) -> list[int]:
+    log = paths.rounds_log_path(run)
+    if not log.exists():
+        return []
+    return [json.loads(line)["round"] for line in log.read_text().splitlines() if line.endswith("}")]

@@ -106,6 +106,26 @@ def test_server_refuses_a_private_tensor() -> None:
         check_shared_keys([*shared, private[0]], spec, "ge")
 
 
+def test_a_held_out_site_is_refused_before_it_opens_its_data(tmp_path: Path) -> None:
+    from flwr.app import Context, RecordDict
+
+    from cmrfed.fed.flower import _open_site
+
+    run_config = run_config_of(FederateConfig(data="", holdout="ge"), tmp_path / "RUN", sites=3)
+    node_config = {"client": "ge", "prepared": str(tmp_path / "absent"), "site-dir": str(tmp_path / "s")}
+    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
+    with pytest.raises(UsageError, match="held out"):  # not a DataError about the missing PREPARED
+        _open_site(context)
+
+
+def test_min_sites_must_be_reachable(tmp_path: Path) -> None:
+    cfg = FederateConfig(data="", sites_per_round=3)
+    assert run_config_of(cfg, tmp_path / "RUN", sites=4, min_sites=2)["min-sites"] == 2
+    for bad in (0, 4):
+        with pytest.raises(UsageError, match="--min-sites"):
+            run_config_of(cfg, tmp_path / "RUN", sites=4, min_sites=bad)
+
+
 # --- the loopback federation ---------------------------------------------------------------------
 def _toml(flat: dict) -> str:
     import tomli_w

@@ -63,6 +63,10 @@ def test_holdout_trains_without_ever_opening_that_shard(without_new_site, holdou
         assert info["config"]["holdout"] == NEW
         rounds = [json.loads(line) for line in paths.rounds_log_path(run).read_text().splitlines()]
         assert all(NEW not in r["clients"] and NEW not in r["participants"] for r in rounds)
+    # the pooled evaluation of a held-out run scores its members, still without that shard
+    run = holdout_runs[("duallora", "shared")]
+    summary = evaluate_run(run, n_boot=20, device="cpu", console=quiet_console())
+    assert NEW not in summary.per_client and len(summary.per_client) == 3
     with pytest.raises(UsageError, match="--holdout"):
         federate(FederateConfig(data=str(without_new_site), holdout="nobody", **FAST), tmp_path / "x",
                  device="cpu", console=quiet_console())

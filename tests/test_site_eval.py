@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import quiet_console
+from safetensors.torch import load_file
 
 from cmrfed import paths
 from cmrfed.cli import cli
@@ -169,3 +170,22 @@ def test_cli_modes_and_their_options(runs, small_prepared, tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads(paths.site_eval_record_path(out).read_text())
     assert record["participation"] == "member" and record["client"] == "ge"
+
+
+def test_a_site_sends_metrics_and_predictions_only(runs, small_prepared, tmp_path):
+    """The wire check of site-by-site evaluation: what leaves a site names no tensor, and the
+    merge refuses a folder that carries anything else."""
+    run = runs["duallora"]
+    run_copy, private, data = site_copy(run, small_prepared, "ge", tmp_path / "ge")
+    sent = tmp_path / "sent-ge"
+    evaluate_site(run_copy, "ge", data, private=private, out=sent, n_boot=N_BOOT, device="cpu",
+                  console=quiet_console())
+    assert sorted(p.name for p in sent.iterdir()) == ["predictions.csv", "site_eval.json"]
+    text = "".join(p.read_text() for p in sent.iterdir())
+    tensor_names = set(load_file(str(paths.private_tensors_path(run, "ge")))) | \
+        set(load_file(str(paths.shared_tensors_path(run))))
+    assert tensor_names and not [name for name in tensor_names if name in text]
+    assert "adapters" not in text
+    shutil.copy2(paths.private_tensors_path(run, "ge"), sent / "private.safetensors")
+    with pytest.raises(DataError, match="sends only"):
+        merge_evaluations(run, [sent], console=quiet_console())

@@ -154,6 +154,7 @@ def _member_private(run: Path, client: str, private: str | Path | None, which: s
 def read_site_eval(folder: Path) -> SiteEvalRecord:
     """A SITE_EVAL folder as a :class:`SiteResult` (scores rebuilt from its predictions)."""
     folder = Path(folder)
+    check_sent(folder)
     try:
         raw = json.loads(paths.site_eval_record_path(folder).read_text(encoding="utf-8"))
         client, split = str(raw["client"]), str(raw["split"])
@@ -173,6 +174,18 @@ def read_site_eval(folder: Path) -> SiteEvalRecord:
     result = SiteResult(client, str(raw.get("participation", MEMBER)), own_threshold, metrics,
                         shared_metrics, own, shared)
     return SiteEvalRecord(folder, raw, result)
+
+
+def check_sent(folder: Path) -> None:
+    """What a site sends is its site_eval.json and, optionally, its predictions.csv: refuse a
+    SITE_EVAL folder holding anything else (a tensor file would carry a private adapter)."""
+    allowed = {paths.site_eval_record_path(folder).name, paths.site_predictions_path(folder).name}
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such site evaluation folder")
+    extra = sorted(p.name for p in folder.iterdir() if p.name not in allowed)
+    if extra:
+        raise DataError(f"{folder} holds {extra}; a site sends only site_eval.json and predictions.csv, "
+                        "nothing else is merged")
 
 
 def _nan_for_null(obj: Any) -> Any:

@@ -118,6 +118,46 @@ def test_a_held_out_site_is_refused_before_it_opens_its_data(tmp_path: Path) -> 
         _open_site(context)
 
 
+def test_a_site_that_missed_an_aggregate_trains_from_it(small_prepared: Path, tmp_path: Path) -> None:
+    """A site that was down when an aggregate was sent gets it with its next train message; it
+    then trains exactly as the same site in-process from that aggregate."""
+    from dataclasses import replace
+
+    from flwr.app import Context, RecordDict
+
+    from cmrfed.fed.flower import train_site
+    from cmrfed.fed.task import build_client
+
+    cfg = FederateConfig(data=str(small_prepared), method="duallora", rounds=3, rank=4, seed=3)
+    run_config = run_config_of(cfg, tmp_path / "RUN", sites=4)
+    node_config = {"client": "ge", "prepared": str(small_prepared), "site-dir": str(tmp_path / "s"),
+                   "device": "cpu"}
+
+    def context() -> Context:
+        return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
+                       run_config=run_config)
+
+    # Execute: round 1; round 2's aggregate never arrived; round 3's train message carries it
+    synced, stale = context(), context()
+    _, first = train_site(synced, 1, None)
+    aggregate = {k: v + 0.01 for k, v in first.shared.items()}
+    _, got = train_site(synced, 3, aggregate)
+    train_site(stale, 1, None)
+    _, without = train_site(stale, 3, None)
+    # Assert: the same as in-process from that aggregate, not as from the stale state
+    manifest = load_manifest(small_prepared)
+    run_model = build_run_model(replace(cfg, data=str(small_prepared)), tuple(manifest.shape))
+    client, _ = build_client(cfg, small_prepared, manifest, "ge", run_model, torch.device("cpu"),
+                             splits=("train", "val"))
+    client.fit(run_model.model, 1, torch.device("cpu"))
+    client.set_shared(aggregate)
+    want = client.fit(run_model.model, 3, torch.device("cpu")).shared
+    assert got.shared.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got.shared[key], want[key], atol=0, rtol=0)
+    assert any(not torch.equal(without.shared[k], want[k]) for k in want)
+
+
 def test_min_sites_must_be_reachable(tmp_path: Path) -> None:
     cfg = FederateConfig(data="", sites_per_round=3)
     assert run_config_of(cfg, tmp_path / "RUN", sites=4, min_sites=2)["min-sites"] == 2

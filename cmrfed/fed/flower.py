@@ -276,17 +276,25 @@ def identify(message: Message, context: Context) -> Message:
     return Message(RecordDict({SITE: _identity(site)}), reply_to=message)
 
 
+def train_site(context: Context, round_index: int, aggregate: TensorState | None) -> tuple[_Site, FitResult]:
+    """A site's local training of one round, from its own state in ``context`` (after taking
+    ``aggregate`` first, when the server sends one it missed)."""
+    site = _open_site(context)
+    if aggregate is not None:
+        site.client.set_shared(aggregate)
+    result = site.client.fit(site.run_model.model, round_index, site.device)
+    _keep(context, site.client)
+    return site, result
+
+
 @client_app.train()
 def train(message: Message, context: Context) -> Message:
     """Local training; the reply carries :meth:`Client.shared_state`, the train loss and example
     count, and the site's identity: nothing else. A site that missed an aggregate (it was
     offline) receives the latest one with the train message and takes it first."""
-    site = _open_site(context)
     round_index = int(message.content.config_records[ROUND]["round"])
-    if SHARED in message.content.array_records:
-        site.client.set_shared(to_state(message.content.array_records[SHARED]))
-    result = site.client.fit(site.run_model.model, round_index, site.device)
-    _keep(context, site.client)
+    missed = message.content.array_records.get(SHARED)
+    site, result = train_site(context, round_index, to_state(missed) if missed is not None else None)
     metrics = MetricRecord({"num_examples": result.num_examples, "train_loss": result.train_loss})
     content = RecordDict({SHARED: to_record(result.shared), METRICS: metrics, SITE: _identity(site)})
     return Message(content, reply_to=message)

@@ -164,6 +164,9 @@ def test_cli_modes_and_their_options(runs, small_prepared, tmp_path):
     assert result.exit_code == 2 and "--data" in result.output
     result = runner.invoke(cli, ["evaluate", str(run), "--metrics-only"])
     assert result.exit_code == 2 and "--client" in result.output
+    result = runner.invoke(cli, ["evaluate", str(run), "--client", "ge", "--data", str(small_prepared),
+                                 "--metrics-only", "--threshold", "youden-val"])
+    assert result.exit_code == 2 and "--metrics-only needs --threshold 0.5" in result.output
     out = tmp_path / "ge-eval"
     result = runner.invoke(cli, ["evaluate", str(run), "--client", "ge", "--data", str(small_prepared),
                                  "--out", str(out), "--n-boot", "20", "--device", "cpu"])

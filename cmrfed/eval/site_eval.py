@@ -34,6 +34,7 @@ from cmrfed.eval.site import (
     MEMBER,
     SHARED_MODEL,
     SiteResult,
+    check_threshold,
     json_ready,
     merge_sites,
     read_rows,
@@ -84,6 +85,7 @@ def evaluate_site(
     console = console or Console()
     if split not in ("test", "val"):
         raise UsageError(f"--split must be test or val, not {split!r}")
+    check_threshold(threshold, metrics_only)
     info = load_run(run)
     torch_device = resolve_device(device)
     run_model, base, site_data = open_site(info, client, Path(data), torch_device, SPLITS)

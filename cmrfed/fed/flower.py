@@ -3,24 +3,28 @@
 
 Every site runs a SuperNode next to its own data; its node config names only its client and its
 PREPARED folder (plus a site folder for its private tensors). The ServerApp, next to the
-SuperLink, never sees an image or a private adapter: each round
+SuperLink, never sees an image or a private adapter. Before the first round ``query.identify``
+asks each site who it is (client name, counts, backbone fingerprint; it checks its shard) so the
+server can refuse sites that would not train the same model. Then each round
 
-1. ``train``: the server asks every site to train; a site replies with the tensors of
+1. ``train``: the server asks the sites :func:`participants` draws for the round (every site
+   without ``--sites-per-round``); a site replies with the tensors of
    :meth:`Client.shared_state` (an ArrayRecord) and its number of train examples;
-2. the server averages them with :class:`FedAvg`, exactly as the in-process engine does;
-3. ``evaluate``: the server sends the aggregate; a site loads it (:meth:`Client.set_shared`),
-   scores its validation split and replies with metrics only.
+2. the server averages those that answered with :class:`FedAvg`, as the in-process engine does;
+3. ``evaluate``: the server sends the aggregate to every reachable site, asked or not; a site
+   loads it (:meth:`Client.set_shared`), scores its validation split and replies with metrics.
 
-With its first train reply each site says who it is (client name, counts, backbone fingerprint)
-so the server can refuse sites that would not train the same model; after the rounds,
-``query.finalize`` tells each site which round was best so it writes its private tensors, as
-the in-process engine does, into its own site folder. A site's full state (shared and private
-tensors) lives in its Flower ``context.state``, which stays in its SuperNode.
+A site that fails or does not reply is recorded in the round's ``failed`` and sent nothing until
+it is asked to train again (that message carries the aggregate it missed); fewer answers than
+``--min-sites`` stop the run, which keeps its last completed round. After the rounds,
+``query.finalize`` tells each site which rounds were final and best so it writes its private
+tensors, as the in-process engine does, into its own site folder. A site's full state (shared
+and private tensors) lives in its Flower ``context.state``, which stays in its SuperNode.
 
 The server writes the same RUN folder as ``cmrfed federate`` (run.json, rounds.jsonl with the
-bytes of the ArrayRecords Flower actually carried, shared.safetensors) plus RUN/wire.jsonl: the
-keys and bytes of every tensor record it sent or received, so a reviewer can check that no
-private tensor ever reached it.
+bytes of the ArrayRecords Flower actually carried, shared.safetensors) plus RUN/wire.jsonl: every
+message it sent or received, with the keys and bytes of any tensors, so a reviewer can check that
+no private tensor ever reached it.
 """
 
 from __future__ import annotations

@@ -99,7 +99,9 @@ def test_adapt_trains_only_the_new_sites_own_tensors_and_lowers_its_val_loss(
             assert torch.equal(after[key], tensor)
     record = json.loads(paths.adapt_record_path(tmp_path / "adapted").read_text())
     assert record["val_loss"] == summary.val_loss and len(record["val_loss"]) == 4
-    assert record["val_loss"][-1] < record["val_loss"][0], record["val_loss"]
+    # it kept its best epoch, one that lowered the validation loss, and that loss is the adapted model's
+    assert record["best_epoch"] == summary.best_epoch >= 1, record["val_loss"]
+    assert record["val_loss"][summary.best_epoch] == min(record["val_loss"]) < record["val_loss"][0]
 
 
 def test_adapt_refuses_a_member_and_an_occupied_out(holdout_runs, small_prepared, tmp_path):

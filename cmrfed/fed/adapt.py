@@ -7,9 +7,11 @@ without a private part a private copy of the shared LoRA (FedLoRA, the pooled Lo
 FFA-LoRA's B only, its A staying the seeded init). A copy starts from the run's values; a group
 the run never shared starts from the seeded init, as it did for the members.
 
-Before adapting, that model is the site's *zero-shot* model: what a held-out site gets from the
-run without training at all (``evaluate --client`` scores it when the site has no private
-folder). Nothing leaves the site: ADAPTED holds adapt.json and the adapted tensors only.
+It keeps the epoch with the lowest validation loss (class-weighted as training weighs it), as a
+run keeps its best round. Before adapting, that model is the site's *zero-shot* model: what a
+held-out site gets from the run without training at all (``evaluate --client`` scores it when
+the site has no private folder). Nothing leaves the site: ADAPTED holds adapt.json and the
+adapted tensors only.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class AdaptSummary:
     out: Path
     val_loss: list[float]
     train_loss: list[float]
+    best_epoch: int  # the epoch whose tensors ADAPTED holds (0: none improved on the start)
 
 
 def newcomer_client(run_model: RunModel, shared: TensorState, base: Client,
@@ -148,12 +151,14 @@ def adapt(
     started = time.perf_counter()
     val_loss = [weighted_val_loss(site, model, val, torch_device)]
     train_loss = []
+    best_epoch, adapted = 0, site.private_state()
     for epoch in range(1, epochs + 1):
         # seeded past the run's rounds, so its shuffles are its own and reproducible
         result = site.fit(model, info.config.rounds + epoch, torch_device)
         train_loss.append(result.train_loss)
         val_loss.append(weighted_val_loss(site, model, val, torch_device))
-    adapted = site.private_state()
+        if val_loss[-1] < val_loss[best_epoch]:  # kept as the run keeps its best round
+            best_epoch, adapted = epoch, site.private_state()
     record = {
         "format_version": ADAPT_FORMAT_VERSION,
         "created_by": "cmrfed adapt",
@@ -167,6 +172,7 @@ def adapt(
         "n_val": len(val),
         "train_loss": train_loss,
         "val_loss": val_loss,
+        "best_epoch": best_epoch,
         "wall_s": time.perf_counter() - started,
         "versions": versions(),
     }
@@ -179,7 +185,8 @@ def adapt(
     for epoch, loss in enumerate(val_loss):
         table.add_row(str(epoch), f"{train_loss[epoch - 1]:.4f}" if epoch else "—", f"{loss:.4f}")
     console.print(table)
-    return AdaptSummary(out, val_loss, train_loss)
+    console.print(f"kept epoch {best_epoch} (lowest validation loss)", highlight=False)
+    return AdaptSummary(out, val_loss, train_loss, best_epoch)
 
 
 def read_adapted(adapted: Path, client: str, info: RunInfo, which: str) -> TensorState:

@@ -55,9 +55,11 @@ class FederateConfig:
     min_lr: float = 1e-5
     layer_decay: float = 0.75
     select: str = "mcc"
+    sites_per_round: int | None = None  # partial participation (cmrfed/fed/participation.py)
+    holdout: str | None = None  # a site left out of training entirely (leave-one-vendor-out)
 
     def __post_init__(self) -> None:
-        resolve_method(self.method, self.head)
+        spec = resolve_method(self.method, self.head)
         augment_spec(self.augment)
         self.lr_schedule  # noqa: B018 (validates --schedule, --warmup-rounds, --min-lr)
         if self.augment_views < 0:
@@ -79,6 +81,11 @@ class FederateConfig:
                 raise UsageError(f"{option} must be at least 1, got {value}")
         if self.local_rank is not None and self.local_rank < 1:
             raise UsageError("--local-rank must be at least 1")
+        if self.sites_per_round is not None and self.sites_per_round < 1:
+            raise UsageError(f"--sites-per-round must be at least 1, got {self.sites_per_round}")
+        if self.sites_per_round is not None and spec.pooled:
+            raise UsageError(f"--sites-per-round does not apply to --method {self.method}: it trains "
+                             "one model on every site's pooled data")
         if self.lr <= 0:
             raise UsageError("--lr must be positive")
         if self.cache_dtype not in CACHE_DTYPES:

@@ -28,6 +28,7 @@ from cmrfed.errors import DataError, UsageError
 from cmrfed.faults import fault_point
 from cmrfed.fed.client import Client, concat_splits
 from cmrfed.fed.config import FederateConfig
+from cmrfed.fed.participation import participants
 from cmrfed.fed.runlog import (
     analytic_params_per_message,
     append_round,
@@ -217,7 +218,8 @@ def federate(
         for round_index in range(progress.round + 1, cfg.rounds + 1):
             started = time.perf_counter()
             results: list[FitResult] = []
-            for trainer in trainers:
+            asked = participants([c.name for c in clients], cfg.sites_per_round, cfg.seed, round_index)
+            for trainer in (t for t in trainers if spec.pooled or t.name in asked):
                 bar.update(task, description=f"{spec.name}: round {round_index}, {trainer.name}")
                 results.append(trainer.fit(model, round_index, torch_device))
             up = dict.fromkeys((c.name for c in clients), 0)
@@ -248,7 +250,8 @@ def federate(
                 )
                 for client in clients
             }
-            record = round_record(round_index, entries, time.perf_counter() - started, cfg.select)
+            record = round_record(round_index, entries, time.perf_counter() - started, cfg.select,
+                                  participants=asked)
             total_up += sum(up.values())
             total_down += sum(down.values())
             progress.round = round_index

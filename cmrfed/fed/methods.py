@@ -49,6 +49,9 @@ class MethodSpec:
     adapters: tuple[str, ...]
     trained: frozenset[str]
     shared: frozenset[str]
+    # What a site that joins after training trains over the frozen shared tensors (`cmrfed adapt`):
+    # its own copy of these groups, which then stays private to it.
+    adapted: frozenset[str] = frozenset()
     federated: bool = True  # False: no server, nothing travels (local, central)
     pooled: bool = False  # True: one trainer on the pooled train data of every client (central)
 
@@ -68,6 +71,13 @@ class MethodSpec:
         return self.trained - self.shared
 
     @property
+    def newcomer(self) -> MethodSpec:
+        """The spec of a site that joins after training (``cmrfed adapt``): it trains only the
+        ``adapted`` groups (starting from the run's values where the run shared them), keeps them
+        private, and takes the rest of the run's shared tensors as they are, frozen."""
+        return replace(self, trained=self.adapted, shared=self.shared - self.adapted)
+
+    @property
     def frozen(self) -> frozenset[str]:
         """Groups that keep their seeded init (identical on every client, rebuilt from the seed)."""
         return self.groups - self.trained
@@ -82,6 +92,7 @@ METHODS: dict[str, MethodSpec] = {
             adapters=(GLOBAL, LOCAL),
             trained=_groups(GLOBAL, LOCAL) | {HEAD},
             shared=_groups(GLOBAL) | {HEAD},
+            adapted=_groups(LOCAL),  # its own local LoRA, as every member has
         ),
         MethodSpec(
             name="fedlora",
@@ -89,6 +100,7 @@ METHODS: dict[str, MethodSpec] = {
             adapters=(GLOBAL,),
             trained=_groups(GLOBAL) | {HEAD},
             shared=_groups(GLOBAL) | {HEAD},
+            adapted=_groups(GLOBAL),  # a private copy of the shared LoRA, fine-tuned locally
         ),
         MethodSpec(
             name="ffalora",
@@ -96,6 +108,7 @@ METHODS: dict[str, MethodSpec] = {
             adapters=(GLOBAL,),
             trained=frozenset({f"{GLOBAL}.B", HEAD}),
             shared=frozenset({f"{GLOBAL}.B", HEAD}),
+            adapted=frozenset({f"{GLOBAL}.B"}),  # a private copy of B; A stays the seeded init
         ),
         MethodSpec(
             name="fedsa",
@@ -103,6 +116,7 @@ METHODS: dict[str, MethodSpec] = {
             adapters=(GLOBAL,),
             trained=_groups(GLOBAL) | {HEAD},
             shared=frozenset({f"{GLOBAL}.A", HEAD}),
+            adapted=frozenset({f"{GLOBAL}.B"}),  # its own B over the shared A, as every member has
         ),
         MethodSpec(
             name="local",
@@ -110,6 +124,7 @@ METHODS: dict[str, MethodSpec] = {
             adapters=(GLOBAL,),
             trained=_groups(GLOBAL) | {HEAD},
             shared=frozenset(),
+            adapted=_groups(GLOBAL) | {HEAD},  # nothing is shared: a site trains its own model
             federated=False,
         ),
         MethodSpec(
@@ -118,6 +133,7 @@ METHODS: dict[str, MethodSpec] = {
             adapters=(GLOBAL,),
             trained=_groups(GLOBAL) | {HEAD},
             shared=_groups(GLOBAL) | {HEAD},
+            adapted=_groups(GLOBAL),  # a private copy of the pooled LoRA, fine-tuned locally
             federated=False,
             pooled=True,
         ),
@@ -143,5 +159,5 @@ def resolve_method(name: str, head: str = "shared") -> MethodSpec:
         raise UsageError(f"unknown --head {head!r}; choose one of {', '.join(HEAD_CHOICES)}")
     spec = METHODS[name]
     if head == "local" and spec.federated:
-        spec = replace(spec, shared=spec.shared - {HEAD})
+        spec = replace(spec, shared=spec.shared - {HEAD}, adapted=spec.adapted | {HEAD})
     return spec

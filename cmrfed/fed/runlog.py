@@ -65,7 +65,7 @@ def method_record(spec: MethodSpec) -> dict[str, Any]:
     return {
         "name": spec.name, "summary": spec.summary, "adapters": list(spec.adapters),
         "trained": sorted(spec.trained), "shared": sorted(spec.shared),
-        "private": sorted(spec.private), "frozen": sorted(spec.frozen),
+        "private": sorted(spec.private), "frozen": sorted(spec.frozen), "adapted": sorted(spec.adapted),
     }
 
 
@@ -124,12 +124,19 @@ def _mean_val(clients: Mapping[str, Mapping[str, Any]], metric: str) -> float:
 
 
 def round_record(round_index: int, clients: Mapping[str, Mapping[str, Any]], wall_s: float,
-                 select: str = SELECTION_METRIC) -> dict[str, Any]:
+                 select: str = SELECTION_METRIC, participants: list[str] | None = None,
+                 failed: Mapping[str, str] | None = None) -> dict[str, Any]:
     """A rounds.jsonl line: always the mean val balanced accuracy, plus the mean of the ``select``
-    metric the best round is chosen by (``--select``), and which metric that is."""
+    metric the best round is chosen by (``--select``), and which metric that is.
+
+    ``participants``: the sites asked to train this round (every site without
+    ``--sites-per-round``); ``failed``: site -> why it did not answer (Flower engine).
+    """
     record = {
         "round": round_index,
         "clients": {name: dict(entry) for name, entry in clients.items()},
+        "participants": list(participants) if participants is not None else list(clients),
+        "failed": dict(failed or {}),
         "mean_val_balanced_accuracy": _mean_val(clients, SELECTION_METRIC),
         "wall_s": wall_s,
     }
@@ -183,7 +190,8 @@ def write_result(out: Path, completed_rounds: int, best_round: int, best_score: 
 def round_line(record: Mapping[str, Any]) -> str:
     """The one line a round prints."""
     clients = record["clients"].values()
-    loss = np.mean([c["train_loss"] for c in clients])
+    losses = [c["train_loss"] for c in clients if np.isfinite(c["train_loss"])]  # those that trained
+    loss = float(np.mean(losses)) if losses else float("nan")
     up = sum(c["bytes_up"] for c in clients)
     down = sum(c["bytes_down"] for c in clients)
     select = record.get("select", SELECTION_METRIC)

@@ -18,6 +18,7 @@ from cmrfed.fed.cache import CacheKey, ViewsKey, load_or_compute, load_or_comput
 from cmrfed.fed.client import Client, SplitTensors, TrainConfig, state_of
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.methods import GLOBAL, LOCAL, MethodSpec, resolve_method
+from cmrfed.fed.participation import training_sites
 from cmrfed.fed.strategy import TensorState
 from cmrfed.fed.views import CachedViews, OnTheFlyViews, ViewSource, row_ids, view_seeds
 from cmrfed.fed.windows import split_tensors
@@ -189,9 +190,10 @@ def build_clients(
     run_model: RunModel,
     device: torch.device,
 ) -> tuple[list[Client], dict[str, dict[str, SplitTensors]]]:
-    """Every manifest client, all starting from the seeded initial state."""
+    """Every manifest client but the ``--holdout`` one (whose shard is never opened), all
+    starting from the seeded initial state."""
     clients, data = [], {}
-    for name in manifest.clients:
+    for name in training_sites(manifest.clients, cfg.holdout):
         client, data[name] = build_client(cfg, prepared, manifest, name, run_model, device)
         clients.append(client)
     return clients, data

@@ -29,6 +29,7 @@ def test_cosine_follows_cinema_with_rounds_for_epochs():
     assert schedule.lr_at(3, 0, steps) == pytest.approx(1e-3)
     assert schedule.lr_at(10, steps - 1, steps) > 1e-5
     assert schedule.lr_at(11, 0, steps) == pytest.approx(1e-5)  # the end of the last round
+    assert schedule.lr_at(13, 2, steps) == pytest.approx(1e-5)  # and after it
 
 
 def test_warmup_rises_then_cosine_falls():

@@ -38,7 +38,7 @@ from cmrfed.fed.client import Client, SplitTensors, class_weights
 from cmrfed.fed.runlog import save_tensors
 from cmrfed.fed.strategy import TensorState
 from cmrfed.fed.task import RunModel, build_client, build_run_model, resolve_device, train_config
-from cmrfed.model.classifier import param_group
+from cmrfed.model.classifier import tensor_group
 from cmrfed.provenance import versions
 
 ADAPT_FORMAT_VERSION = 1
@@ -63,7 +63,7 @@ def newcomer_client(run_model: RunModel, shared: TensorState, base: Client,
     spec = run_model.spec.newcomer
     client = Client(base.name, base.index, spec, run_model.initial_state, base.train, base.val,
                     base.config, base.seed)
-    client.set_shared({k: v for k, v in shared.items() if param_group(k) in spec.shared})
+    client.set_shared({k: v for k, v in shared.items() if tensor_group(k) in spec.shared})
     start = {k: shared.get(k, v) for k, v in client.private_state().items()}
     client.set_private(start if adapted is None else adapted)
     return client
@@ -142,7 +142,7 @@ def adapt(
     run_model, base, split_data = open_site(info, client, Path(data), torch_device, ("train", "val"))
     base = Client(base.name, base.index, base.spec, run_model.initial_state, base.train, base.val,
                   replace(train_config(info.config), local_epochs=1,
-                          lr=info.config.lr if lr is None else lr),
+                          lr=info.config.lr if lr is None else lr, schedule=None),  # constant lr
                   base.seed)
     shared = load_shared(info, which)
     site = newcomer_client(run_model, shared, base)

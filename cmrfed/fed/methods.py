@@ -144,6 +144,7 @@ METHODS: dict[str, MethodSpec] = {
             adapters=(),
             trained=frozenset({BACKBONE, HEAD}),
             shared=frozenset({BACKBONE, HEAD}),
+            adapted=frozenset({HEAD}),  # a private copy of the head over the fine-tuned backbone
             federated=False,
             pooled=True,
         ),

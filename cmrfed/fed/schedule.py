@@ -22,7 +22,8 @@ SCHEDULE_CHOICES = ("cosine", "constant")
 class LrSchedule:
     """``cosine``: warm-up + cosine to ``min_lr`` (CineMA); ``constant``: ``lr`` throughout
     (cmrfed before this schedule existed; ``warmup_rounds`` and ``min_lr`` are then unused).
-    A run no longer than its warm-up only warms up (the rate reaches ``lr`` at its end)."""
+    A run no longer than its warm-up only warms up (the rate reaches ``lr`` at its end); past the
+    last round the rate stays at ``min_lr``."""
 
     kind: str = "cosine"
     lr: float = 3e-3
@@ -45,5 +46,5 @@ class LrSchedule:
         t = (round_index - 1) + step / max(steps_per_round, 1)
         if t < self.warmup_rounds:
             return self.lr * t / self.warmup_rounds
-        progress = (t - self.warmup_rounds) / (self.rounds - self.warmup_rounds)
+        progress = min((t - self.warmup_rounds) / (self.rounds - self.warmup_rounds), 1.0)
         return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -25,6 +25,7 @@ from cmrfed.eval.metrics import METRICS, binary_metrics, bootstrap_ci, youden_th
 from cmrfed.eval.runinfo import load_run, load_states
 from cmrfed.fed.client import Client
 from cmrfed.fed.task import build_clients, build_run_model, resolve_device
+from cmrfed.lock import folder_lock
 from cmrfed.provenance import versions
 
 EVAL_FORMAT_VERSION = 1
@@ -79,24 +80,46 @@ def evaluate_run(
     n_boot: int = 1000,
     device: str = "auto",
     console: Console | None = None,
+    data: str | Path | None = None,
 ) -> EvalSummary:
-    """Evaluate a finished RUN and write RUN/eval/predictions.csv and RUN/eval/metrics.json."""
-    console = console or Console()
+    """Evaluate a finished RUN and write RUN/eval/predictions.csv and RUN/eval/metrics.json.
+
+    ``data`` points at the run's PREPARED folder when it has moved since the run (its manifest
+    must be the one the run was trained on). RUN is locked while it is evaluated. A client with
+    no subjects in the evaluated split has no metrics: ``absent`` says why, and ``pooled`` and
+    ``macro`` name the clients they cover.
+    """
+    with folder_lock(run):
+        return _evaluate(run, split, which, threshold, n_boot, device, console or Console(), data)
+
+
+def _prepared_of(run_path: Path, recorded: Path, data: str | Path | None) -> Path:
+    if data is not None:
+        return Path(data).expanduser().resolve()
+    if not paths.manifest_path(recorded).exists():
+        raise DataError(f"{run_path}: its PREPARED folder {recorded} is gone (moved or deleted); "
+                        "pass --data PATH to evaluate against that data where it is now")
+    return recorded
+
+
+def _evaluate(run: str | Path, split: str, which: str, threshold: str, n_boot: int, device: str,
+              console: Console, data: str | Path | None) -> EvalSummary:
     if split not in ("test", "val"):
         raise UsageError(f"--split must be test or val, not {split!r}")
     if threshold not in THRESHOLD_MODES:
         raise UsageError(f"--threshold must be one of {', '.join(THRESHOLD_MODES)}")
     info = load_run(run)
-    manifest = load_manifest(info.prepared)
+    prepared = _prepared_of(info.path, info.prepared, data)
+    manifest = load_manifest(prepared)
     if manifest.sha256 != info.manifest_sha256:
-        raise DataError(f"{info.prepared}: the prepared data changed since run {info.path} was "
-                        "trained (manifest sha256 differs); evaluate against the data it used")
+        raise DataError(f"{prepared}: not the prepared data run {info.path} was trained on "
+                        "(manifest sha256 differs); evaluate against the data it used")
     shared, private = load_states(info, which)
     cfg = info.config
     torch_device = resolve_device(device)
     run_model = build_run_model(cfg, tuple(manifest.shape))
     model = run_model.model.to(torch_device)
-    clients, data = build_clients(cfg, info.prepared, manifest, run_model, torch_device)
+    clients, data = build_clients(cfg, prepared, manifest, run_model, torch_device)
     for client in clients:
         client.set_shared(shared)
         client.set_private(private[client.name])
@@ -113,8 +136,9 @@ def evaluate_run(
     for model_name, owner in models.items():
         for data_client in data:
             for part in needed:
-                probs[(model_name, data_client, part)] = owner.predict(model, data[data_client][part],
-                                                                       torch_device)
+                subjects = data[data_client][part]
+                probs[(model_name, data_client, part)] = (
+                    owner.predict(model, subjects, torch_device) if len(subjects) else np.zeros(0))
 
     def labels_of(client: str, part: str) -> np.ndarray:
         return data[client][part].labels.numpy()
@@ -128,7 +152,8 @@ def evaluate_run(
         y = np.concatenate([labels_of(c, "val") for c in own])
         p = np.concatenate([probs[(model_name, c, "val")] for c in own])
         if len(np.unique(y)) < 2:
-            raise DataError(f"--threshold youden-val: the val split of {model_name!r} lacks one class")
+            raise DataError(f"--threshold youden-val: the val split of {model_name!r} has "
+                            f"{len(y)} subject(s) and lacks a class; use --threshold 0.5")
         thresholds[model_name] = float(youden_threshold(y, p))
 
     rows = []
@@ -141,27 +166,34 @@ def evaluate_run(
             rows.append((sid, data_client, model_name, part, int(label), float(prob),
                          int(prob >= t), t))
 
+    covered = [c for c in data if len(labels_of(c, split))]
+    absent = {c: f"no subjects in its {split} split" for c in data if c not in covered}
+    if not covered:
+        raise DataError(f"{info.prepared}: no client has {split} subjects; re-run `cmrfed prepare` "
+                        "with other --split fractions or more subjects")
     per_client, cross, shared_rows = {}, {}, {}
     for c in data:
-        y, p = labels_of(c, split), probs[(c, c, split)]
-        if len(y) == 0:
-            raise DataError(f"client {c!r} has no {split} subjects; re-run `cmrfed prepare` with "
-                            "other --split fractions")
-        per_client[c] = _with_ci(y, p, thresholds[c], n_boot, cfg.seed)
+        # a site's model is still judged on every other site's data, even when its own is empty
         cross[c] = {d: binary_metrics(labels_of(d, split), probs[(c, d, split)], thresholds[c])
-                    for d in data}
+                    for d in covered}
+        if c in absent:
+            continue
+        y, p = labels_of(c, split), probs[(c, c, split)]
+        per_client[c] = _with_ci(y, p, thresholds[c], n_boot, cfg.seed)
         if SHARED_MODEL in models:
             shared_rows[c] = binary_metrics(y, probs[(SHARED_MODEL, c, split)], thresholds[SHARED_MODEL])
-    y_all = np.concatenate([labels_of(c, split) for c in data])
-    p_all = np.concatenate([probs[(c, c, split)] for c in data])
-    pooled_pred = np.concatenate([(probs[(c, c, split)] >= thresholds[c]).astype(float) for c in data])
+    y_all = np.concatenate([labels_of(c, split) for c in covered])
+    p_all = np.concatenate([probs[(c, c, split)] for c in covered])
+    pooled_pred = np.concatenate([(probs[(c, c, split)] >= thresholds[c]).astype(float) for c in covered])
     # pooled over subjects: each subject judged by its own site's model and threshold
     if threshold == "0.5":
         pooled = _with_ci(y_all, p_all, 0.5, n_boot, cfg.seed)
     else:  # thresholds differ per site: only the threshold-free AUC is lost, so drop it
         pooled = {**binary_metrics(y_all, pooled_pred, 0.5), "auc": float("nan"),
                   "note": "each subject thresholded by its own site's Youden threshold; AUC not pooled"}
-    macro = {m: _nanmean([per_client[c][m] for c in data]) for m in METRICS}
+    macro = {m: _nanmean([per_client[c][m] for c in covered]) for m in METRICS}
+    pooled["clients"] = list(covered)
+    macro_doc = {**macro, "clients": list(covered)}
 
     metrics_doc = {
         "format_version": EVAL_FORMAT_VERSION,
@@ -174,8 +206,9 @@ def evaluate_run(
         "threshold": {"mode": threshold, "per_model": thresholds},
         "n_boot": n_boot,
         "per_client": per_client,
+        "absent": absent,
         "pooled": pooled,
-        "macro": macro,
+        "macro": macro_doc,
         "cross_site": cross,
         "shared_only": shared_rows or None,
         "test_subjects": {c: list(data[c][split].subject_ids) for c in data},
@@ -189,6 +222,9 @@ def evaluate_run(
             writer.writerows(sorted(rows, key=lambda r: (r[2], r[1], r[0])))
         write_json(tmp / "metrics.json", _clean(metrics_doc))
     _print_table(console, info.method, split, per_client, macro, shared_rows)
+    if absent:
+        console.print(f"no metrics for {', '.join(absent)}: no subjects in their {split} split; "
+                      f"pooled and macro cover {', '.join(covered)}", highlight=False)
     return EvalSummary(paths.eval_dir(info.path), per_client, macro)
 
 

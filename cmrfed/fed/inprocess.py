@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from rich.table import Table
 from safetensors.torch import load_file
 
 from cmrfed import paths
-from cmrfed.atomic import atomic_dir, atomic_file, write_json
+from cmrfed.atomic import atomic_dir, atomic_file, json_text, write_json
 from cmrfed.data.shards import load_manifest
 from cmrfed.errors import DataError, UsageError
 from cmrfed.fed.client import Client, concat_splits
@@ -31,6 +31,7 @@ from cmrfed.fed.runlog import (
     append_round,
     client_round_record,
     has_score,
+    open_run_folder,
     round_line,
     round_record,
     run_record,
@@ -103,7 +104,8 @@ def _read_checkpoint(run: Path) -> tuple[_Progress, dict[str, TensorState], dict
         best = _unprefixed(load_file(str(folder / "best.safetensors")))
     except (OSError, ValueError) as exc:
         raise DataError(f"{folder}: unreadable checkpoint ({exc}); start again without --resume") from exc
-    progress = _Progress(raw["round"], raw["best_round"], raw["best_score"])
+    best_score = raw["best_score"] if raw["best_score"] is not None else float("-inf")  # JSON null
+    progress = _Progress(raw["round"], raw["best_round"], best_score)
     return progress, last, best
 
 
@@ -141,7 +143,24 @@ def federate(
     overwrite: bool = False,
     console: Console | None = None,
 ) -> RunSummary:
-    """Run ``cfg.rounds`` federated rounds in this process and write the RUN folder."""
+    """Run ``cfg.rounds`` federated rounds in this process and write the RUN folder.
+
+    RUN is locked for the whole run; an ``--overwrite`` is built beside RUN and swapped in at the
+    end (:func:`cmrfed.fed.runlog.open_run_folder`)."""
+    with open_run_folder(Path(out), overwrite=overwrite, resume=resume) as folder:
+        summary = _federate_into(cfg, folder.work, device, resume=folder.resume, console=console)
+    return replace(summary, out=folder.final)
+
+
+def _federate_into(
+    cfg: FederateConfig,
+    out: Path,
+    device: str = "auto",
+    resume: bool = False,
+    overwrite: bool = False,
+    console: Console | None = None,
+) -> RunSummary:
+    """The rounds, written into the work folder ``out`` that :func:`federate` chose."""
     console = console or Console()
     out = Path(out)
     prepared = Path(cfg.data)
@@ -266,7 +285,7 @@ def _truncate_rounds_log(out: Path, completed: int) -> list[dict[str, Any]]:
         if record["round"] <= completed:
             records.append(record)
     with atomic_file(log) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        tmp.write_text("".join(json_text(r) + "\n" for r in records), encoding="utf-8")
     return records
 
 

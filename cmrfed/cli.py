@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cmrfed import __version__
-from cmrfed.errors import CmrfedError, UsageError
+from cmrfed.errors import CmrfedError, UsageError, from_os_error
 from cmrfed.validate import ValidatedCommand
 
 err_console = Console(stderr=True)
@@ -54,6 +54,12 @@ class _Group(click.Group):
         except CmrfedError as exc:
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             ctx.exit(exc.exit_code)
+        except OSError as exc:  # a folder that turned out read-only or full: still one line
+            error = from_os_error(exc)
+            if error is None:
+                raise
+            err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+            ctx.exit(error.exit_code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -161,12 +167,13 @@ def federate(**options: object) -> None:
 
     device, out = options.pop("device"), options.pop("out")
     resume, overwrite = options.pop("resume"), options.pop("overwrite")
-    if options["data"] is None and not resume:
-        raise UsageError("federate needs --data PREPARED (the folder written by `cmrfed prepare`)")
     if options["data"] is not None:
         options["data"] = str(Path(str(options["data"])).resolve())
     options["blocks"] = parse_blocks(str(options["blocks"]))
     options["targets"] = tuple(t.strip() for t in str(options["targets"]).split(",") if t.strip())
+    if options["data"] is None and not resume:
+        FederateConfig(**{**options, "data": ""})  # type: ignore[arg-type]  # other bad options first
+        raise UsageError("federate needs --data PREPARED (the folder written by `cmrfed prepare`)")
     if resume:
         from cmrfed.fed.runlog import resume_options
 

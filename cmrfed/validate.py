@@ -9,7 +9,8 @@ is checked by its click type and name, so an option added later is covered the d
 - paths (``click.Path``): an output (:data:`OUTPUTS`) must be creatable and writable with a
   writable parent (it is locked and swapped there); a folder a command writes into
   (:data:`WRITTEN_INTO`) must exist and be writable; any other path is an input and must exist;
-- a command under a group listed in :data:`EXTRAS` needs that optional extra installed.
+- a command under a group listed in :data:`EXTRAS` needs that optional extra installed;
+- a few text options whose values come from a table are checked by name (:data:`NAMED`).
 
 Choices and malformed numbers are click's own checks. Every failure is a
 :class:`~cmrfed.errors.UsageError` (exit code 2) naming the option.
@@ -141,6 +142,27 @@ def _check_path(param: click.Parameter, value: str) -> str | None:
     return None
 
 
+def _check_backbone(value: str) -> str | None:
+    from cmrfed.model.cinema import HUB_SCHEME, SIZES
+
+    if value in SIZES or value.startswith(HUB_SCHEME) or Path(value).expanduser().is_file():
+        return None
+    return (f"--backbone {value!r}: not a size ({', '.join(SIZES)}), a CineMA .safetensors file "
+            "or hf://owner/repo/file")
+
+
+def _check_method(value: str) -> str | None:
+    from cmrfed.fed.methods import METHODS
+
+    if value in METHODS:
+        return None
+    return f"--reference {value!r}: not a method; choose among {', '.join(METHODS)}"
+
+
+NAMED = {"backbone": _check_backbone, "reference": _check_method}
+"""Text parameters checked by name: parameter name -> check of its value (message or None)."""
+
+
 def _check_device(param: click.Parameter, value: str) -> str | None:
     if param.name != "device" or not str(value).startswith("cuda"):
         return None
@@ -185,6 +207,8 @@ def validate(ctx: click.Context) -> None:
                 problem = _check_path(param, str(value))
             elif isinstance(param.type, click.Choice):
                 problem = _check_device(param, value)
+            elif param.name in NAMED:
+                problem = NAMED[param.name](str(value))
             if problem:
                 problems.append(problem)
     if problems:

@@ -28,17 +28,27 @@ from click.testing import CliRunner
 from conftest import quiet_console
 
 from cmrfed import paths
-from cmrfed.atomic import clean_stale_temporaries
 from cmrfed.cli import cli
 from cmrfed.data.prepare import PrepareOptions, prepare
 from cmrfed.data.synth import write_synthetic_cohort
-from cmrfed.errors import UsageError
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.inprocess import federate
 from cmrfed.fed.runlog import append_round, has_score, round_line
-from cmrfed.lock import folder_lock, lock_path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def lock_path(folder: Path) -> Path:
+    """Where a folder's lock lives (imported late: the tests of each case run on older code too)."""
+    from cmrfed.lock import lock_path as where
+
+    return where(folder)
+
+
+def folder_lock(folder: Path):
+    from cmrfed.lock import folder_lock as lock
+
+    return lock(folder)
 TINY = ["--method", "fedlora", "--rounds", "1", "--rank", "2", "--batch-size", "8", "--device", "cpu"]
 
 
@@ -100,14 +110,21 @@ def test_demo_overwrite_refuses_a_folder_of_unrelated_files(tmp_path):
     assert snapshot(out) == before
 
 
-def test_prepare_and_compare_overwrite_refuse_foreign_folders(small_prepared, tmp_path):
+def test_every_overwrite_refuses_a_folder_it_did_not_make(small_prepared, finished_run, tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep")
-    with pytest.raises(UsageError, match=r"not a PREPARED folder.*notes\.txt"):
-        prepare(PrepareOptions(out=foreign, acdc=tmp_path, overwrite=True), console=quiet_console())
+    raw = tmp_path / "raw"
+    write_synthetic_cohort(raw, seed=0, subjects=5, shape=(32, 32, 4))
+    result = invoke(["synth", "--out", foreign, "--subjects", "5", "--overwrite"])
+    assert_one_line_error(result, 2, "not a synthetic cohort", "notes.txt")
+    result = invoke(["prepare", "--acdc", raw / "acdc", "--shape", "32,32,4", "--spacing", "4,4,10",
+                     "--out", foreign, "--overwrite"])
+    assert_one_line_error(result, 2, "not a PREPARED folder", "notes.txt")
     result = invoke(["federate", "--data", small_prepared, *TINY, "--out", foreign, "--overwrite"])
     assert_one_line_error(result, 2, "not a RUN folder", "notes.txt")
+    result = invoke(["compare", finished_run, "--test", "wilcoxon", "--out", foreign, "--overwrite"])
+    assert_one_line_error(result, 2, "not a REPORT folder", "notes.txt")
     assert (foreign / "notes.txt").read_text() == "keep"
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
 
@@ -372,6 +389,8 @@ def test_temporaries_of_killed_processes_are_cleaned_on_the_next_run(tmp_path):
     live.mkdir()
     write_synthetic_cohort(cohort, seed=0, subjects=5, shape=(32, 32, 4))
     assert not stale.exists() and not stale_file.exists() and live.exists()
+    from cmrfed.atomic import clean_stale_temporaries
+
     assert clean_stale_temporaries(cohort) == []
 
 
@@ -440,3 +459,14 @@ def test_resume_reads_options_from_run_json_and_refuses_different_ones(small_pre
     assert_one_line_error(differ, 2, "--lr 0.1", "--method 'fedlora'", "differ")
     missing = invoke(["federate", "--out", tmp_path / "none", "--resume"])
     assert_one_line_error(missing, 2, "no run.json")
+
+
+def test_a_folder_that_turns_out_read_only_mid_way_is_one_line(finished_run, shared_tmp):
+    """Past validation (a sub-folder of RUN read-only): the CLI's safety net, exit 1."""
+    run = copy_run(finished_run, shared_tmp)
+    best = paths.shared_tensors_path(run, "best").parent
+    for path in [best, *best.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    result = _run_cmrfed(["federate", "--out", run, "--resume", "--device", "cpu"], **_unprivileged())
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and "cannot write" in result.stderr

@@ -89,6 +89,7 @@ def evaluate_run(
     no subjects in the evaluated split has no metrics: ``absent`` says why, and ``pooled`` and
     ``macro`` name the clients they cover.
     """
+    load_run(run)  # a missing or unfinished RUN is refused before anything (a lock) is written
     with folder_lock(run):
         return _evaluate(run, split, which, threshold, n_boot, device, console or Console(), data)
 

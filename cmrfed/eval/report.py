@@ -27,7 +27,7 @@ from cmrfed.atomic import atomic_dir, write_json
 from cmrfed.eval.compare import Comparison, MethodSummary, MetricSummary, TestRow, compare
 from cmrfed.eval.tables import load_evaluation
 from cmrfed.lock import folder_lock
-from cmrfed.outputs import REPORT
+from cmrfed.outputs import REPORT, check_replaceable
 from cmrfed.provenance import versions
 
 REPORT_FORMAT_VERSION = 1
@@ -59,6 +59,7 @@ def compare_runs(
     """Compare evaluated RUN folders and write the report folder ``out`` (the CLI's stage)."""
     console = console or Console()
     with folder_lock(out):
+        check_replaceable(Path(out), REPORT, overwrite)  # before reading every run
         evaluations = [load_evaluation(run) for run in runs]
         comparison = compare(evaluations, test, reference=reference, metric=metric)
         files = write_report(comparison, Path(out), overwrite=overwrite)

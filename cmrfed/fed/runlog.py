@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from cmrfed import paths
@@ -244,7 +245,11 @@ def append_round(out: Path, record: Mapping[str, Any]) -> None:
 def save_tensors(path: Path, state: TensorState) -> None:
     """A safetensors file of adapter/head tensors, written atomically."""
     with atomic_file(path) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        try:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        except SafetensorError as exc:  # safetensors reports an unwritable folder as its own error
+            raise DataError(f"cannot write {path} ({exc}); choose a folder you can write, or free "
+                            "space, and run the command again") from exc
 
 
 def write_result(out: Path, completed_rounds: int, best_round: int, best_score: float,

@@ -144,7 +144,7 @@ def open_run_folder(out: Path, *, overwrite: bool, resume: bool) -> Iterator[Run
         try:
             yield RunFolder(out, work, continuing)
         except BaseException:
-            if created and not paths.checkpoint_dir(work).exists():
+            if created and not paths.checkpoint_path(work).exists():
                 shutil.rmtree(work, ignore_errors=True)
             raise
         if work != out:

@@ -357,8 +357,14 @@ def test_existing_out_refused_without_overwrite(prep_trees, tmp_path, monkeypatc
     code, text = run_cli(monkeypatch, capsys, *args)
     assert code == 2 and "already exists" in text and "--overwrite" in text
     assert (out / "keep.txt").read_text() == "mine" and not manifest_path(out).exists()
+    # --overwrite replaces only a PREPARED folder, never a folder of other files
+    code, text = run_cli(monkeypatch, capsys, *args, "--overwrite")
+    assert code == 2 and "not a PREPARED folder" in text and "keep.txt" in text
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert run_cli(monkeypatch, capsys, *args)[0] == 0
     code, _ = run_cli(monkeypatch, capsys, *args, "--overwrite")
-    assert code == 0 and manifest_path(out).is_file() and not (out / "keep.txt").exists()
+    assert code == 0 and manifest_path(out).is_file()
 
 
 def test_summary_table_and_subset_of_inputs(prep_trees, tmp_path, monkeypatch, capsys):

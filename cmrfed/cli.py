@@ -6,14 +6,17 @@ without a traceback, with exit code 2 for usage errors and 1 for data errors.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from cmrfed import __version__
-from cmrfed.errors import CmrfedError
+from cmrfed.errors import CmrfedError, UsageError, from_os_error
+from cmrfed.validate import ValidatedCommand
 
 err_console = Console(stderr=True)
 
@@ -24,7 +27,7 @@ def _triple(text: str, option: str, cast: type, example: str) -> tuple:
         values = tuple(cast(v) for v in text.split(","))
     except ValueError as exc:
         raise click.BadParameter(f"{option} takes three numbers like {example}") from exc
-    if len(values) != 3 or min(values) <= 0:
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
         raise click.BadParameter(f"{option} takes three positive numbers like {example}")
     return values
 
@@ -39,14 +42,24 @@ def _float_triple(text: str, option: str) -> tuple[float, float, float]:
 
 class _Group(click.Group):
     """Prints a CmrfedError on one line (no traceback) and exits with its code: 2 for usage
-    errors, 1 for data errors; the same whether run as a console script or under a test runner."""
+    errors, 1 for data errors; the same whether run as a console script or under a test runner.
+    Every command under it validates all its options before it runs (:mod:`cmrfed.validate`)."""
+
+    command_class = ValidatedCommand
+    group_class = type  # subgroups (``flower``) are _Groups too
 
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except CmrfedError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             ctx.exit(exc.exit_code)
+        except OSError as exc:  # a folder that turned out read-only or full: still one line
+            error = from_os_error(exc)
+            if error is None:
+                raise
+            err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+            ctx.exit(error.exit_code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -115,8 +128,8 @@ def prepare(acdc: str | None, mnms: str | None, mnms2: str | None, out: str, spa
 
 
 @cli.command()
-@click.option("--data", "data", required=True, type=click.Path(path_type=str),
-              help="PREPARED folder written by `cmrfed prepare`.")
+@click.option("--data", "data", default=None, type=click.Path(path_type=str),
+              help="PREPARED folder written by `cmrfed prepare` (with --resume: from run.json).")
 @click.option("--method", default="duallora", show_default=True,
               type=click.Choice(["duallora", "fedlora", "ffalora", "fedsa", "local", "central"]))
 @click.option("--blocks", default="2", show_default=True,
@@ -157,9 +170,18 @@ def federate(**options: object) -> None:
 
     device, out = options.pop("device"), options.pop("out")
     resume, overwrite = options.pop("resume"), options.pop("overwrite")
+    if options["data"] is not None:
+        options["data"] = str(Path(str(options["data"])).resolve())
     options["blocks"] = parse_blocks(str(options["blocks"]))
-    options["data"] = str(Path(str(options["data"])).resolve())
     options["targets"] = tuple(t.strip() for t in str(options["targets"]).split(",") if t.strip())
+    if options["data"] is None and not resume:
+        FederateConfig(**{**options, "data": ""})  # type: ignore[arg-type]  # other bad options first
+        raise UsageError("federate needs --data PREPARED (the folder written by `cmrfed prepare`)")
+    if resume:
+        from cmrfed.fed.runlog import resume_options
+
+        options = resume_options(Path(str(out)), bool(overwrite), options,
+                                 typed=_typed(click.get_current_context()))
     config = FederateConfig(**options)  # type: ignore[arg-type]
     run_federate(config, out, device=device, resume=resume, overwrite=overwrite)
 
@@ -177,7 +199,8 @@ def federate(**options: object) -> None:
 @click.option("--private", default=None, type=click.Path(path_type=str),
               help="With --client: the site's RUN-shaped folder of private tensors, or its ADAPTED folder.")
 @click.option("--data", default=None, type=click.Path(path_type=str),
-              help="With --client: the site's own PREPARED folder.")
+              help="With --client: the site's own PREPARED folder; without: the run's PREPARED "
+                   "folder, if it moved since the run [from run.json].")
 @click.option("--out", default=None, type=click.Path(path_type=str),
               help="With --client: SITE_EVAL folder to write [<private or RUN>/site-eval/<site>].")
 @click.option("--metrics-only", is_flag=True, help="With --client: send metrics, no per-subject predictions.")
@@ -209,7 +232,8 @@ def evaluate(run: str, site_evals: tuple[str, ...], split: str, which: str, thre
     else:
         from cmrfed.eval.evaluate import evaluate_run
 
-        evaluate_run(run, split=split, which=which, threshold=threshold, n_boot=n_boot, device=device)
+        evaluate_run(run, split=split, which=which, threshold=threshold, n_boot=n_boot, device=device,
+                     data=data)
 
 
 @cli.command()
@@ -329,12 +353,20 @@ def demo(out: str, overwrite: bool) -> None:
 # --- end of commands -----------------------------------------------------------------------
 
 
+def _typed(ctx: click.Context) -> set[str]:
+    """Parameters the user gave on the command line (or in the environment), not defaults."""
+    given = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    return {p.name for p in ctx.command.params if p.name and ctx.get_parameter_source(p.name) in given}
+
+
 def main() -> None:
     """Console entry point: exit codes 0 ok, 1 data error, 2 usage error, 130 interrupted."""
     try:
         code = cli.main(standalone_mode=False)
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # click's own usage errors, printed in cmrfed's style
+        where = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) else ""
+        err_console.print(f"[bold red]error:[/] {escape(exc.format_message() + where)}", highlight=False,
+                          soft_wrap=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         err_console.print("interrupted")

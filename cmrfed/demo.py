@@ -11,20 +11,24 @@ computed once for the whole study.
 
 from __future__ import annotations
 
+import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.rule import Rule
 
+from cmrfed import paths
+from cmrfed.atomic import write_json
 from cmrfed.data.prepare import PrepareOptions, prepare
 from cmrfed.data.synth import write_synthetic_cohort
-from cmrfed.errors import UsageError
 from cmrfed.eval.evaluate import evaluate_run
 from cmrfed.eval.report import ComparisonResult, compare_runs
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.inprocess import federate
+from cmrfed.lock import folder_lock
+from cmrfed.outputs import STUDY, check_replaceable, is_empty_dir
 
 
 @dataclass(frozen=True)
@@ -58,15 +62,60 @@ def run_name(method: str, seed: int) -> str:
 
 def run_demo(out: str | Path, settings: DemoSettings | None = None, overwrite: bool = False,
              console: Console | None = None) -> ComparisonResult:
-    """Run the whole study into OUT; refuses an existing OUT unless ``overwrite``."""
+    """Run the whole study into OUT; refuses an existing OUT unless ``overwrite``, and then
+    replaces only a folder an earlier ``cmrfed demo`` made.
+
+    OUT is locked for the whole study. The folder it replaces is set aside (``.OUT.replaced``)
+    and deleted only once the new study has finished; a failure puts it back, and a demo killed
+    meanwhile has it put back by the next ``cmrfed demo`` into OUT. (The new study is built in
+    OUT itself, not beside it, because its runs record the absolute path of its prepared data.)
+    """
     settings = settings or DemoSettings()
     console = console or Console()
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"{out} already exists; pass --overwrite or choose another --out")
-    # each stage writes its own output atomically; an interrupted demo leaves only whole artefacts
-    if out.exists():
-        shutil.rmtree(out)
+    with folder_lock(out):
+        _restore_replaced(out)
+        check_replaceable(out, STUDY, overwrite)
+        replaced = _replaced_path(out)
+        if out.exists() and not is_empty_dir(out):
+            os.replace(out, replaced)
+        try:
+            result = _run_study(out, settings, console)
+        except BaseException:
+            if replaced.exists():
+                shutil.rmtree(out, ignore_errors=True)
+                os.replace(replaced, out)
+            raise
+        shutil.rmtree(replaced, ignore_errors=True)
+    return result
+
+
+def _replaced_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.replaced")
+
+
+def _finished(out: Path) -> bool:
+    marker = paths.study_marker_path(out)
+    return STUDY.recognise(out) and '"finished": true' in marker.read_text(encoding="utf-8")
+
+
+def _restore_replaced(out: Path) -> None:
+    """After a demo killed while replacing OUT: keep the new study if it finished, else put the
+    old one back (the caller holds OUT's lock, so no live demo is using either)."""
+    replaced = _replaced_path(out)
+    if not replaced.exists():
+        return
+    if _finished(out):
+        shutil.rmtree(replaced)
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(replaced, out)
+
+
+def _run_study(out: Path, settings: DemoSettings, console: Console) -> ComparisonResult:
+    out.mkdir(parents=True, exist_ok=True)
+    marker = {"created_by": "cmrfed demo", "settings": asdict(settings), "finished": False}
+    write_json(paths.study_marker_path(out), marker)
     where = demo_paths(out.resolve())
     console.print(Rule("1/5 synth: a synthetic multi-vendor cohort in the real layouts"))
     write_synthetic_cohort(where["raw"], seed=0, subjects=settings.subjects_per_dataset,
@@ -94,5 +143,6 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, overwrite: b
     console.print(Rule("5/5 compare: Wilcoxon signed-rank over (seed, client) pairs"))
     result = compare_runs(runs, "wilcoxon", reference="duallora", out=where["report"],
                           console=console)
+    write_json(paths.study_marker_path(out), {**marker, "finished": True})
     console.print(f"\nThe report is in [bold]{result.out}[/] (comparison.md, comparison.json, figures).")
     return result

@@ -49,6 +49,12 @@ def private_tensors_path(run: Path, client: str, which: str = "final") -> Path:
     return Path(run) / which / "clients" / client / "private.safetensors"
 
 
+def run_staging_dir(run: Path) -> Path:
+    """``federate --overwrite``: the new run is built here, beside RUN, and swapped in at the end."""
+    run = Path(run)
+    return run.with_name(f".{run.name}.overwrite")
+
+
 def checkpoint_dir(run: Path) -> Path:
     return Path(run) / "checkpoint"
 
@@ -119,6 +125,12 @@ def comparison_md_path(report: Path) -> Path:
 def report_figure_path(report: Path, name: str) -> Path:
     """A report figure: REPORT/<name>.png."""
     return Path(report) / f"{name}.png"
+
+
+# the demo study (``cmrfed demo``)
+def study_marker_path(study: Path) -> Path:
+    """What ``cmrfed demo`` writes first into its OUT (and completes last): marks it as its own."""
+    return Path(study) / "demo.json"
 
 
 # synthetic cohort (``cmrfed synth``)

@@ -95,10 +95,12 @@ def _row_record(row: TestRow | None) -> dict[str, Any] | None:
             "warnings": list(row.warnings)}
 
 
-def _methods_of_setting(study: StudyConfig, runs: Sequence[Path], comparison: ComparisonResult,
+def _methods_of_setting(study: StudyConfig, runs: Mapping[str, Path], comparison: ComparisonResult,
                         ) -> list[dict[str, Any]]:
-    """Per method of one setting: every metric (macro and per site), the test, the costs."""
-    evaluations = [load_evaluation(run) for run in runs]
+    """Per method of one setting (``runs``: cell name -> run folder): every metric (macro and per
+    site), the test, the costs."""
+    cell_of = {Path(run): name for name, run in runs.items()}
+    evaluations = [load_evaluation(run) for run in runs.values()]
     reference = study.compare["reference"]
     by_metric: dict[str, dict[str, MethodSummary]] = {
         metric: {m.method: m for m in summarise_methods(evaluations, reference, metric)}
@@ -117,7 +119,7 @@ def _methods_of_setting(study: StudyConfig, runs: Sequence[Path], comparison: Co
             "method": method,
             "n_seeds": len(method_runs),
             "seeds": list(tested[method].seeds),
-            "runs": [run.name for run in sorted(method_runs)],
+            "cells": sorted(cell_of[run] for run in method_runs),
             "macro": {metric: _summary_record(by_metric[metric][method].macro) for metric in MAIN_METRICS},
             "per_site": {s.client: {metric: _summary_record(next(
                 x for x in by_metric[metric][method].per_client if x.client == s.client))
@@ -139,7 +141,7 @@ def study_document(study: StudyConfig, runs: Mapping[str, Path], cells: Sequence
     """Every number of the report as one JSON-ready dict (report.json)."""
     settings = []
     for blocks, rank in grid_settings(study):
-        setting_runs = [runs[c.name] for c in cells if c.setting == (blocks, rank)]
+        setting_runs = {c.name: runs[c.name] for c in cells if c.setting == (blocks, rank)}
         comparison = comparisons[(blocks, rank)]
         settings.append({"blocks": blocks, "rank": rank, "name": setting_name(blocks, rank),
                          "methods": _methods_of_setting(study, setting_runs, comparison),
@@ -399,7 +401,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;mar
 max-width:1400px;padding:0 1em;color:#1d2430;line-height:1.4}
 h1{font-size:1.6em;margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px solid #d8dde6}
 table{border-collapse:collapse;font-size:.82em;margin:.6em 0;display:block;overflow-x:auto}
-th,td{border:1px solid #d8dde6;padding:.3em .55em;text-align:right;white-space:nowrap}
+th,td{border:1px solid #d8dde6;padding:.3em .55em;text-align:right;white-space:pre-line}
 th{background:#eef1f6}td:first-child,th:first-child{text-align:left}
 tr.reference td{background:#f6f9ee}ul.notes{font-size:.9em;color:#3b4556}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #e4e7ee}
@@ -421,7 +423,9 @@ def _html_table(header: list[str], rows: list[list[str]], reference: str | None 
     body = []
     for row in rows:
         css = ' class="reference"' if reference is not None and row and row[0] == reference else ""
-        body.append(f"<tr{css}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
+        # a summary's CI goes on its own line so the wide tables fit a page
+        body.append(f"<tr{css}>" + "".join(f"<td>{html.escape(c.replace(' [', chr(10) + '['))}</td>"
+                                           for c in row) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 

@@ -49,5 +49,7 @@ def test_demo_runs_every_stage_and_writes_a_readable_report(tmp_path):
         assert image.shape[0] > 200 and image.shape[1] > 200
     with pytest.raises(UsageError, match="already exists"):
         run_demo(out, study_text=toy_demo_study(), console=quiet_console())
+    prepared_at = (where["prepared"] / "manifest.json").stat().st_mtime_ns
     again = run_demo(out, study_text=toy_demo_study(), resume=True, console=quiet_console())
     assert (again.trained, again.skipped) == (0, 12)
+    assert (where["prepared"] / "manifest.json").stat().st_mtime_ns == prepared_at  # not prepared again

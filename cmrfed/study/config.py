@@ -70,7 +70,9 @@ class StudyConfig:
         """The resolved study as study.json records it."""
         return {
             "source": self.source, "title": self.title, "prepared": self.prepared,
-            "prepare": _jsonable(self.prepare), "federate": _jsonable(self.base.to_dict()),
+            "prepare": _jsonable(self.prepare),
+            "federate": {k: _jsonable(v) for k, v in self.base.to_dict().items()
+                         if k not in ("data", *GRID_KEYS.values())},
             "device": self.device,
             "grid": {"methods": list(self.methods), "seeds": list(self.seeds),
                      "blocks": list(self.blocks), "ranks": list(self.ranks)},

@@ -62,7 +62,8 @@ def _prepare_data(study: StudyConfig, out: Path, record: dict[str, Any], console
     from cmrfed.data.prepare import prepare
 
     target = paths.study_prepared_dir(out)
-    wanted = json.loads(json.dumps(study.to_dict()["prepare"]))
+    # what shapes the prepared data (the number of worker processes does not)
+    wanted = {k: v for k, v in study.to_dict()["prepare"].items() if k != "workers"}
     done = record.get("prepared_with")
     if paths.manifest_path(target).exists() and done == wanted:
         console.print(f"prepared data: {target} (already prepared with these options)", highlight=False)

@@ -198,6 +198,12 @@ def _path(base: Path, text: Any) -> str:
     return str((base / Path(str(text)).expanduser()).resolve())
 
 
+def _is_file_path(backbone: str) -> bool:
+    """A backbone given as a file (relative to the study file), not as a name such as ``tiny``
+    or ``hf://owner/repo/file``: it has a folder or a suffix."""
+    return "://" not in backbone and ("/" in backbone or Path(backbone).suffix != "")
+
+
 def _federate_config(source: str, where: str, options: Mapping[str, Any], overrides: Mapping[str, Any],
                      key: str) -> FederateConfig:
     """Run the federate command's own conversion; errors name ``where`` / ``key``."""
@@ -295,9 +301,9 @@ def parse_study(text: str, source: str, base_dir: Path) -> StudyConfig:
             raise UsageError(f"{source}: [prepare]: {message}") from exc
 
     federate_raw = dict(raw.get("federate", {}))
-    if isinstance(federate_raw.get("backbone"), str) and federate_raw["backbone"] not in (
-            "tiny", "small", "base") and not federate_raw["backbone"].startswith("hf://"):
-        federate_raw["backbone"] = _path(base_dir, federate_raw["backbone"])
+    backbone = federate_raw.get("backbone")
+    if isinstance(backbone, str) and _is_file_path(backbone):
+        federate_raw["backbone"] = _path(base_dir, backbone)
     parsed = _parse_table(source, "federate", "federate", federate_raw,
                           required={"data": prepared or "-", "out": "-"})
     device = str(parsed["device"])

@@ -34,7 +34,7 @@ from cmrfed.eval.evaluate import evaluate_run
 from cmrfed.eval.report import compare_runs
 from cmrfed.faults import fault_point
 from cmrfed.fed.inprocess import federate
-from cmrfed.model.cinema import backbone_fingerprint, load_backbone
+from cmrfed.model.cinema import SIZES, backbone_fingerprint, load_backbone
 from cmrfed.study.config import StudyConfig, grid_settings
 from cmrfed.study.plan import Cell, config_key, plan_cells, setting_name
 from cmrfed.study.report import StudyReport, write_study_report
@@ -89,7 +89,7 @@ def _fingerprints(cells: tuple[Cell, ...], shape: tuple[int, int, int]) -> dict[
             continue
         out[key] = backbone_fingerprint(load_backbone(cell.config.backbone, input_shape=shape,
                                                       seed=cell.config.seed))
-        if cell.config.backbone not in ("tiny", "small", "base"):
+        if cell.config.backbone not in SIZES:  # weights read from a file do not depend on the seed
             by_file[cell.config.backbone] = out[key]
     return out
 

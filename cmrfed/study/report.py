@@ -401,7 +401,8 @@ body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;mar
 max-width:1400px;padding:0 1em;color:#1d2430;line-height:1.4}
 h1{font-size:1.6em;margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px solid #d8dde6}
 table{border-collapse:collapse;font-size:.82em;margin:.6em 0;display:block;overflow-x:auto}
-th,td{border:1px solid #d8dde6;padding:.3em .55em;text-align:right;white-space:pre-line}
+th,td{border:1px solid #d8dde6;padding:.3em .55em;text-align:right;white-space:pre}
+th{white-space:normal;min-width:4em}
 th{background:#eef1f6}td:first-child,th:first-child{text-align:left}
 tr.reference td{background:#f6f9ee}ul.notes{font-size:.9em;color:#3b4556}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #e4e7ee}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -17,6 +18,10 @@ from rich.markup import escape
 from cmrfed import __version__
 from cmrfed.errors import CmrfedError, UsageError, from_os_error
 from cmrfed.validate import ValidatedCommand
+
+if TYPE_CHECKING:
+    from cmrfed.data.prepare import PrepareOptions
+    from cmrfed.fed.config import FederateConfig
 
 err_console = Console(stderr=True)
 
@@ -113,18 +118,29 @@ def prepare(acdc: str | None, mnms: str | None, mnms2: str | None, out: str, spa
             tables: str | None) -> None:
     """Read ACDC / M&Ms-1 / M&Ms-2 as downloaded into per-vendor HDF5 shards + manifest.json."""
 
-    from cmrfed.data.prepare import PrepareOptions, parse_split
     from cmrfed.data.prepare import prepare as run_prepare
 
-    def as_path(text: str | None) -> Path | None:
-        return Path(text) if text is not None else None
+    run_prepare(prepare_options(dict(
+        out=out, acdc=acdc, mnms=mnms, mnms2=mnms2, spacing=spacing, shape=shape, split=split,
+        seed=seed, workers=workers, skip_invalid=skip_invalid, overwrite=overwrite, tables=tables,
+    )))
 
-    run_prepare(PrepareOptions(
-        out=Path(out), acdc=as_path(acdc), mnms=as_path(mnms), mnms2=as_path(mnms2),
-        spacing=_float_triple(spacing, "--spacing"), shape=_int_triple(shape, "--shape"),
-        split=parse_split(split), seed=seed, workers=workers, skip_invalid=skip_invalid,
-        overwrite=overwrite, tables=as_path(tables),
-    ))
+
+def prepare_options(options: dict[str, object]) -> PrepareOptions:
+    """The PrepareOptions of parsed `prepare` options (the `prepare` and `study` commands)."""
+    from cmrfed.data.prepare import PrepareOptions, parse_split
+
+    def as_path(text: object) -> Path | None:
+        return Path(str(text)) if text is not None else None
+
+    return PrepareOptions(
+        out=Path(str(options["out"])), acdc=as_path(options["acdc"]), mnms=as_path(options["mnms"]),
+        mnms2=as_path(options["mnms2"]), spacing=_float_triple(str(options["spacing"]), "--spacing"),
+        shape=_int_triple(str(options["shape"]), "--shape"), split=parse_split(str(options["split"])),
+        seed=int(options["seed"]), workers=int(options["workers"]),  # type: ignore[call-overload]
+        skip_invalid=bool(options["skip_invalid"]), overwrite=bool(options["overwrite"]),
+        tables=as_path(options["tables"]),
+    )
 
 
 @cli.command()
@@ -165,25 +181,40 @@ def prepare(acdc: str | None, mnms: str | None, mnms2: str | None, out: str, spa
 @click.option("--overwrite", is_flag=True, help="Replace an existing RUN folder.")
 def federate(**options: object) -> None:
     """Federated LoRA fine-tuning, every vendor a client, in this process."""
-    from cmrfed.fed.config import FederateConfig, parse_blocks
+    from cmrfed.fed.config import FederateConfig
     from cmrfed.fed.inprocess import federate as run_federate
 
     device, out = options.pop("device"), options.pop("out")
     resume, overwrite = options.pop("resume"), options.pop("overwrite")
-    if options["data"] is not None:
-        options["data"] = str(Path(str(options["data"])).resolve())
-    options["blocks"] = parse_blocks(str(options["blocks"]))
-    options["targets"] = tuple(t.strip() for t in str(options["targets"]).split(",") if t.strip())
-    if options["data"] is None and not resume:
-        FederateConfig(**{**options, "data": ""})  # type: ignore[arg-type]  # other bad options first
-        raise UsageError("federate needs --data PREPARED (the folder written by `cmrfed prepare`)")
+    values = federate_options(options)
     if resume:
         from cmrfed.fed.runlog import resume_options
 
-        options = resume_options(Path(str(out)), bool(overwrite), options,
-                                 typed=_typed(click.get_current_context()))
-    config = FederateConfig(**options)  # type: ignore[arg-type]
-    run_federate(config, out, device=device, resume=resume, overwrite=overwrite)
+        values = resume_options(Path(str(out)), bool(overwrite), values,
+                                typed=_typed(click.get_current_context()))
+    elif values["data"] is None:
+        FederateConfig(**{**values, "data": ""})  # other bad options are reported first
+        raise UsageError("federate needs --data PREPARED (the folder written by `cmrfed prepare`)")
+    run_federate(FederateConfig(**values), out, device=device, resume=resume, overwrite=overwrite)
+
+
+def federate_options(options: dict[str, object]) -> dict[str, object]:
+    """Parsed `federate` options as FederateConfig's fields (the `federate` and `study` commands)."""
+    from cmrfed.fed.config import parse_blocks
+
+    options = dict(options)
+    if options.get("data") is not None:
+        options["data"] = str(Path(str(options["data"])).resolve())
+    options["blocks"] = parse_blocks(str(options["blocks"]))
+    options["targets"] = tuple(t.strip() for t in str(options["targets"]).split(",") if t.strip())
+    return options
+
+
+def federate_config(options: dict[str, object]) -> FederateConfig:
+    """The FederateConfig of parsed `federate` options."""
+    from cmrfed.fed.config import FederateConfig
+
+    return FederateConfig(**federate_options(options))  # type: ignore[arg-type]
 
 
 @cli.command()
@@ -342,12 +373,42 @@ flower_run.params[:0] = [p for p in federate.params
 @click.option("--out", default="cmrfed-demo", show_default=True, type=click.Path(path_type=str),
               help="Folder for the cohort, prepared data, runs and report.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-def demo(out: str, overwrite: bool) -> None:
-    """The whole pipeline on a synthetic cohort: synth, prepare, federate (duallora, fedlora,
-    ffalora x 5 seeds), evaluate, compare --test wilcoxon."""
+@click.option("--resume", is_flag=True, help="Continue an interrupted demo.")
+def demo(out: str, overwrite: bool, resume: bool) -> None:
+    """The whole pipeline on a synthetic cohort: synth, then the built-in demo study (prepare,
+    federate duallora, fedlora, ffalora x 5 seeds x blocks, evaluate, compare, report)."""
     from cmrfed.demo import run_demo
 
-    run_demo(out, overwrite=overwrite)
+    run_demo(out, overwrite=overwrite, resume=resume)
+
+
+@cli.command()
+@click.argument("study_file", required=False, type=click.Path(path_type=str))
+@click.option("--out", type=click.Path(path_type=str), help="STUDY folder to write.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted study: complete cells are kept.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing STUDY folder.")
+@click.option("--device", default=None, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Device of every run [the study file's [federate] device, else auto].")
+@click.option("--template", is_flag=False, flag_value="example", default=None,
+              type=click.Choice(["example", "demo"]),
+              help="Print a commented study file (the paper's setting), or `--template demo` the demo's.")
+def study(study_file: str | None, out: str | None, resume: bool, overwrite: bool, device: str | None,
+          template: str | None) -> None:
+    """Run a declared grid of federated runs (methods x seeds x blocks x ranks), evaluate and
+    compare them, and write STUDY/report/ (tables, figures, report.html). Resumable."""
+    from cmrfed.errors import UsageError
+    from cmrfed.study import template_text
+
+    if template is not None:
+        click.echo(template_text(template), nl=False)
+        return
+    if study_file is None or out is None:
+        raise UsageError("give a study file and --out STUDY (write an example with "
+                         "`cmrfed study --template`)")
+    from cmrfed.study.config import load_study
+    from cmrfed.study.runner import run_study
+
+    run_study(load_study(study_file), out, resume=resume, overwrite=overwrite, device=device)
 
 
 # --- end of commands -----------------------------------------------------------------------

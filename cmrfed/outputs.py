@@ -56,15 +56,21 @@ def _is_cohort(folder: Path) -> bool:
 
 
 def _is_study(folder: Path) -> bool:
-    raw = _json(paths.study_marker_path(folder))
-    return raw is not None and raw.get("created_by") == "cmrfed demo"
+    raw = _json(paths.study_record_path(folder))
+    return raw is not None and raw.get("created_by") == "cmrfed study"
+
+
+def _is_demo(folder: Path) -> bool:
+    """``cmrfed demo``'s OUT: its cohort/ and the study/ it runs on it."""
+    return _is_cohort(folder / "cohort") or _is_study(folder / "study")
 
 
 COHORT = OutputKind("synthetic cohort", "cmrfed synth", _is_cohort)
 PREPARED = OutputKind("PREPARED folder", "cmrfed prepare", _is_prepared)
 RUN = OutputKind("RUN folder", "cmrfed federate", _is_run)
 REPORT = OutputKind("REPORT folder", "cmrfed compare", _is_report)
-STUDY = OutputKind("demo folder", "cmrfed demo", _is_study)
+STUDY = OutputKind("STUDY folder", "cmrfed study", _is_study)
+DEMO = OutputKind("demo folder", "cmrfed demo", _is_demo)
 
 
 def visible_entries(folder: Path) -> list[str]:

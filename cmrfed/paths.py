@@ -128,11 +128,6 @@ def report_figure_path(report: Path, name: str) -> Path:
 
 
 # the demo study (``cmrfed demo``)
-def study_marker_path(study: Path) -> Path:
-    """What ``cmrfed demo`` writes first into its OUT (and completes last): marks it as its own."""
-    return Path(study) / "demo.json"
-
-
 # synthetic cohort (``cmrfed synth``)
 SYNTH_SUMMARY = "synth_summary.json"
 
@@ -140,3 +135,32 @@ SYNTH_SUMMARY = "synth_summary.json"
 def synth_summary_path(cohort: Path) -> Path:
     """What ``cmrfed synth`` wrote into its OUT: every subject, the planted duplicate, options."""
     return Path(cohort) / SYNTH_SUMMARY
+
+
+# studies (``cmrfed study``)
+def study_record_path(study: Path) -> Path:
+    """STUDY/study.json: the resolved study, every cell's state and where its run is."""
+    return Path(study) / "study.json"
+
+
+def study_prepared_dir(study: Path) -> Path:
+    """Where a study that starts from raw datasets prepares them."""
+    return Path(study) / "prepared"
+
+
+def study_runs_dir(study: Path) -> Path:
+    return Path(study) / "runs"
+
+
+def study_run_dir(study: Path, cell: str) -> Path:
+    return study_runs_dir(study) / cell
+
+
+def study_compare_dir(study: Path, setting: str) -> Path:
+    """STUDY/compare/<setting>/: the `compare` report of one (blocks, rank) setting."""
+    return Path(study) / "compare" / setting
+
+
+def study_report_dir(study: Path) -> Path:
+    """STUDY/report/: the main and ablation tables, figures and report.html."""
+    return Path(study) / "report"

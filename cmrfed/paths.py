@@ -49,6 +49,12 @@ def private_tensors_path(run: Path, client: str, which: str = "final") -> Path:
     return Path(run) / which / "clients" / client / "private.safetensors"
 
 
+def run_staging_dir(run: Path) -> Path:
+    """``federate --overwrite``: the new run is built here, beside RUN, and swapped in at the end."""
+    run = Path(run)
+    return run.with_name(f".{run.name}.overwrite")
+
+
 def checkpoint_dir(run: Path) -> Path:
     return Path(run) / "checkpoint"
 
@@ -121,6 +127,7 @@ def report_figure_path(report: Path, name: str) -> Path:
     return Path(report) / f"{name}.png"
 
 
+# the demo study (``cmrfed demo``)
 # synthetic cohort (``cmrfed synth``)
 SYNTH_SUMMARY = "synth_summary.json"
 
@@ -128,3 +135,32 @@ SYNTH_SUMMARY = "synth_summary.json"
 def synth_summary_path(cohort: Path) -> Path:
     """What ``cmrfed synth`` wrote into its OUT: every subject, the planted duplicate, options."""
     return Path(cohort) / SYNTH_SUMMARY
+
+
+# studies (``cmrfed study``)
+def study_record_path(study: Path) -> Path:
+    """STUDY/study.json: the resolved study, every cell's state and where its run is."""
+    return Path(study) / "study.json"
+
+
+def study_prepared_dir(study: Path) -> Path:
+    """Where a study that starts from raw datasets prepares them."""
+    return Path(study) / "prepared"
+
+
+def study_runs_dir(study: Path) -> Path:
+    return Path(study) / "runs"
+
+
+def study_run_dir(study: Path, cell: str) -> Path:
+    return study_runs_dir(study) / cell
+
+
+def study_compare_dir(study: Path, setting: str) -> Path:
+    """STUDY/compare/<setting>/: the `compare` report of one (blocks, rank) setting."""
+    return Path(study) / "compare" / setting
+
+
+def study_report_dir(study: Path) -> Path:
+    """STUDY/report/: the main and ablation tables, figures and report.html."""
+    return Path(study) / "report"

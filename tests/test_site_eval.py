@@ -99,7 +99,7 @@ def test_merged_site_evaluations_equal_the_pooled_evaluation(runs, small_prepare
     assert {k: v for k, v in merged.items() if k not in POOLED_ONLY} == \
         {k: v for k, v in pooled.items() if k not in POOLED_ONLY}
     assert merged["pooled"]["ci95"] == pooled["pooled"]["ci95"]
-    assert merged["pooled"]["sites"] == clients_of(runs[method])
+    assert merged["pooled"]["clients"] == clients_of(runs[method])
     # the rows are exactly the pooled rows of each site's own model and the shared-only model
     own_or_shared = [r for r in pooled_rows if r["model"] in (r["client"], SHARED_MODEL)]
     assert merged_rows == own_or_shared
@@ -127,7 +127,7 @@ def test_a_site_may_send_metrics_only(runs, small_prepared, tmp_path):
     assert merged["shared_only"] == pooled["shared_only"]
     assert merged["sources"]["ge"] == "metrics"
     others = [c for c in clients_of(runs["duallora"]) if c != "ge"]
-    assert merged["pooled"]["sites"] == others
+    assert merged["pooled"]["clients"] == others
     assert "ge" in merged["pooled"]["note_sites"]
     assert merged["test_subjects"]["ge"] is None
 

@@ -32,6 +32,7 @@ from cmrfed.eval.site import (
 )
 from cmrfed.fed.client import Client
 from cmrfed.fed.task import build_clients, build_run_model, resolve_device
+from cmrfed.lock import folder_lock
 from cmrfed.provenance import versions
 
 EVAL_FORMAT_VERSION = 1
@@ -77,27 +78,50 @@ def evaluate_run(
     n_boot: int = 1000,
     device: str = "auto",
     console: Console | None = None,
+    data: str | Path | None = None,
 ) -> EvalSummary:
     """Evaluate a finished RUN and write RUN/eval/predictions.csv and RUN/eval/metrics.json.
 
     Each site is scored by :func:`score_site` and the results merged by :func:`merge_sites`,
     exactly as a consortium does site by site; only the cross-site matrix is extra here.
+
+    ``data`` points at the run's PREPARED folder when it has moved since the run (its manifest
+    must be the one the run was trained on). RUN is locked while it is evaluated. A client with
+    no subjects in the evaluated split has no metrics: ``absent`` says why, and ``pooled`` and
+    ``macro`` name the clients they cover.
     """
-    console = console or Console()
+    load_run(run)  # a missing or unfinished RUN is refused before anything (a lock) is written
+    with folder_lock(run):
+        return _evaluate(run, split, which, threshold, n_boot, device, console or Console(),
+                         prepared=data)
+
+
+def _prepared_of(run_path: Path, recorded: Path, data: str | Path | None) -> Path:
+    if data is not None:
+        return Path(data).expanduser().resolve()
+    if not paths.manifest_path(recorded).exists():
+        raise DataError(f"{run_path}: its PREPARED folder {recorded} is gone (moved or deleted); "
+                        "pass --data PATH to evaluate against that data where it is now")
+    return recorded
+
+
+def _evaluate(run: str | Path, split: str, which: str, threshold: str, n_boot: int, device: str,
+              console: Console, prepared: str | Path | None) -> EvalSummary:
     if split not in ("test", "val"):
         raise UsageError(f"--split must be test or val, not {split!r}")
     check_threshold(threshold)
     info = load_run(run)
-    manifest = load_manifest(info.prepared)
+    prepared = _prepared_of(info.path, info.prepared, prepared)
+    manifest = load_manifest(prepared)
     if manifest.sha256 != info.manifest_sha256:
-        raise DataError(f"{info.prepared}: the prepared data changed since run {info.path} was "
-                        "trained (manifest sha256 differs); evaluate against the data it used")
+        raise DataError(f"{prepared}: not the prepared data run {info.path} was trained on "
+                        "(manifest sha256 differs); evaluate against the data it used")
     shared, private = load_states(info, which)
     cfg = info.config
     torch_device = resolve_device(device)
     run_model = build_run_model(cfg, tuple(manifest.shape))
     model = run_model.model.to(torch_device)
-    clients, data = build_clients(cfg, info.prepared, manifest, run_model, torch_device)
+    clients, data = build_clients(cfg, prepared, manifest, run_model, torch_device)
     for client in clients:
         client.set_shared(shared)
         client.set_private(private[client.name])
@@ -110,13 +134,16 @@ def evaluate_run(
     results = [score_site(c, shared_only, model, data[c.name], split, threshold, n_boot, cfg.seed,
                           torch_device) for c in clients]
     cross = {c.name: {d: Scores.of(data[d][split], c.predict(model, data[d][split], torch_device))
-                      for d in data} for c in clients}
+                      for d in data if len(data[d][split])} for c in clients}
     merged = merge_sites(results, [c.name for c in clients], split, threshold, n_boot, cfg.seed,
                          cross=cross)
     out = write_eval(info, {**eval_header(info, split, which, "cmrfed evaluate"), **merged.fields},
                      merged.rows)
     fields = merged.fields
     print_table(console, info.method, split, fields["per_client"], fields["macro"], fields["shared_only"])
+    if fields["absent"]:
+        console.print(f"no metrics for {', '.join(fields['absent'])}: no subjects in their {split} split; "
+                      f"pooled and macro cover {', '.join(fields['macro']['clients'])}", highlight=False)
     return EvalSummary(out, fields["per_client"], fields["macro"])
 
 

@@ -14,7 +14,9 @@ a merged evaluation equals the pooled one bit for bit:
 - sites are merged in the run's site order (run.json), whatever order they arrive in.
 
 A site that sends metrics only contributes its own metrics to ``per_client`` and ``macro``;
-``pooled`` then covers only the sites that sent predictions and says which (``pooled.sites``).
+``pooled`` then covers only the sites that sent predictions and says which (``pooled.clients``).
+A site with no subjects in the evaluated split has no metrics at all: it is listed under
+``absent`` with the reason, and ``pooled`` and ``macro`` name the clients they cover.
 """
 
 from __future__ import annotations
@@ -76,10 +78,11 @@ class SiteResult:
     shared_metrics: dict[str, float] | None
     own: Scores | None
     shared: dict[str, Scores] | None
+    absent: str | None = None  # why the site has no metrics (no subjects in the split)
 
     @property
     def metrics_only(self) -> bool:
-        return self.own is None
+        return self.own is None and self.absent is None
 
 
 def with_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, n_boot: int, seed: int) -> dict:
@@ -119,8 +122,8 @@ def score_site(
     check_threshold(threshold, metrics_only)
     name = model_owner.name
     if len(data[split]) == 0:
-        raise DataError(f"client {name!r} has no {split} subjects; re-run `cmrfed prepare` with "
-                        "other --split fractions")
+        return SiteResult(name, participation, 0.5, {}, None, None, None,
+                          absent=f"no subjects in its {split} split")
     own = Scores.of(data[split], model_owner.predict(model, data[split], device))
     own_threshold = 0.5
     if threshold == "youden-val":
@@ -186,6 +189,10 @@ def merge_sites(
     if sorted(by_name) != sorted(order) or len(results) != len(order):
         raise DataError(f"the per-site results name {sorted(r.client for r in results)}, the run has "
                         f"{list(order)}; merge exactly one result per site of the run")
+    absent = {r.client: r.absent for r in results if r.absent is not None}
+    if len(absent) == len(order):
+        raise DataError(f"no client has {split} subjects; re-run `cmrfed prepare` with other --split "
+                        "fractions or more subjects")
     sites = [by_name[c] for c in order]
     thresholds = {r.client: r.threshold for r in sites}
     has_shared = any(r.shared is not None or r.shared_metrics is not None for r in sites)
@@ -193,8 +200,9 @@ def merge_sites(
         if threshold == "0.5":
             thresholds[SHARED_MODEL] = 0.5
         else:
-            y = np.concatenate([r.shared["val"].labels for r in sites])  # type: ignore[index]
-            p = np.concatenate([r.shared["val"].probs for r in sites])  # type: ignore[index]
+            with_val = [r for r in sites if r.shared is not None]
+            y = np.concatenate([r.shared["val"].labels for r in with_val])  # type: ignore[index]
+            p = np.concatenate([r.shared["val"].probs for r in with_val])  # type: ignore[index]
             if len(np.unique(y)) < 2:
                 raise DataError(f"--threshold youden-val: the val split of {SHARED_MODEL!r} lacks one class")
             thresholds[SHARED_MODEL] = float(youden_threshold(y, p))
@@ -208,6 +216,8 @@ def merge_sites(
 
     per_client, shared_rows = {}, {}
     for r in sites:
+        if r.absent is not None:
+            continue
         per_client[r.client] = r.metrics
         if r.own is not None:
             add_rows(r.client, r.client, r.own)
@@ -222,14 +232,14 @@ def merge_sites(
         cross_site = {}
         for m in order:
             cross_site[m] = {}
-            for d in order:
+            for d in (c for c in order if c not in absent):
                 scores = cross[m][d]
                 cross_site[m][d] = binary_metrics(scores.labels, scores.probs, thresholds[m])
                 if m != d:
                     add_rows(m, d, scores)
 
     covered = [r for r in sites if r.own is not None]
-    pooled: dict[str, Any] = {"sites": [r.client for r in covered]}
+    pooled: dict[str, Any] = {"clients": [r.client for r in covered]}
     if covered:
         y_all = np.concatenate([r.own.labels for r in covered])  # type: ignore[union-attr]
         p_all = np.concatenate([r.own.probs for r in covered])  # type: ignore[union-attr]
@@ -242,20 +252,23 @@ def merge_sites(
             pooled.update({**binary_metrics(y_all, predicted, 0.5), "auc": float("nan"),
                            "note": "each subject thresholded by its own site's Youden threshold; "
                                    "AUC not pooled"})
-    if len(covered) < len(sites):
-        pooled["note_sites"] = ("sites " + ", ".join(r.client for r in sites if r.own is None)
+    if any(r.metrics_only for r in sites):
+        pooled["note_sites"] = ("sites " + ", ".join(r.client for r in sites if r.metrics_only)
                                 + " sent metrics only: pooled covers the others")
-    macro = {m: _nanmean([per_client[c][m] for c in order]) for m in METRICS}
+    macro: dict[str, Any] = {m: _nanmean([per_client[c][m] for c in per_client]) for m in METRICS}
+    macro["clients"] = list(per_client)
     fields = {
         "threshold": {"mode": threshold, "per_model": thresholds},
         "n_boot": n_boot,
         "per_client": per_client,
+        "absent": absent,
         "pooled": pooled,
         "macro": macro,
         "cross_site": cross_site,
         "shared_only": shared_rows or None,
         "test_subjects": {r.client: list(r.own.subject_ids) if r.own is not None else None for r in sites},
-        "sources": {r.client: "metrics" if r.own is None else "predictions" for r in sites},
+        "sources": {r.client: "absent" if r.absent else "metrics" if r.own is None else "predictions"
+                    for r in sites},
     }
     return Merged(fields, sorted(rows, key=lambda row: (row[2], row[1], row[0])))
 

@@ -125,6 +125,7 @@ def evaluate_site(
         "n_boot": n_boot,
         "metrics_only": metrics_only,
         "metrics": result.metrics,
+        "absent": result.absent,
         "shared_metrics": result.shared_metrics,
         "versions": versions(),
     }
@@ -166,7 +167,8 @@ def read_site_eval(folder: Path) -> SiteEvalRecord:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{folder}: not a site evaluation of `cmrfed evaluate --client` ({exc})") from exc
     own = shared = None
-    if not metrics_only:
+    absent = raw.get("absent")
+    if not metrics_only and absent is None:
         rows = read_rows(paths.site_predictions_path(folder))
         own = scores_from_rows(rows, client, split)
         if own is None:
@@ -174,7 +176,7 @@ def read_site_eval(folder: Path) -> SiteEvalRecord:
         shared = {part: s for part in (split, "val")
                   if (s := scores_from_rows(rows, SHARED_MODEL, part)) is not None} or None
     result = SiteResult(client, str(raw.get("participation", MEMBER)), own_threshold, metrics,
-                        shared_metrics, own, shared)
+                        shared_metrics, own, shared, absent=absent)
     return SiteEvalRecord(folder, raw, result)
 
 
@@ -303,7 +305,7 @@ def check_evaluate_modes(site_evals: tuple[str, ...] | list[str], *, client: str
         if data is None:
             raise UsageError("--client needs --data: the site's own PREPARED folder")
         return "site"
-    stray = [k for k, v in site_only.items() if v is not None]
+    stray = [k for k, v in site_only.items() if v is not None and k != "--data"]
     if stray:
         raise UsageError(f"{', '.join(stray)} go with --client SITE")
     return "pooled"

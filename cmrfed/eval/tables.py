@@ -148,7 +148,8 @@ def load_evaluation(run: str | Path) -> RunEvaluation:
                      for key, value in block.items()}
             for client, block in doc["per_client"].items()
         }
-        macro = {k: _nan_for_null(v) for k, v in doc["macro"].items()}
+        # ``macro`` also names the clients it covers (``clients``): only metrics are numbers
+        macro = {k: _nan_for_null(v) for k, v in doc["macro"].items() if k != "clients"}
         split, round_choice = str(doc["split"]), str(doc["round"])
         round_index, threshold_mode = int(doc["round_index"]), str(doc["threshold"]["mode"])
     except (ValueError, KeyError, TypeError) as exc:

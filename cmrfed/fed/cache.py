@@ -19,6 +19,7 @@ serves every method and every run seed of a study; validation and test use the p
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from torch import nn
 from cmrfed.atomic import atomic_file
 from cmrfed.data.augment import AugmentSpec, augment_batch
 from cmrfed.data.shards import load_split
+from cmrfed.errors import DataError
 from cmrfed.fed.views import row_ids
 from cmrfed.paths import feature_cache_dir
 
@@ -139,7 +141,13 @@ def load_or_compute(
             hidden = skips = torch.zeros(0)
         computed[split] = CachedSplit(arrays.subject_ids, arrays.labels, hidden, skips,
                                       arrays.window_subject)
-    _write(path, computed, shard_sha256, key)
+    try:
+        _write(path, computed, shard_sha256, key)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise DataError(f"cannot write the feature cache {path} ({exc.strerror}): the PREPARED "
+                        f"folder {prepared} is read-only; pass --no-cache, or make it writable") from exc
     stored = _read(path, splits, shard_sha256, key.dtype)
     assert stored is not None  # just written
     return stored

@@ -3,6 +3,7 @@ stages (evaluate, compare, resume) as a frozen dataclass rather than a raw dict.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -90,8 +91,15 @@ class FederateConfig:
             raise UsageError("--lr must be positive")
         if self.cache_dtype not in CACHE_DTYPES:
             raise UsageError(f"--cache-dtype must be one of {', '.join(CACHE_DTYPES)}")
+        if not self.targets:
+            raise UsageError(f"--targets is empty; name some of {', '.join(DEFAULT_TARGETS)}, "
+                             "comma-separated")
+        for option, number in (("--lr", self.lr), ("--weight-decay", self.weight_decay),
+                               ("--alpha", self.alpha), ("--local-alpha", self.local_alpha)):
+            if number is not None and not math.isfinite(number):
+                raise UsageError(f"{option} {number}: must be a finite number")
         unknown = sorted(set(self.targets) - set(DEFAULT_TARGETS))
-        if not self.targets or unknown:
+        if unknown:
             raise UsageError(
                 f"--targets must name some of {', '.join(DEFAULT_TARGETS)} (got unknown {unknown})"
             )

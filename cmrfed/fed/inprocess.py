@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from cmrfed import paths
-from cmrfed.atomic import atomic_file, write_json
+from cmrfed.atomic import atomic_file, json_text, write_json
 from cmrfed.data.shards import load_manifest
 from cmrfed.errors import DataError, UsageError
 from cmrfed.faults import fault_point
@@ -34,6 +34,7 @@ from cmrfed.fed.runlog import (
     append_round,
     client_round_record,
     has_score,
+    open_run_folder,
     round_line,
     round_record,
     run_record,
@@ -157,7 +158,24 @@ def federate(
     overwrite: bool = False,
     console: Console | None = None,
 ) -> RunSummary:
-    """Run ``cfg.rounds`` federated rounds in this process and write the RUN folder."""
+    """Run ``cfg.rounds`` federated rounds in this process and write the RUN folder.
+
+    RUN is locked for the whole run; an ``--overwrite`` is built beside RUN and swapped in at the
+    end (:func:`cmrfed.fed.runlog.open_run_folder`)."""
+    with open_run_folder(Path(out), overwrite=overwrite, resume=resume) as folder:
+        summary = _federate_into(cfg, folder.work, device, resume=folder.resume, console=console)
+    return replace(summary, out=folder.final)
+
+
+def _federate_into(
+    cfg: FederateConfig,
+    out: Path,
+    device: str = "auto",
+    resume: bool = False,
+    overwrite: bool = False,
+    console: Console | None = None,
+) -> RunSummary:
+    """The rounds, written into the work folder ``out`` that :func:`federate` chose."""
     console = console or Console()
     out = Path(out)
     prepared = Path(cfg.data)
@@ -289,7 +307,7 @@ def _truncate_rounds_log(out: Path, completed: int) -> list[dict[str, Any]]:
         if record["round"] <= completed:
             records.append(record)
     with atomic_file(log) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        tmp.write_text("".join(json_text(r) + "\n" for r in records), encoding="utf-8")
     return records
 
 

@@ -34,10 +34,15 @@ NOT_STUDY_KEYS = {
                  "overwrite": "pass --overwrite to `cmrfed study`"},
     "prepare": {"out": "the study prepares into STUDY/prepared",
                 "overwrite": "pass --overwrite to `cmrfed study`"},
-    "evaluate": {"device": "pass --device to `cmrfed study` or set device in [federate]"},
+    "evaluate": {"device": "pass --device to `cmrfed study` or set device in [federate]",
+                 **dict.fromkeys(("client", "private", "data", "out", "metrics-only", "merge",
+                                  "member-run"),
+                                 "a study evaluates every site of its own runs; site-by-site "
+                                 "evaluation is `cmrfed evaluate --client`")},
     "compare": {"out": "the study writes STUDY/compare/ and STUDY/report/",
                 "overwrite": "pass --overwrite to `cmrfed study`"},
 }
+EVALUATE_KEYS = ("split", "which", "threshold", "n_boot")
 DATA_KEYS = ("prepared",)
 REPORT_KEYS = ("blocks", "rank", "title")
 
@@ -318,8 +323,7 @@ def parse_study(text: str, source: str, base_dir: Path) -> StudyConfig:
                               GRID_KEYS[axis]) for v in values] for axis, values in checked.items()}
 
     evaluate = _parse_table(source, "evaluate", "evaluate", raw.get("evaluate", {}), positional=["-"])
-    evaluate.pop("run")
-    evaluate.pop("device", None)
+    evaluate = {k: evaluate[k] for k in EVALUATE_KEYS}  # what the pooled evaluation takes
     compare = _parse_table(source, "compare", "compare", raw.get("compare", {}),
                            required={"out": "-", "test": "wilcoxon"}, positional=["-"])
     for key in ("runs", "out", "overwrite"):

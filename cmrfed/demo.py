@@ -1,6 +1,7 @@
 """``cmrfed demo``: the whole pipeline on a synthetic cohort, with no data or weights to download.
 
-synth -> prepare -> federate (duallora, fedlora, ffalora x several seeds, tiny random backbone)
+synth -> prepare -> federate (duallora, fedlora, ffalora x several seeds, the shipped tiny backbone
+pretrained by ``cmrfed pretrain`` on a synthetic cohort of its own)
 -> evaluate -> compare --test wilcoxon. The sizes are chosen so it finishes in minutes on two CPU
 cores; the numbers show the pipeline and the statistics working, not CineMA's accuracy (that
 needs the real weights: ``--backbone PATH`` on ``cmrfed federate``).
@@ -25,6 +26,7 @@ from cmrfed.eval.evaluate import evaluate_run
 from cmrfed.eval.report import ComparisonResult, compare_runs
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.inprocess import federate
+from cmrfed.model.cinema import TINY_PRETRAINED
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class DemoSettings:
     local_epochs: int = 3
     batch_size: int = 8
     lr: float = 3e-3
+    backbone: str = TINY_PRETRAINED
 
 
 def demo_paths(out: Path) -> dict[str, Path]:
@@ -83,7 +86,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, overwrite: b
             cfg = FederateConfig(
                 data=str(where["prepared"]), method=method, blocks=settings.blocks,
                 rank=settings.rank, rounds=settings.rounds, local_epochs=settings.local_epochs,
-                batch_size=settings.batch_size, lr=settings.lr, seed=seed, backbone="tiny",
+                batch_size=settings.batch_size, lr=settings.lr, seed=seed, backbone=settings.backbone,
             )
             run = where["runs"] / run_name(method, seed)
             federate(cfg, run, device="auto", console=console)

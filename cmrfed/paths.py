@@ -101,3 +101,9 @@ SYNTH_SUMMARY = "synth_summary.json"
 def synth_summary_path(cohort: Path) -> Path:
     """What ``cmrfed synth`` wrote into its OUT: every subject, the planted duplicate, options."""
     return Path(cohort) / SYNTH_SUMMARY
+
+
+# pretrained backbones (``cmrfed pretrain``)
+def pretrain_checkpoint_dir(backbone: Path) -> Path:
+    """The resumable state of ``cmrfed pretrain --out BACKBONE.safetensors``: BACKBONE.checkpoint/."""
+    return Path(backbone).with_suffix(".checkpoint")

@@ -218,3 +218,25 @@ def load_split(prepared: Path, client: str, split: str) -> SplitArrays:
     except (OSError, KeyError, ValueError, TypeError) as exc:
         raise DataError(f"{path}: unreadable shard ({exc}); {_RERUN}") from exc
     return SplitArrays(subject_ids=tuple(chosen), images=images, labels=labels)
+
+
+def load_images(prepared: Path, client: str, split: str) -> tuple[tuple[str, ...], np.ndarray]:
+    """(subject ids, images (n, 2, X, Y, Z)) of ``client``'s ``split``, sorted by subject_id.
+
+    Images only: no label or other subject attribute is read but ``split`` (self-supervised
+    pretraining must never see a label).
+    """
+    path = shard_path(prepared, client)
+    if not path.is_file():
+        raise DataError(f"{path}: shard missing; {_RERUN}")
+    try:
+        with h5py.File(path, "r") as shard:
+            shape = tuple(int(v) for v in shard.attrs["shape"])
+            subjects = shard[SUBJECTS_GROUP]
+            chosen = sorted(name for name in subjects if subjects[name].attrs["split"] == split)
+            images = np.empty((len(chosen), 2, *shape), dtype=np.float32)
+            for row, name in enumerate(chosen):
+                images[row] = subjects[name][IMAGE_DATASET][()]
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise DataError(f"{path}: unreadable shard ({exc}); {_RERUN}") from exc
+    return tuple(chosen), images

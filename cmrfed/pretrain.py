@@ -1,0 +1,358 @@
+"""``cmrfed pretrain``: CineMA's masked-autoencoder pretraining of the SAX encoder, on images only.
+
+CineMA's recipe (``cinema/mae/config.yaml`` and ``pretrain.py`` in mathpluscode/CineMA): mask
+ratio 0.75, the decoder of the encoder's size, MSE on hidden patches, AdamW betas (0.9, 0.95),
+weight decay 0.05 (not on biases, norms and tokens, timm's rule), lr 1e-3 with linear warm-up
+then half-cosine to 1e-6 updated every step, gradient clip 5.0, and with probability 0.5 a random
+affine (scale within 0.2 per axis, rotation about z in [-180, 180] degrees, translation up to
+48, 48, 0 voxels of 1 mm, i.e. 48 mm: converted to voxels with the data's spacing) followed by a
+min-max rescale. (CineMA's ``pretrain.py`` builds its transform from a zoom alone; its
+config lists the rotation and translation, which are what is implemented here.)
+
+Input channels. CineMA pretrains one frame per sample (one channel) and, when fine-tuning on ED
++ ES, repeats the first conv's weight over the two channels. With that copy the stem computes
+``W * ED + W * ES = W * (ED + ES)``: a frozen backbone then sees only the sum of the two frames
+and cannot tell a heart that contracts from one that does not, and cmrfed keeps the backbone
+frozen (only LoRA on the last blocks and the head train). So cmrfed pretrains on the pair the
+classifier reads: each sample is a subject's (ED, ES) as two channels, one mask for both, and
+the decoder reconstructs both frames of every hidden patch (CineMA's MAE code handles several
+input channels the same way: its pixel head predicts patch voxels x channels). The first conv is
+(C, 2, 4, 4, 1) and loads into the classifier's 2-channel stem as it is, with no repeat rule.
+
+Only the ``train`` split of each PREPARED folder is read, and only images (see
+:func:`cmrfed.data.shards.load_images`): labels never enter. Every random draw (shuffle,
+augmentation, masks) comes from a generator derived from (seed, epoch), and a checkpoint
+(model, optimiser, progress) is replaced atomically after every epoch, so ``--resume`` after a
+kill gives the same bytes as an uninterrupted run.
+
+Output: BACKBONE.safetensors holding the encoder alone under CineMA's keys (what ``--backbone
+PATH`` loads; the positional table is left out and rebuilt from its formula), in float32 or
+float16, with metadata: the recipe, the data's hashes, the seed, the masked reconstruction loss
+before and after, and the command that regenerates it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from safetensors.torch import load_file, save_file
+
+from cmrfed import paths
+from cmrfed.atomic import atomic_dir, atomic_file, write_json
+from cmrfed.data.shards import load_images, load_manifest, verify_shard
+from cmrfed.errors import DataError, UsageError
+from cmrfed.fed.client import derive_seed
+from cmrfed.fed.task import resolve_device
+from cmrfed.model.cinema import POS_EMBED_KEY, SIZES, build_encoder
+from cmrfed.model.lora import seeded_generator
+from cmrfed.model.mae import MASK_RATIO, MaskedAutoencoder, build_mae
+from cmrfed.provenance import versions
+
+OUTPUT_KIND = "cmrfed pretrained backbone"
+SPLIT = "train"
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything that shapes the weights (recorded in the output and the checkpoint)."""
+
+    data: tuple[str, ...]
+    size: str = "tiny"
+    epochs: int = 800
+    warmup_epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 5.0
+    mask_ratio: float = MASK_RATIO
+    aug_prob: float = 0.5
+    scale_range: float = 0.2
+    rotate_deg: float = 180.0
+    translate_mm: tuple[float, float, float] = (48.0, 48.0, 0.0)
+    seed: int = 0
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.size not in SIZES:
+            raise UsageError(f"--size {self.size!r}: choose one of {', '.join(SIZES)}")
+        if not self.data:
+            raise UsageError("--data: give at least one PREPARED folder")
+        if self.epochs < 1 or self.batch_size < 1 or not 0 <= self.warmup_epochs <= self.epochs:
+            raise UsageError("--epochs and --batch-size must be positive and --warmup-epochs "
+                             "between 0 and --epochs")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise UsageError(f"--mask-ratio {self.mask_ratio}: must be in [0, 1)")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PretrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in names})
+
+    def command(self, out: str) -> str:
+        """The ``cmrfed pretrain`` command line that makes these weights."""
+        data = [arg for folder in self.data for arg in ("--data", folder)]
+        parts = ["cmrfed", "pretrain", *data, "--size", self.size, "--epochs", str(self.epochs),
+                 "--warmup-epochs", str(self.warmup_epochs), "--batch-size", str(self.batch_size),
+                 "--lr", repr(self.lr), "--mask-ratio", repr(self.mask_ratio), "--seed", str(self.seed),
+                 "--dtype", self.dtype, "--out", out]
+        return shlex.join(parts)
+
+
+@dataclass(frozen=True)
+class PretrainData:
+    """The training images of every PREPARED folder, and what identifies them."""
+
+    images: torch.Tensor  # (n, 2, X, Y, Z) float32
+    spacing: tuple[float, float, float]
+    shape: tuple[int, int, int]
+    records: list[dict[str, Any]]
+
+
+def load_pretrain_data(folders: tuple[str, ...]) -> PretrainData:
+    """Every client's ``train`` images of every folder (checked against its manifest), in a fixed
+    order (folder, client, subject id). Labels are never read."""
+    arrays, records = [], []
+    shape = spacing = None
+    for folder in folders:
+        prepared = Path(folder)
+        manifest = load_manifest(prepared)
+        if shape is None:
+            shape, spacing = manifest.shape, manifest.spacing
+        elif (manifest.shape, manifest.spacing) != (shape, spacing):
+            raise UsageError(f"--data {folder}: prepared at shape {manifest.shape}, spacing "
+                             f"{manifest.spacing} but {folders[0]} at {shape}, {spacing}; prepare "
+                             f"every folder at the same --shape and --spacing")
+        count = 0
+        for client in manifest.clients:
+            verify_shard(prepared, manifest, client)
+            ids, images = load_images(prepared, client, SPLIT)
+            arrays.append(images)
+            count += len(ids)
+        records.append({"folder": prepared.name, "manifest_sha256": manifest.sha256,
+                        "shard_sha256": dict(manifest.shard_sha256), "n_train_images": count})
+    images = np.concatenate(arrays) if arrays else np.empty((0,))
+    if len(images) == 0:
+        raise DataError(f"--data {' '.join(folders)}: no subject in a train split; prepare the "
+                        f"pretraining cohort with e.g. --split 1,0,0")
+    assert shape is not None and spacing is not None
+    return PretrainData(torch.from_numpy(images), spacing, shape, records)
+
+
+# --- augmentation ----------------------------------------------------------------------------------
+def random_affine(images: torch.Tensor, spacing: tuple[float, float, float], cfg: PretrainConfig,
+                  generator: torch.Generator) -> torch.Tensor:
+    """With probability ``aug_prob`` per sample, resample (B, C, X, Y, Z) under a random affine in
+    millimetres (scale, rotation about z, translation; zero outside), then min-max each sample.
+
+    Every draw is made for every sample, so the stream does not depend on which were chosen.
+    """
+    batch = images.shape[0]
+    chosen = torch.rand(batch, generator=generator) < cfg.aug_prob
+    scale = 1 + (torch.rand(batch, 3, generator=generator) * 2 - 1) * cfg.scale_range
+    angle = (torch.rand(batch, generator=generator) * 2 - 1) * math.radians(cfg.rotate_deg)
+    shift = (torch.rand(batch, 3, generator=generator) * 2 - 1) * torch.tensor(cfg.translate_mm)
+    out = images.clone()
+    if chosen.any():
+        size = images.shape[2:]
+        half = torch.tensor([n * s / 2 for n, s in zip(size, spacing, strict=True)], dtype=torch.float64)
+        axes = [(torch.arange(n, dtype=torch.float64) * 2 + 1) / n - 1 for n in size]
+        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1) * half  # (X, Y, Z, 3) mm
+        for b in torch.nonzero(chosen).flatten().tolist():
+            cos, sin = math.cos(angle[b]), math.sin(angle[b])
+            rotation = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+            # output point p = R S q + t  ->  input point q = S^-1 R^T (p - t)
+            source = ((grid - shift[b].double()) @ rotation) / scale[b].double()
+            norm = (source / half).flip(-1).float()  # grid_sample wants (z, y, x) for (X, Y, Z) dims
+            out[b] = F.grid_sample(images[b:b + 1], norm.unsqueeze(0), mode="bilinear",
+                                   padding_mode="zeros", align_corners=False)[0]
+    low = out.amin(dim=(1, 2, 3, 4), keepdim=True)
+    high = out.amax(dim=(1, 2, 3, 4), keepdim=True)
+    return (out - low) / (high - low).clamp_min(1e-8)
+
+
+# --- optimisation ----------------------------------------------------------------------------------
+def learning_rate(cfg: PretrainConfig, progress: float) -> float:
+    """Linear warm-up over ``warmup_epochs`` then half-cosine to ``min_lr`` (``progress`` in epochs)."""
+    if progress < cfg.warmup_epochs:
+        return cfg.lr * progress / cfg.warmup_epochs
+    span = max(cfg.epochs - cfg.warmup_epochs, 1e-12)
+    cosine = math.cos(math.pi * (progress - cfg.warmup_epochs) / span)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + cosine)
+
+
+def build_optimizer(mae: MaskedAutoencoder, cfg: PretrainConfig) -> torch.optim.AdamW:
+    """AdamW with no weight decay on biases, norms and tokens (timm's ``param_groups_weight_decay``)."""
+    decay, plain = [], []
+    for name, param in mae.named_parameters():
+        if not param.requires_grad:
+            continue
+        (plain if param.ndim <= 1 or name.endswith("token") else decay).append(param)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": plain, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+
+
+@torch.no_grad()
+def masked_loss(mae: MaskedAutoencoder, images: torch.Tensor, seed: int, device: torch.device,
+                batch_size: int = 64) -> float:
+    """Mean masked reconstruction MSE over ``images`` with fixed masks and no augmentation: the
+    same number before and after training measures what pretraining learnt."""
+    generator = seeded_generator(seed, "evaluation-masks")
+    mae.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].to(device)
+        loss, _, _ = mae(batch, generator)
+        total += loss.item() * len(batch)
+        count += len(batch)
+    mae.train()
+    return total / count
+
+
+# --- checkpoint ------------------------------------------------------------------------------------
+def _write_checkpoint(folder: Path, mae: MaskedAutoencoder, optimizer: torch.optim.Optimizer,
+                      cfg: PretrainConfig, progress: dict[str, Any]) -> None:
+    """Model, optimiser and progress after an epoch, replaced atomically as one folder."""
+    state = optimizer.state_dict()
+    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in mae.state_dict().items()}
+    for index, slots in state["state"].items():
+        for slot, value in slots.items():
+            tensors[f"optim/{index}/{slot}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    with atomic_dir(folder, overwrite=True) as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        write_json(tmp / "config.json", cfg.to_dict())
+        write_json(tmp / "progress.json", {**progress, "param_groups": state["param_groups"]})
+
+
+def _read_checkpoint(folder: Path, mae: MaskedAutoencoder, optimizer: torch.optim.Optimizer,
+                     device: torch.device) -> dict[str, Any]:
+    try:
+        progress = json.loads((folder / "progress.json").read_text(encoding="utf-8"))
+        tensors = load_file(str(folder / "state.safetensors"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{folder}: unreadable checkpoint ({exc}); start again without --resume") from exc
+    mae.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+    slots: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, index, slot = key.split("/")
+            slots.setdefault(int(index), {})[slot] = value.to(device) if slot != "step" else value
+    optimizer.load_state_dict({"state": slots, "param_groups": progress.pop("param_groups")})
+    return progress
+
+
+def _check_resume(cfg: PretrainConfig, folder: Path) -> None:
+    config = folder / "config.json"
+    if not config.is_file():
+        raise UsageError(f"{folder}: no checkpoint to resume; start without --resume")
+    recorded = PretrainConfig.from_dict(json.loads(config.read_text(encoding="utf-8")))
+    if recorded != cfg:
+        diff = sorted(k for k, v in cfg.to_dict().items() if recorded.to_dict().get(k) != v)
+        raise UsageError(f"{folder}: --resume with options that differ from the checkpoint ({diff})")
+
+
+# --- the stage -------------------------------------------------------------------------------------
+def _export(out: Path, mae: MaskedAutoencoder, cfg: PretrainConfig, data: PretrainData,
+            progress: dict[str, Any], command: str) -> None:
+    """The encoder alone, CineMA keys, no positional table, with its provenance as metadata."""
+    tensors = {k: v.detach().to("cpu", DTYPES[cfg.dtype]).contiguous()
+               for k, v in mae.backbone.state_dict().items() if k != POS_EMBED_KEY}
+    metadata = {
+        "kind": OUTPUT_KIND,
+        "size": cfg.size,
+        "in_chans": str(mae.backbone.in_chans),
+        "input_shape": json.dumps(list(data.shape)),
+        "spacing": json.dumps(list(data.spacing)),
+        "seed": str(cfg.seed),
+        "recipe": json.dumps({k: v for k, v in cfg.to_dict().items() if k != "data"}),
+        "data": json.dumps(data.records),
+        "masked_loss_start": repr(progress["masked_loss_start"]),
+        "masked_loss_end": repr(progress["masked_loss_end"]),
+        "train_loss_per_epoch": json.dumps(progress["train_loss"]),
+        "command": command,
+        "versions": json.dumps(versions()),
+    }
+    with atomic_file(out) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def pretrain(cfg: PretrainConfig, out: str | Path, device: str = "auto", resume: bool = False,
+             overwrite: bool = False, command: str | None = None,
+             console: Console | None = None) -> Path:
+    """Pretrain ``cfg.size``'s encoder as CineMA's MAE on the images of ``cfg.data``; write OUT."""
+    console = console or Console()
+    out = Path(out)
+    folder = paths.pretrain_checkpoint_dir(out)
+    if out.suffix != ".safetensors":
+        raise UsageError(f"--out {out}: name the backbone file BACKBONE.safetensors")
+    if resume:
+        _check_resume(cfg, folder)
+    elif (out.exists() or folder.exists()) and not overwrite:
+        raise UsageError(f"{out} (or {folder}) already exists; pass --resume to continue, "
+                         "--overwrite to replace it, or choose another --out")
+    data = load_pretrain_data(cfg.data)
+    torch_device = resolve_device(device)
+    encoder = build_encoder(cfg.size, in_chans=data.images.shape[1], input_shape=data.shape, seed=cfg.seed)
+    mae = build_mae(encoder, mask_ratio=cfg.mask_ratio, seed=cfg.seed).to(torch_device)
+    optimizer = build_optimizer(mae, cfg)
+    if resume:
+        progress = _read_checkpoint(folder, mae, optimizer, torch_device)
+    else:
+        progress = {"epoch": 0, "train_loss": [],
+                    "masked_loss_start": masked_loss(mae, data.images, cfg.seed, torch_device)}
+        _write_checkpoint(folder, mae, optimizer, cfg, progress)
+
+    n = len(data.images)
+    batch_size = min(cfg.batch_size, n)
+    steps = n // batch_size  # full batches only, as CineMA (drop_last)
+    columns = (TextColumn("{task.description}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("pretrain", total=cfg.epochs * steps, completed=progress["epoch"] * steps)
+        for epoch in range(progress["epoch"], cfg.epochs):
+            started = time.perf_counter()
+            generator = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch))
+            order = torch.randperm(n, generator=generator)
+            total = 0.0
+            for step in range(steps):
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(cfg, epoch + step / steps)
+                index = order[step * batch_size:(step + 1) * batch_size]
+                batch = random_affine(data.images[index], data.spacing, cfg, generator).to(torch_device)
+                loss, _, _ = mae(batch, generator)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(mae.parameters(), cfg.grad_clip)
+                optimizer.step()
+                total += loss.item()
+                bar.update(task, advance=1, description=f"pretrain: epoch {epoch + 1}/{cfg.epochs}")
+            progress["epoch"] = epoch + 1
+            progress["train_loss"].append(total / steps)
+            _write_checkpoint(folder, mae, optimizer, cfg, progress)
+            console.print(f"epoch {epoch + 1:>4}/{cfg.epochs}  masked MSE {total / steps:.5f}  "
+                          f"lr {optimizer.param_groups[0]['lr']:.2e}  {time.perf_counter() - started:.1f}s",
+                          highlight=False)
+    progress["masked_loss_end"] = masked_loss(mae, data.images, cfg.seed, torch_device)
+    _export(out, mae, cfg, data, progress, command or cfg.command(str(out)))
+    console.print(f"masked reconstruction MSE (fixed masks, no augmentation): "
+                  f"{progress['masked_loss_start']:.5f} -> {progress['masked_loss_end']:.5f}; "
+                  f"wrote [bold]{out}[/]")
+    return out

@@ -203,6 +203,10 @@ def compare(runs: tuple[str, ...], test: str, reference: str, metric: str, out: 
               help="PREPARED folder whose train images to pretrain on (repeat for several); "
                    "labels are never read.")
 @click.option("--size", default="tiny", show_default=True, type=click.Choice(["tiny", "small", "base"]))
+@click.option("--objective", default="mae", show_default=True, type=click.Choice(["mae", "disease"]),
+              help="mae: CineMA's masked autoencoder (images only); disease: fine-tune for disease "
+                   "detection (reads labels).")
+@click.option("--init", default="", help="Backbone to start from (e.g. an MAE output) [seeded random init].")
 @click.option("--epochs", default=800, show_default=True, type=int)
 @click.option("--warmup-epochs", default=10, show_default=True, type=int)
 @click.option("--batch-size", default=64, show_default=True, type=int)
@@ -216,7 +220,8 @@ def compare(runs: tuple[str, ...], test: str, reference: str, metric: str, out: 
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output and checkpoint.")
 def pretrain(**options: object) -> None:
-    """CineMA's masked-autoencoder pretraining of the SAX encoder, on images only."""
+    """Pretrain the SAX encoder: CineMA's masked autoencoder on images only, or disease
+    fine-tuning from --init; writes a --backbone file."""
     from cmrfed.pretrain import PretrainConfig
     from cmrfed.pretrain import pretrain as run_pretrain
 

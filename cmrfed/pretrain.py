@@ -1,4 +1,11 @@
-"""``cmrfed pretrain``: CineMA's masked-autoencoder pretraining of the SAX encoder, on images only.
+"""``cmrfed pretrain``: CineMA's masked-autoencoder pretraining of the SAX encoder (images only),
+and an optional second stage that fine-tunes it for disease detection (``--objective disease``).
+
+The two stages mirror the paper's setting: CineMA's encoder was pretrained as an MAE on UK
+Biobank cines and then fine-tuned for disease detection before any hospital adapts it with LoRA.
+The hospitals' federated LoRA then adapts features that already respond to disease, as in that
+setting, rather than features learnt only to fill in hidden patches. Each stage reads its own
+PREPARED folders; neither needs the sites' data (and must not get it).
 
 CineMA's recipe (``cinema/mae/config.yaml`` and ``pretrain.py`` in mathpluscode/CineMA): mask
 ratio 0.75, the decoder of the encoder's size, MSE on hidden patches, AdamW betas (0.9, 0.95),
@@ -19,8 +26,11 @@ the decoder reconstructs both frames of every hidden patch (CineMA's MAE code ha
 input channels the same way: its pixel head predicts patch voxels x channels). The first conv is
 (C, 2, 4, 4, 1) and loads into the classifier's 2-channel stem as it is, with no repeat rule.
 
-Only the ``train`` split of each PREPARED folder is read, and only images (see
-:func:`cmrfed.data.shards.load_images`): labels never enter. Every random draw (shuffle,
+Only the ``train`` split of each PREPARED folder is read; for the MAE only its images (see
+:func:`cmrfed.data.shards.load_images`): labels never enter. The disease stage starts from
+``--init`` (the MAE's output) and trains the whole encoder and CineMA's head with CineMA's
+fine-tuning loss (cross-entropy, label smoothing 0.1; class-balanced weights as cmrfed's sites
+use), the same optimiser, schedule and augmentation; only the encoder is written. Every random draw (shuffle,
 augmentation, masks) comes from a generator derived from (seed, epoch), and a checkpoint
 (model, optimiser, progress) is replaced atomically after every epoch, so ``--resume`` after a
 kill gives the same bytes as an uninterrupted run.
@@ -46,20 +56,32 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from cmrfed import paths
-from cmrfed.atomic import atomic_dir, atomic_file, write_json
-from cmrfed.data.shards import load_images, load_manifest, verify_shard
+from cmrfed.atomic import atomic_dir, atomic_file, sha256_file, write_json
+from cmrfed.data.shards import load_images, load_manifest, load_split, verify_shard
 from cmrfed.errors import DataError, UsageError
-from cmrfed.fed.client import derive_seed
+from cmrfed.fed.client import class_weights, derive_seed
 from cmrfed.fed.task import resolve_device
-from cmrfed.model.cinema import POS_EMBED_KEY, SIZES, build_encoder
+from cmrfed.model.cinema import (
+    POS_EMBED_KEY,
+    SIZES,
+    CineMASaxEncoder,
+    build_encoder,
+    load_backbone,
+    resolve_checkpoint,
+)
+from cmrfed.model.classifier import CineMAClassifier
 from cmrfed.model.lora import seeded_generator
-from cmrfed.model.mae import MASK_RATIO, MaskedAutoencoder, build_mae
+from cmrfed.model.mae import MASK_RATIO, build_mae
 from cmrfed.provenance import versions
 
 OUTPUT_KIND = "cmrfed pretrained backbone"
+OBJECTIVES = ("mae", "disease")
+LABEL_SMOOTHING = 0.1  # CineMA's classification fine-tuning
 SPLIT = "train"
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -70,6 +92,8 @@ class PretrainConfig:
 
     data: tuple[str, ...]
     size: str = "tiny"
+    objective: str = "mae"
+    init: str = ""
     epochs: int = 800
     warmup_epochs: int = 10
     batch_size: int = 64
@@ -87,6 +111,8 @@ class PretrainConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise UsageError(f"--objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
         if self.size not in SIZES:
             raise UsageError(f"--size {self.size!r}: choose one of {', '.join(SIZES)}")
         if not self.data:
@@ -110,7 +136,9 @@ class PretrainConfig:
     def command(self, out: str) -> str:
         """The ``cmrfed pretrain`` command line that makes these weights."""
         data = [arg for folder in self.data for arg in ("--data", folder)]
-        parts = ["cmrfed", "pretrain", *data, "--size", self.size, "--epochs", str(self.epochs),
+        start = ["--objective", self.objective] if self.objective != "mae" else []
+        start += ["--init", self.init] if self.init else []
+        parts = ["cmrfed", "pretrain", *data, *start, "--size", self.size, "--epochs", str(self.epochs),
                  "--warmup-epochs", str(self.warmup_epochs), "--batch-size", str(self.batch_size),
                  "--lr", repr(self.lr), "--mask-ratio", repr(self.mask_ratio), "--seed", str(self.seed),
                  "--dtype", self.dtype, "--out", out]
@@ -122,15 +150,17 @@ class PretrainData:
     """The training images of every PREPARED folder, and what identifies them."""
 
     images: torch.Tensor  # (n, 2, X, Y, Z) float32
+    labels: torch.Tensor | None  # (n,) int64, only for the disease objective
     spacing: tuple[float, float, float]
     shape: tuple[int, int, int]
     records: list[dict[str, Any]]
 
 
-def load_pretrain_data(folders: tuple[str, ...]) -> PretrainData:
+def load_pretrain_data(folders: tuple[str, ...], with_labels: bool = False) -> PretrainData:
     """Every client's ``train`` images of every folder (checked against its manifest), in a fixed
-    order (folder, client, subject id). Labels are never read."""
-    arrays, records = [], []
+    order (folder, client, subject id). Labels are read only ``with_labels`` (the disease
+    objective); the MAE never reads them."""
+    arrays, labels, records = [], [], []
     shape = spacing = None
     for folder in folders:
         prepared = Path(folder)
@@ -144,7 +174,12 @@ def load_pretrain_data(folders: tuple[str, ...]) -> PretrainData:
         count = 0
         for client in manifest.clients:
             verify_shard(prepared, manifest, client)
-            ids, images = load_images(prepared, client, SPLIT)
+            if with_labels:
+                split = load_split(prepared, client, SPLIT)
+                ids, images = split.subject_ids, split.images
+                labels.append(split.labels)
+            else:
+                ids, images = load_images(prepared, client, SPLIT)
             arrays.append(images)
             count += len(ids)
         records.append({"folder": prepared.name, "manifest_sha256": manifest.sha256,
@@ -154,7 +189,8 @@ def load_pretrain_data(folders: tuple[str, ...]) -> PretrainData:
         raise DataError(f"--data {' '.join(folders)}: no subject in a train split; prepare the "
                         f"pretraining cohort with e.g. --split 1,0,0")
     assert shape is not None and spacing is not None
-    return PretrainData(torch.from_numpy(images), spacing, shape, records)
+    label_tensor = torch.from_numpy(np.concatenate(labels)) if with_labels else None
+    return PretrainData(torch.from_numpy(images), label_tensor, spacing, shape, records)
 
 
 # --- augmentation ----------------------------------------------------------------------------------
@@ -199,10 +235,10 @@ def learning_rate(cfg: PretrainConfig, progress: float) -> float:
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + cosine)
 
 
-def build_optimizer(mae: MaskedAutoencoder, cfg: PretrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
     """AdamW with no weight decay on biases, norms and tokens (timm's ``param_groups_weight_decay``)."""
     decay, plain = [], []
-    for name, param in mae.named_parameters():
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         (plain if param.ndim <= 1 or name.endswith("token") else decay).append(param)
@@ -210,29 +246,64 @@ def build_optimizer(mae: MaskedAutoencoder, cfg: PretrainConfig) -> torch.optim.
                               {"params": plain, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
 
 
+class MaeObjective:
+    """CineMA's MAE: masked reconstruction of both frames; images only."""
+
+    name = "mae"
+
+    def __init__(self, encoder: CineMASaxEncoder, cfg: PretrainConfig) -> None:
+        self.model: nn.Module = build_mae(encoder, mask_ratio=cfg.mask_ratio, seed=cfg.seed)
+        self.backbone = encoder
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor | None,
+             generator: torch.Generator) -> torch.Tensor:
+        return self.model(images, generator)[0]
+
+
+class DiseaseObjective:
+    """Supervised fine-tuning for disease detection, as CineMA fine-tunes its encoder: the whole
+    encoder and CineMA's head train (the positional table stays fixed), cross-entropy with label
+    smoothing 0.1, weighted by inverse class frequency (cmrfed's rule for imbalanced sites)."""
+
+    name = "disease"
+
+    def __init__(self, encoder: CineMASaxEncoder, cfg: PretrainConfig, labels: torch.Tensor) -> None:
+        self.model = CineMAClassifier(encoder, n_classes=2, seed=cfg.seed)
+        for name, param in encoder.named_parameters():
+            param.requires_grad_(name != POS_EMBED_KEY)
+        self.backbone = encoder
+        self.weight = class_weights(labels)
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor | None,
+             generator: torch.Generator) -> torch.Tensor:
+        assert labels is not None
+        logits = self.model(images)
+        return F.cross_entropy(logits, labels.to(logits.device), weight=self.weight.to(logits.device),
+                               label_smoothing=LABEL_SMOOTHING)
+
+
 @torch.no_grad()
-def masked_loss(mae: MaskedAutoencoder, images: torch.Tensor, seed: int, device: torch.device,
-                batch_size: int = 64) -> float:
-    """Mean masked reconstruction MSE over ``images`` with fixed masks and no augmentation: the
-    same number before and after training measures what pretraining learnt."""
+def fixed_loss(objective: MaeObjective | DiseaseObjective, data: PretrainData, seed: int,
+               device: torch.device, batch_size: int = 64) -> float:
+    """The objective's mean loss over the training images with no augmentation and, for the MAE,
+    fixed masks: the same number before and after training measures what was learnt."""
     generator = seeded_generator(seed, "evaluation-masks")
-    mae.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size].to(device)
-        loss, _, _ = mae(batch, generator)
-        total += loss.item() * len(batch)
-        count += len(batch)
-    mae.train()
-    return total / count
+    objective.model.eval()
+    total = 0.0
+    for start in range(0, len(data.images), batch_size):
+        images = data.images[start:start + batch_size].to(device)
+        labels = None if data.labels is None else data.labels[start:start + batch_size]
+        total += objective.loss(images, labels, generator).item() * len(images)
+    objective.model.train()
+    return total / len(data.images)
 
 
 # --- checkpoint ------------------------------------------------------------------------------------
-def _write_checkpoint(folder: Path, mae: MaskedAutoencoder, optimizer: torch.optim.Optimizer,
+def _write_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                       cfg: PretrainConfig, progress: dict[str, Any]) -> None:
     """Model, optimiser and progress after an epoch, replaced atomically as one folder."""
     state = optimizer.state_dict()
-    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in mae.state_dict().items()}
+    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for index, slots in state["state"].items():
         for slot, value in slots.items():
             tensors[f"optim/{index}/{slot}"] = torch.as_tensor(value).detach().cpu().contiguous()
@@ -242,14 +313,14 @@ def _write_checkpoint(folder: Path, mae: MaskedAutoencoder, optimizer: torch.opt
         write_json(tmp / "progress.json", {**progress, "param_groups": state["param_groups"]})
 
 
-def _read_checkpoint(folder: Path, mae: MaskedAutoencoder, optimizer: torch.optim.Optimizer,
+def _read_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                      device: torch.device) -> dict[str, Any]:
     try:
         progress = json.loads((folder / "progress.json").read_text(encoding="utf-8"))
         tensors = load_file(str(folder / "state.safetensors"))
     except (OSError, ValueError) as exc:
         raise DataError(f"{folder}: unreadable checkpoint ({exc}); start again without --resume") from exc
-    mae.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+    model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
     slots: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim/"):
@@ -270,24 +341,41 @@ def _check_resume(cfg: PretrainConfig, folder: Path) -> None:
 
 
 # --- the stage -------------------------------------------------------------------------------------
-def _export(out: Path, mae: MaskedAutoencoder, cfg: PretrainConfig, data: PretrainData,
-            progress: dict[str, Any], command: str) -> None:
+def _initial_encoder(cfg: PretrainConfig, data: PretrainData) -> tuple[CineMASaxEncoder, dict[str, str]]:
+    """The encoder training starts from: ``--init`` (e.g. an MAE output) or the seeded random init
+    of ``--size``; with what identifies the starting weights."""
+    in_chans, shape = data.images.shape[1], data.shape
+    if not cfg.init:
+        return build_encoder(cfg.size, in_chans=in_chans, input_shape=shape, seed=cfg.seed), {}
+    encoder = load_backbone(cfg.init, input_shape=shape, seed=cfg.seed, in_chans=in_chans)
+    if encoder.size.name != cfg.size:
+        raise UsageError(f"--init {cfg.init}: a {encoder.size.name} encoder, but --size {cfg.size}")
+    path = resolve_checkpoint(cfg.init)
+    with safe_open(str(path), framework="pt") as handle:
+        recorded = handle.metadata() or {}
+    return encoder, {"init_sha256": sha256_file(path), "init_command": recorded.get("command", "")}
+
+
+def _export(out: Path, backbone: CineMASaxEncoder, cfg: PretrainConfig, data: PretrainData,
+            progress: dict[str, Any], command: str, init: dict[str, str]) -> None:
     """The encoder alone, CineMA keys, no positional table, with its provenance as metadata."""
     tensors = {k: v.detach().to("cpu", DTYPES[cfg.dtype]).contiguous()
-               for k, v in mae.backbone.state_dict().items() if k != POS_EMBED_KEY}
+               for k, v in backbone.state_dict().items() if k != POS_EMBED_KEY}
     metadata = {
         "kind": OUTPUT_KIND,
+        "objective": cfg.objective,
         "size": cfg.size,
-        "in_chans": str(mae.backbone.in_chans),
+        "in_chans": str(backbone.in_chans),
         "input_shape": json.dumps(list(data.shape)),
         "spacing": json.dumps(list(data.spacing)),
         "seed": str(cfg.seed),
         "recipe": json.dumps({k: v for k, v in cfg.to_dict().items() if k != "data"}),
         "data": json.dumps(data.records),
-        "masked_loss_start": repr(progress["masked_loss_start"]),
-        "masked_loss_end": repr(progress["masked_loss_end"]),
+        "loss_start": repr(progress["loss_start"]),
+        "loss_end": repr(progress["loss_end"]),
         "train_loss_per_epoch": json.dumps(progress["train_loss"]),
         "command": command,
+        **init,
         "versions": json.dumps(versions()),
     }
     with atomic_file(out) as tmp:
@@ -297,7 +385,8 @@ def _export(out: Path, mae: MaskedAutoencoder, cfg: PretrainConfig, data: Pretra
 def pretrain(cfg: PretrainConfig, out: str | Path, device: str = "auto", resume: bool = False,
              overwrite: bool = False, command: str | None = None,
              console: Console | None = None) -> Path:
-    """Pretrain ``cfg.size``'s encoder as CineMA's MAE on the images of ``cfg.data``; write OUT."""
+    """Train ``cfg.size``'s encoder with ``cfg.objective`` on the train split of ``cfg.data``
+    (CineMA's MAE on images only, or disease fine-tuning on images and labels); write OUT."""
     console = console or Console()
     out = Path(out)
     folder = paths.pretrain_checkpoint_dir(out)
@@ -308,17 +397,19 @@ def pretrain(cfg: PretrainConfig, out: str | Path, device: str = "auto", resume:
     elif (out.exists() or folder.exists()) and not overwrite:
         raise UsageError(f"{out} (or {folder}) already exists; pass --resume to continue, "
                          "--overwrite to replace it, or choose another --out")
-    data = load_pretrain_data(cfg.data)
+    data = load_pretrain_data(cfg.data, with_labels=cfg.objective == "disease")
     torch_device = resolve_device(device)
-    encoder = build_encoder(cfg.size, in_chans=data.images.shape[1], input_shape=data.shape, seed=cfg.seed)
-    mae = build_mae(encoder, mask_ratio=cfg.mask_ratio, seed=cfg.seed).to(torch_device)
-    optimizer = build_optimizer(mae, cfg)
+    encoder, init = _initial_encoder(cfg, data)
+    objective = (MaeObjective(encoder, cfg) if data.labels is None
+                 else DiseaseObjective(encoder, cfg, data.labels))
+    model = objective.model.to(torch_device)
+    optimizer = build_optimizer(model, cfg)
     if resume:
-        progress = _read_checkpoint(folder, mae, optimizer, torch_device)
+        progress = _read_checkpoint(folder, model, optimizer, torch_device)
     else:
         progress = {"epoch": 0, "train_loss": [],
-                    "masked_loss_start": masked_loss(mae, data.images, cfg.seed, torch_device)}
-        _write_checkpoint(folder, mae, optimizer, cfg, progress)
+                    "loss_start": fixed_loss(objective, data, cfg.seed, torch_device)}
+        _write_checkpoint(folder, model, optimizer, cfg, progress)
 
     n = len(data.images)
     batch_size = min(cfg.batch_size, n)
@@ -326,7 +417,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, device: str = "auto", resume:
     columns = (TextColumn("{task.description}"), BarColumn(),
                TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("pretrain", total=cfg.epochs * steps, completed=progress["epoch"] * steps)
+        task = bar.add_task(cfg.objective, total=cfg.epochs * steps, completed=progress["epoch"] * steps)
         for epoch in range(progress["epoch"], cfg.epochs):
             started = time.perf_counter()
             generator = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch))
@@ -337,22 +428,23 @@ def pretrain(cfg: PretrainConfig, out: str | Path, device: str = "auto", resume:
                     group["lr"] = learning_rate(cfg, epoch + step / steps)
                 index = order[step * batch_size:(step + 1) * batch_size]
                 batch = random_affine(data.images[index], data.spacing, cfg, generator).to(torch_device)
-                loss, _, _ = mae(batch, generator)
+                labels = None if data.labels is None else data.labels[index]
+                loss = objective.loss(batch, labels, generator)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(mae.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 total += loss.item()
-                bar.update(task, advance=1, description=f"pretrain: epoch {epoch + 1}/{cfg.epochs}")
+                bar.update(task, advance=1, description=f"{cfg.objective}: epoch {epoch + 1}/{cfg.epochs}")
             progress["epoch"] = epoch + 1
             progress["train_loss"].append(total / steps)
-            _write_checkpoint(folder, mae, optimizer, cfg, progress)
-            console.print(f"epoch {epoch + 1:>4}/{cfg.epochs}  masked MSE {total / steps:.5f}  "
+            _write_checkpoint(folder, model, optimizer, cfg, progress)
+            console.print(f"epoch {epoch + 1:>4}/{cfg.epochs}  {cfg.objective} loss {total / steps:.5f}  "
                           f"lr {optimizer.param_groups[0]['lr']:.2e}  {time.perf_counter() - started:.1f}s",
                           highlight=False)
-    progress["masked_loss_end"] = masked_loss(mae, data.images, cfg.seed, torch_device)
-    _export(out, mae, cfg, data, progress, command or cfg.command(str(out)))
-    console.print(f"masked reconstruction MSE (fixed masks, no augmentation): "
-                  f"{progress['masked_loss_start']:.5f} -> {progress['masked_loss_end']:.5f}; "
-                  f"wrote [bold]{out}[/]")
+    progress["loss_end"] = fixed_loss(objective, data, cfg.seed, torch_device)
+    _export(out, objective.backbone, cfg, data, progress, command or cfg.command(str(out)), init)
+    console.print(f"{cfg.objective} loss on the training images (no augmentation"
+                  f"{', fixed masks' if cfg.objective == 'mae' else ''}): "
+                  f"{progress['loss_start']:.5f} -> {progress['loss_end']:.5f}; wrote [bold]{out}[/]")
     return out

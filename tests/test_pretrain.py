@@ -1,5 +1,6 @@
 """`cmrfed pretrain` (CineMA's MAE): the masked encoder is the encoder, pretraining learns, its
-output loads as --backbone, labels never matter, resume is exact; and the shipped backbone."""
+output loads as --backbone, labels never matter, resume is exact; disease fine-tuning from it;
+and the shipped backbone."""
 
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def test_augmentation_keeps_shape_and_range_and_is_identity_when_off():
 
 def test_pretraining_lowers_the_masked_loss_and_loads_as_backbone(reference: Path):
     meta = metadata_of(reference)
-    assert float(meta["masked_loss_end"]) < float(meta["masked_loss_start"])
+    assert float(meta["loss_end"]) < float(meta["loss_start"])
     losses = json.loads(meta["train_loss_per_epoch"])
     assert len(losses) == EPOCHS and losses[-1] < losses[0]
     assert json.loads(meta["data"])[0]["manifest_sha256"]
@@ -172,6 +173,21 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(small_prepared: Path, r
     assert metadata_of(out)["train_loss_per_epoch"] == metadata_of(reference)["train_loss_per_epoch"]
 
 
+def test_disease_fine_tuning_from_the_mae_output_learns_and_records_its_start(
+        small_prepared: Path, reference: Path, tmp_path: Path):
+    cfg = small_config(small_prepared, objective="disease", init=str(reference), epochs=3, lr=3e-4)
+    out = pretrain(cfg, tmp_path / "tuned.safetensors", device="cpu", console=quiet_console())
+    meta = metadata_of(out)
+    assert meta["objective"] == "disease" and float(meta["loss_end"]) < float(meta["loss_start"])
+    assert meta["init_sha256"] == sha256_file(reference)
+    assert meta["init_command"] == metadata_of(reference)["command"]
+    assert "--objective disease --init " in meta["command"]
+    tuned, start = tensors_of(out), tensors_of(reference)
+    assert set(tuned) == set(start)
+    assert not torch.equal(tuned["encoder.blocks.0.attn.q.weight"], start["encoder.blocks.0.attn.q.weight"])
+    load_backbone(str(out), input_shape=SMALL_SHAPE)
+
+
 def test_bad_options_are_clear_errors(small_prepared: Path, reference: Path, tmp_path: Path):
     with pytest.raises(UsageError, match=r"BACKBONE\.safetensors"):
         pretrain(small_config(small_prepared), tmp_path / "out.pt", console=quiet_console())
@@ -181,6 +197,9 @@ def test_bad_options_are_clear_errors(small_prepared: Path, reference: Path, tmp
         pretrain(small_config(small_prepared, seed=5), reference, resume=True, console=quiet_console())
     with pytest.raises(UsageError, match="--size"):
         small_config(small_prepared, size="huge")
+    with pytest.raises(UsageError, match="a tiny encoder, but --size small"):
+        pretrain(small_config(small_prepared, size="small", init=str(reference), objective="disease"),
+                 tmp_path / "x.safetensors", console=quiet_console())
 
 
 def test_shipped_backbone_loads_by_name_and_says_how_it_was_made():
@@ -191,7 +210,7 @@ def test_shipped_backbone_loads_by_name_and_says_how_it_was_made():
     meta = metadata_of(path)
     assert meta["kind"] == "cmrfed pretrained backbone" and meta["size"] == "tiny"
     assert meta["command"].startswith("cmrfed pretrain ")
-    assert float(meta["masked_loss_end"]) < float(meta["masked_loss_start"])
+    assert float(meta["loss_end"]) < float(meta["loss_start"])
     encoder = load_backbone(TINY_PRETRAINED, input_shape=(64, 64, 8))
     random = load_backbone("tiny", input_shape=(64, 64, 8))
     assert encoder.size.name == "tiny"

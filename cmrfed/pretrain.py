@@ -178,12 +178,12 @@ def load_pretrain_data(folders: tuple[str, ...], with_labels: bool = False) -> P
             verify_shard(prepared, manifest, client)
             if with_labels:
                 split = load_split(prepared, client, SPLIT)
-                ids, images = split.subject_ids, split.images
-                labels.append(split.labels)
+                images = split.images
+                labels.append(split.labels[split.window_subject])  # one per z window
             else:
-                ids, images = load_images(prepared, client, SPLIT)
+                images = load_images(prepared, client, SPLIT)[1]
             arrays.append(images)
-            count += len(ids)
+            count += len(images)
         records.append({"folder": prepared.name, "manifest_sha256": manifest.sha256,
                         "shard_sha256": dict(manifest.shard_sha256), "n_train_images": count})
     images = np.concatenate(arrays) if arrays else np.empty((0,))

@@ -6,14 +6,22 @@ without a traceback, with exit code 2 for usage errors and 1 for data errors.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from cmrfed import __version__
-from cmrfed.errors import CmrfedError
+from cmrfed.errors import CmrfedError, UsageError, from_os_error
+from cmrfed.validate import ValidatedCommand
+
+if TYPE_CHECKING:
+    from cmrfed.data.prepare import PrepareOptions
+    from cmrfed.fed.config import FederateConfig
 
 err_console = Console(stderr=True)
 
@@ -24,7 +32,7 @@ def _triple(text: str, option: str, cast: type, example: str) -> tuple:
         values = tuple(cast(v) for v in text.split(","))
     except ValueError as exc:
         raise click.BadParameter(f"{option} takes three numbers like {example}") from exc
-    if len(values) != 3 or min(values) <= 0:
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
         raise click.BadParameter(f"{option} takes three positive numbers like {example}")
     return values
 
@@ -39,14 +47,24 @@ def _float_triple(text: str, option: str) -> tuple[float, float, float]:
 
 class _Group(click.Group):
     """Prints a CmrfedError on one line (no traceback) and exits with its code: 2 for usage
-    errors, 1 for data errors; the same whether run as a console script or under a test runner."""
+    errors, 1 for data errors; the same whether run as a console script or under a test runner.
+    Every command under it validates all its options before it runs (:mod:`cmrfed.validate`)."""
+
+    command_class = ValidatedCommand
+    group_class = type  # subgroups (``flower``) are _Groups too
 
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except CmrfedError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             ctx.exit(exc.exit_code)
+        except OSError as exc:  # a folder that turned out read-only or full: still one line
+            error = from_os_error(exc)
+            if error is None:
+                raise
+            err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+            ctx.exit(error.exit_code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -100,23 +118,34 @@ def prepare(acdc: str | None, mnms: str | None, mnms2: str | None, out: str, spa
             tables: str | None) -> None:
     """Read ACDC / M&Ms-1 / M&Ms-2 as downloaded into per-vendor HDF5 shards + manifest.json."""
 
-    from cmrfed.data.prepare import PrepareOptions, parse_split
     from cmrfed.data.prepare import prepare as run_prepare
 
-    def as_path(text: str | None) -> Path | None:
-        return Path(text) if text is not None else None
+    run_prepare(prepare_options(dict(
+        out=out, acdc=acdc, mnms=mnms, mnms2=mnms2, spacing=spacing, shape=shape, split=split,
+        seed=seed, workers=workers, skip_invalid=skip_invalid, overwrite=overwrite, tables=tables,
+    )))
 
-    run_prepare(PrepareOptions(
-        out=Path(out), acdc=as_path(acdc), mnms=as_path(mnms), mnms2=as_path(mnms2),
-        spacing=_float_triple(spacing, "--spacing"), shape=_int_triple(shape, "--shape"),
-        split=parse_split(split), seed=seed, workers=workers, skip_invalid=skip_invalid,
-        overwrite=overwrite, tables=as_path(tables),
-    ))
+
+def prepare_options(options: dict[str, object]) -> PrepareOptions:
+    """The PrepareOptions of parsed `prepare` options (the `prepare` and `study` commands)."""
+    from cmrfed.data.prepare import PrepareOptions, parse_split
+
+    def as_path(text: object) -> Path | None:
+        return Path(str(text)) if text is not None else None
+
+    return PrepareOptions(
+        out=Path(str(options["out"])), acdc=as_path(options["acdc"]), mnms=as_path(options["mnms"]),
+        mnms2=as_path(options["mnms2"]), spacing=_float_triple(str(options["spacing"]), "--spacing"),
+        shape=_int_triple(str(options["shape"]), "--shape"), split=parse_split(str(options["split"])),
+        seed=int(options["seed"]), workers=int(options["workers"]),  # type: ignore[call-overload]
+        skip_invalid=bool(options["skip_invalid"]), overwrite=bool(options["overwrite"]),
+        tables=as_path(options["tables"]),
+    )
 
 
 @cli.command()
-@click.option("--data", "data", required=True, type=click.Path(path_type=str),
-              help="PREPARED folder written by `cmrfed prepare`.")
+@click.option("--data", "data", default=None, type=click.Path(path_type=str),
+              help="PREPARED folder written by `cmrfed prepare` (with --resume: from run.json).")
 @click.option("--method", default="duallora", show_default=True,
               type=click.Choice(["duallora", "fedlora", "ffalora", "fedsa", "local", "central"]))
 @click.option("--blocks", default="2", show_default=True,
@@ -144,38 +173,120 @@ def prepare(acdc: str | None, mnms: str | None, mnms2: str | None, out: str, spa
               help="Cache the frozen trunk's features (used when fewer than all blocks are adapted).")
 @click.option("--cache-dtype", default="float32", show_default=True,
               type=click.Choice(["float32", "float16", "bfloat16"]))
+@click.option("--sites-per-round", default=None, type=int,
+              help="Ask K sites per round (seeded by seed and round) [every site].")
+@click.option("--holdout", default=None, help="Leave this site out of training (leave-one-vendor-out).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--out", required=True, type=click.Path(path_type=str), help="RUN folder to write.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last round.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing RUN folder.")
 def federate(**options: object) -> None:
     """Federated LoRA fine-tuning, every vendor a client, in this process."""
-    from cmrfed.fed.config import FederateConfig, parse_blocks
+    from cmrfed.fed.config import FederateConfig
     from cmrfed.fed.inprocess import federate as run_federate
 
     device, out = options.pop("device"), options.pop("out")
     resume, overwrite = options.pop("resume"), options.pop("overwrite")
+    values = federate_options(options)
+    if resume:
+        from cmrfed.fed.runlog import resume_options
+
+        values = resume_options(Path(str(out)), bool(overwrite), values,
+                                typed=_typed(click.get_current_context()))
+    elif values["data"] is None:
+        FederateConfig(**{**values, "data": ""})  # other bad options are reported first
+        raise UsageError("federate needs --data PREPARED (the folder written by `cmrfed prepare`)")
+    run_federate(FederateConfig(**values), out, device=device, resume=resume, overwrite=overwrite)
+
+
+def federate_options(options: dict[str, object]) -> dict[str, object]:
+    """Parsed `federate` options as FederateConfig's fields (the `federate` and `study` commands)."""
+    from cmrfed.fed.config import parse_blocks
+
+    options = dict(options)
+    if options.get("data") is not None:
+        options["data"] = str(Path(str(options["data"])).resolve())
     options["blocks"] = parse_blocks(str(options["blocks"]))
-    options["data"] = str(Path(str(options["data"])).resolve())
     options["targets"] = tuple(t.strip() for t in str(options["targets"]).split(",") if t.strip())
-    config = FederateConfig(**options)  # type: ignore[arg-type]
-    run_federate(config, out, device=device, resume=resume, overwrite=overwrite)
+    return options
+
+
+def federate_config(options: dict[str, object]) -> FederateConfig:
+    """The FederateConfig of parsed `federate` options."""
+    from cmrfed.fed.config import FederateConfig
+
+    return FederateConfig(**federate_options(options))  # type: ignore[arg-type]
 
 
 @cli.command()
 @click.argument("run", type=click.Path(path_type=str))
+@click.argument("site_evals", nargs=-1, type=click.Path(path_type=str))
 @click.option("--split", default="test", show_default=True, type=click.Choice(["test", "val"]))
 @click.option("--round", "which", default="best", show_default=True, type=click.Choice(["best", "last"]),
               help="The best round by mean client val balanced accuracy, or the last.")
 @click.option("--threshold", default="0.5", show_default=True, type=click.Choice(["0.5", "youden-val"]),
               help="Fixed 0.5, or each model's Youden threshold on its val split.")
 @click.option("--n-boot", default=1000, show_default=True, type=int, help="Bootstrap replicates for CIs.")
+@click.option("--client", default=None, help="Evaluate only this site, on its own data (needs --data).")
+@click.option("--private", default=None, type=click.Path(path_type=str),
+              help="With --client: the site's RUN-shaped folder of private tensors, or its ADAPTED folder.")
+@click.option("--data", default=None, type=click.Path(path_type=str),
+              help="With --client: the site's own PREPARED folder; without: the run's PREPARED "
+                   "folder, if it moved since the run [from run.json].")
+@click.option("--out", default=None, type=click.Path(path_type=str),
+              help="With --client: SITE_EVAL folder to write [<private or RUN>/site-eval/<site>].")
+@click.option("--metrics-only", is_flag=True, help="With --client: send metrics, no per-subject predictions.")
+@click.option("--merge", is_flag=True, help="Merge the SITE_EVAL folders given after RUN into RUN/eval/.")
+@click.option("--member-run", default=None, type=click.Path(path_type=str),
+              help="With --merge: an evaluated run in which the held-out site trained (participation gap).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-def evaluate(run: str, split: str, which: str, threshold: str, n_boot: int, device: str) -> None:
-    """Per-client, pooled, macro and cross-site metrics of a finished RUN."""
-    from cmrfed.eval.evaluate import evaluate_run
+def evaluate(run: str, site_evals: tuple[str, ...], split: str, which: str, threshold: str, n_boot: int,
+             client: str | None, private: str | None, data: str | None, out: str | None,
+             metrics_only: bool, merge: bool, member_run: str | None, device: str) -> None:
+    """Per-client, pooled, macro and cross-site metrics of a finished RUN.
 
-    evaluate_run(run, split=split, which=which, threshold=threshold, n_boot=n_boot, device=device)
+    Site by site, with nothing pooled: each site runs `evaluate RUN --client SITE --private DIR
+    --data PREPARED`, then `evaluate RUN --merge SITE_EVAL...` writes RUN/eval/.
+    """
+    from cmrfed.eval.site_eval import check_evaluate_modes
+
+    mode = check_evaluate_modes(site_evals, client=client, private=private, data=data, out=out,
+                                metrics_only=metrics_only, merge=merge, member_run=member_run)
+    if mode == "merge":
+        from cmrfed.eval.site_eval import merge_evaluations
+
+        merge_evaluations(run, list(site_evals), member_run=member_run)
+    elif mode == "site":
+        from cmrfed.eval.site_eval import evaluate_site
+
+        evaluate_site(run, str(client), str(data), private=private, out=out, split=split, which=which,
+                      threshold=threshold, n_boot=n_boot, metrics_only=metrics_only, device=device)
+    else:
+        from cmrfed.eval.evaluate import evaluate_run
+
+        evaluate_run(run, split=split, which=which, threshold=threshold, n_boot=n_boot, device=device,
+                     data=data)
+
+
+@cli.command()
+@click.argument("run", type=click.Path(path_type=str))
+@click.option("--client", required=True, help="The new site (a client of its PREPARED data, not of RUN).")
+@click.option("--data", required=True, type=click.Path(path_type=str), help="The site's own PREPARED folder.")
+@click.option("--out", required=True, type=click.Path(path_type=str), help="ADAPTED folder to write.")
+@click.option("--epochs", default=3, show_default=True, type=int, help="Local epochs over its train split.")
+@click.option("--lr", default=None, type=float, help="Learning rate [the run's].")
+@click.option("--round", "which", default="best", show_default=True, type=click.Choice(["best", "last"]),
+              help="Adapt over the shared tensors of the run's best or last round.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing ADAPTED folder.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+def adapt(run: str, client: str, data: str, out: str, epochs: int, lr: float | None, which: str,
+          overwrite: bool, device: str) -> None:
+    """A site that joins after training: train only its own local adapter over RUN's frozen
+    shared tensors (DualLoRA's local LoRA; see the method table for the others)."""
+    from cmrfed.fed.adapt import adapt as run_adapt
+
+    run_adapt(run, client, data, out, which=which, epochs=epochs, lr=lr, device=device,
+              overwrite=overwrite)
 
 
 @cli.command()
@@ -268,6 +379,8 @@ def flower_site_config(client: str, data: str, site_dir: str, device: str) -> No
               help="PREPARED folder recorded for `cmrfed evaluate` (when the sites share one).")
 @click.option("--node-timeout", default=600.0, show_default=True, type=float,
               help="Seconds to wait for the SuperNodes to connect, and for each reply.")
+@click.option("--min-sites", default=None, type=int,
+              help="Go on with a round when at least this many sites answered [every site asked].")
 @click.option("--out", required=True, type=click.Path(path_type=str),
               help="RUN folder the ServerApp writes (on the SuperLink's machine).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing RUN folder.")
@@ -277,7 +390,8 @@ def flower_run(**options: object) -> None:
     from cmrfed.fed.config import FederateConfig, parse_blocks
     from cmrfed.fed.flower_launch import run_flower
 
-    launch = {k: options.pop(k) for k in ("superlink", "connection", "insecure", "sites", "overwrite")}
+    launch = {k: options.pop(k) for k in ("superlink", "connection", "insecure", "sites", "overwrite",
+                                          "min_sites")}
     certificates, node_timeout, out = (options.pop(k) for k in ("root_certificates", "node_timeout", "out"))
     options["blocks"] = parse_blocks(str(options["blocks"]))
     options["data"] = str(Path(str(options["data"])).resolve())
@@ -296,23 +410,61 @@ flower_run.params[:0] = [p for p in federate.params
 @click.option("--out", default="cmrfed-demo", show_default=True, type=click.Path(path_type=str),
               help="Folder for the cohort, prepared data, runs and report.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-def demo(out: str, overwrite: bool) -> None:
-    """The whole pipeline on a synthetic cohort: synth, prepare, federate (duallora, fedlora,
-    ffalora x 5 seeds), evaluate, compare --test wilcoxon."""
+@click.option("--resume", is_flag=True, help="Continue an interrupted demo.")
+def demo(out: str, overwrite: bool, resume: bool) -> None:
+    """The whole pipeline on a synthetic cohort: synth, then the built-in demo study (prepare,
+    federate duallora, fedlora, ffalora x 5 seeds x blocks, evaluate, compare, report)."""
     from cmrfed.demo import run_demo
 
-    run_demo(out, overwrite=overwrite)
+    run_demo(out, overwrite=overwrite, resume=resume)
+
+
+@cli.command()
+@click.argument("study_file", required=False, type=click.Path(path_type=str))
+@click.option("--out", type=click.Path(path_type=str), help="STUDY folder to write.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted study: complete cells are kept.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing STUDY folder.")
+@click.option("--device", default=None, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Device of every run [the study file's [federate] device, else auto].")
+@click.option("--template", is_flag=False, flag_value="example", default=None,
+              type=click.Choice(["example", "demo"]),
+              help="Print a commented study file (the paper's setting), or `--template demo` the demo's.")
+def study(study_file: str | None, out: str | None, resume: bool, overwrite: bool, device: str | None,
+          template: str | None) -> None:
+    """Run a declared grid of federated runs (methods x seeds x blocks x ranks), evaluate and
+    compare them, and write STUDY/report/ (tables, figures, report.html). Resumable."""
+    from cmrfed.errors import UsageError
+    from cmrfed.study import template_text
+
+    if template is not None:
+        click.echo(template_text(template), nl=False)
+        return
+    if study_file is None or out is None:
+        raise UsageError("give a study file and --out STUDY (write an example with "
+                         "`cmrfed study --template`)")
+    from cmrfed.study.config import load_study
+    from cmrfed.study.runner import run_study
+
+    run_study(load_study(study_file), out, resume=resume, overwrite=overwrite, device=device)
 
 
 # --- end of commands -----------------------------------------------------------------------
+
+
+def _typed(ctx: click.Context) -> set[str]:
+    """Parameters the user gave on the command line (or in the environment), not defaults."""
+    given = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    return {p.name for p in ctx.command.params if p.name and ctx.get_parameter_source(p.name) in given}
 
 
 def main() -> None:
     """Console entry point: exit codes 0 ok, 1 data error, 2 usage error, 130 interrupted."""
     try:
         code = cli.main(standalone_mode=False)
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # click's own usage errors, printed in cmrfed's style
+        where = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) else ""
+        err_console.print(f"[bold red]error:[/] {escape(exc.format_message() + where)}", highlight=False,
+                          soft_wrap=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         err_console.print("interrupted")

@@ -1,12 +1,10 @@
-"""``cmrfed demo``: the whole pipeline on a synthetic cohort, with no data or weights to download.
+"""``cmrfed demo``: write the synthetic cohort, then run the built-in demo study on it.
 
-synth -> prepare -> federate (duallora, fedlora, ffalora x several seeds, tiny random backbone)
--> evaluate -> compare --test wilcoxon. The sizes are chosen so it finishes in minutes on two CPU
-cores; the numbers show the pipeline and the statistics working, not CineMA's accuracy (that
-needs the real weights: ``--backbone PATH`` on ``cmrfed federate``).
-
-All methods and seeds read one prepared folder and so share one frozen-trunk cache: the trunk is
-computed once for the whole study.
+The study is the shipped ``demo`` template (``cmrfed study --template demo``): synth -> prepare
+-> federate (duallora, fedlora, ffalora x 5 seeds x a small blocks ablation, tiny backbone) ->
+evaluate -> compare --test wilcoxon -> the study report. The sizes are chosen so it finishes in
+minutes on two CPU cores; the numbers show the pipeline and the statistics working, not CineMA's
+accuracy (that needs the real weights: ``backbone`` in a study's ``[federate]``).
 """
 
 from __future__ import annotations
@@ -18,84 +16,65 @@ from pathlib import Path
 from rich.console import Console
 from rich.rule import Rule
 
-from cmrfed.data.prepare import PrepareOptions, prepare
+from cmrfed import paths
 from cmrfed.data.synth import write_synthetic_cohort
 from cmrfed.errors import UsageError
-from cmrfed.eval.evaluate import evaluate_run
-from cmrfed.eval.report import ComparisonResult, compare_runs
-from cmrfed.fed.config import FederateConfig
-from cmrfed.fed.inprocess import federate
+from cmrfed.lock import folder_lock
+from cmrfed.outputs import DEMO, check_replaceable
+from cmrfed.study import template_text
+from cmrfed.study.config import StudyConfig, parse_study
+from cmrfed.study.runner import StudyResult, run_study
 
 
 @dataclass(frozen=True)
-class DemoSettings:
-    """The study the demo runs (every number here is a documented choice, not a tuned result)."""
+class Cohort:
+    """The synthetic cohort the demo study reads (the template's [prepare] points at it)."""
 
     subjects_per_dataset: int = 60
-    synth_shape: tuple[int, int, int] = (64, 64, 8)
-    frames: int = 12
     shape: tuple[int, int, int] = (64, 64, 8)
-    spacing: tuple[float, float, float] = (2.0, 2.0, 10.0)
-    methods: tuple[str, ...] = ("duallora", "fedlora", "ffalora")
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    blocks: int = 2
-    rank: int = 8
-    rounds: int = 10
-    local_epochs: int = 3
-    batch_size: int = 8
-    lr: float = 3e-3
-    # "tiny-pretrained" (cmrfed.model.cinema.TINY_PRETRAINED, shipped) fails the linear-probe
-    # check for now (benchmarks/results/probe.md), so the random init stays the default
-    backbone: str = "tiny"
+    frames: int = 12
+    seed: int = 0
 
 
 def demo_paths(out: Path) -> dict[str, Path]:
-    """Where each stage of the demo writes, under OUT."""
-    return {"raw": out / "raw", "prepared": out / "prepared", "runs": out / "runs",
-            "report": out / "report"}
+    """Where the demo writes, under OUT: the cohort, and the study (its prepared data, runs, report)."""
+    study = Path(out) / "study"
+    return {"cohort": Path(out) / "cohort", "study": study, "prepared": paths.study_prepared_dir(study),
+            "runs": paths.study_runs_dir(study), "report": paths.study_report_dir(study)}
 
 
-def run_name(method: str, seed: int) -> str:
-    return f"{method}-seed{seed}"
+def demo_study(out: Path, text: str | None = None) -> StudyConfig:
+    """The demo study (or another study text) with its paths relative to OUT."""
+    return parse_study(text or template_text("demo"), "demo study (cmrfed study --template demo)",
+                       Path(out).resolve())
 
 
-def run_demo(out: str | Path, settings: DemoSettings | None = None, overwrite: bool = False,
-             console: Console | None = None) -> ComparisonResult:
-    """Run the whole study into OUT; refuses an existing OUT unless ``overwrite``."""
-    settings = settings or DemoSettings()
+def run_demo(out: str | Path, cohort: Cohort | None = None, study_text: str | None = None,
+             overwrite: bool = False, resume: bool = False, console: Console | None = None) -> StudyResult:
+    """Write the cohort into OUT/cohort and run the demo study into OUT/study.
+
+    OUT is locked for the whole demo. ``--overwrite`` replaces only a folder an earlier
+    ``cmrfed demo`` made (its cohort/ or study/), never a folder of other files.
+    """
+    cohort = cohort or Cohort()
     console = console or Console()
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"{out} already exists; pass --overwrite or choose another --out")
-    # each stage writes its own output atomically; an interrupted demo leaves only whole artefacts
-    if out.exists():
+    study = demo_study(out, study_text)  # checked before anything is written
+    with folder_lock(out):
+        return _run_demo(out, cohort, study, overwrite, resume, console)
+
+
+def _run_demo(out: Path, cohort: Cohort, study: StudyConfig, overwrite: bool, resume: bool,
+              console: Console) -> StudyResult:
+    where = demo_paths(out)
+    if out.exists() and any(out.iterdir()) and not resume:
+        if not overwrite:
+            raise UsageError(f"{out} already exists; pass --resume to continue the demo, --overwrite "
+                             "to replace it, or choose another --out")
+        check_replaceable(out, DEMO, overwrite)
         shutil.rmtree(out)
-    where = demo_paths(out.resolve())
-    console.print(Rule("1/5 synth: a synthetic multi-vendor cohort in the real layouts"))
-    write_synthetic_cohort(where["raw"], seed=0, subjects=settings.subjects_per_dataset,
-                           shape=settings.synth_shape, frames=settings.frames)
-    console.print(Rule("2/5 prepare: per-vendor HDF5 shards"))
-    prepare(PrepareOptions(out=where["prepared"], acdc=where["raw"] / "acdc",
-                           mnms=where["raw"] / "mnms", mnms2=where["raw"] / "mnms2",
-                           spacing=settings.spacing, shape=settings.shape, seed=0),
-            console=console)
-    runs = []
-    for method in settings.methods:
-        for seed in settings.seeds:
-            console.print(Rule(f"3/5 federate: {method}, seed {seed}"))
-            cfg = FederateConfig(
-                data=str(where["prepared"]), method=method, blocks=settings.blocks,
-                rank=settings.rank, rounds=settings.rounds, local_epochs=settings.local_epochs,
-                batch_size=settings.batch_size, lr=settings.lr, seed=seed, backbone=settings.backbone,
-            )
-            run = where["runs"] / run_name(method, seed)
-            federate(cfg, run, device="auto", console=console)
-            runs.append(run)
-    console.print(Rule("4/5 evaluate: each site's model on its test split"))
-    for run in runs:
-        evaluate_run(run, console=Console(quiet=True))
-    console.print(Rule("5/5 compare: Wilcoxon signed-rank over (seed, client) pairs"))
-    result = compare_runs(runs, "wilcoxon", reference="duallora", out=where["report"],
-                          console=console)
-    console.print(f"\nThe report is in [bold]{result.out}[/] (comparison.md, comparison.json, figures).")
-    return result
+    if not paths.synth_summary_path(where["cohort"]).exists():
+        console.print(Rule("synth: a synthetic multi-vendor cohort in the real layouts"))
+        write_synthetic_cohort(where["cohort"], seed=cohort.seed, subjects=cohort.subjects_per_dataset,
+                               shape=cohort.shape, frames=cohort.frames, overwrite=True)
+    return run_study(study, where["study"], resume=resume, console=console)

@@ -49,6 +49,12 @@ def private_tensors_path(run: Path, client: str, which: str = "final") -> Path:
     return Path(run) / which / "clients" / client / "private.safetensors"
 
 
+def run_staging_dir(run: Path) -> Path:
+    """``federate --overwrite``: the new run is built here, beside RUN, and swapped in at the end."""
+    run = Path(run)
+    return run.with_name(f".{run.name}.overwrite")
+
+
 def checkpoint_dir(run: Path) -> Path:
     return Path(run) / "checkpoint"
 
@@ -81,6 +87,28 @@ def metrics_path(run: Path) -> Path:
     return eval_dir(run) / "metrics.json"
 
 
+def site_eval_dir(folder: Path, client: str) -> Path:
+    """``cmrfed evaluate RUN --client C``: where a site's own evaluation goes by default (under its
+    private folder, or under RUN for a site that holds no private tensors)."""
+    return Path(folder) / "site-eval" / client
+
+
+def site_eval_record_path(site_eval: Path) -> Path:
+    """A per-site evaluation: what the site measured (merged by ``cmrfed evaluate --merge``)."""
+    return Path(site_eval) / "site_eval.json"
+
+
+def site_predictions_path(site_eval: Path) -> Path:
+    """A per-site evaluation's per-subject predictions (absent when it sends metrics only)."""
+    return Path(site_eval) / "predictions.csv"
+
+
+# a site that joins after training (``cmrfed adapt``)
+def adapt_record_path(adapted: Path) -> Path:
+    """ADAPTED/adapt.json; its tensors are at ``private_tensors_path(ADAPTED, client)``."""
+    return Path(adapted) / "adapt.json"
+
+
 # comparison report (``cmrfed compare``)
 def comparison_json_path(report: Path) -> Path:
     return Path(report) / "comparison.json"
@@ -99,6 +127,7 @@ def report_figure_path(report: Path, name: str) -> Path:
     return Path(report) / f"{name}.png"
 
 
+# the demo study (``cmrfed demo``)
 # synthetic cohort (``cmrfed synth``)
 SYNTH_SUMMARY = "synth_summary.json"
 
@@ -112,3 +141,32 @@ def synth_summary_path(cohort: Path) -> Path:
 def pretrain_checkpoint_dir(backbone: Path) -> Path:
     """The resumable state of ``cmrfed pretrain --out BACKBONE.safetensors``: BACKBONE.checkpoint/."""
     return Path(backbone).with_suffix(".checkpoint")
+
+
+# studies (``cmrfed study``)
+def study_record_path(study: Path) -> Path:
+    """STUDY/study.json: the resolved study, every cell's state and where its run is."""
+    return Path(study) / "study.json"
+
+
+def study_prepared_dir(study: Path) -> Path:
+    """Where a study that starts from raw datasets prepares them."""
+    return Path(study) / "prepared"
+
+
+def study_runs_dir(study: Path) -> Path:
+    return Path(study) / "runs"
+
+
+def study_run_dir(study: Path, cell: str) -> Path:
+    return study_runs_dir(study) / cell
+
+
+def study_compare_dir(study: Path, setting: str) -> Path:
+    """STUDY/compare/<setting>/: the `compare` report of one (blocks, rank) setting."""
+    return Path(study) / "compare" / setting
+
+
+def study_report_dir(study: Path) -> Path:
+    """STUDY/report/: the main and ablation tables, figures and report.html."""
+    return Path(study) / "report"

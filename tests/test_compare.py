@@ -283,8 +283,11 @@ def test_cli_exit_codes(runs: list[Path], tmp_path: Path, monkeypatch: pytest.Mo
     again = runner.invoke(cli, args)
     assert again.exit_code == 2 and "already exists" in again.output
     # the console entry point maps UsageError to exit 2 and DataError to exit 1
+    (tmp_path / "not-a-run").mkdir()
     for argv, code in ((args, 2), (["compare", str(tmp_path / "nope"), "--test", "mcnemar", "--out",
-                                    str(tmp_path / "r2")], 1)):
+                                    str(tmp_path / "r2")], 2),
+                       (["compare", str(tmp_path / "not-a-run"), "--test", "mcnemar", "--out",
+                         str(tmp_path / "r2")], 1)):
         monkeypatch.setattr(sys, "argv", ["cmrfed", *argv])
         with pytest.raises(SystemExit) as caught:
             main()

@@ -223,4 +223,4 @@ def test_cli_runs_end_to_end_on_a_cinema_layout_pretrained_file(small_prepared, 
     assert again.exit_code == 2 and "already exists" in again.output
     missing = CliRunner().invoke(cli, ["federate", "--data", str(tmp_path / "none"), "--out",
                                        str(tmp_path / "x")])
-    assert missing.exit_code == 1 and "cmrfed prepare" in missing.output
+    assert missing.exit_code == 2 and "cmrfed prepare" in missing.output

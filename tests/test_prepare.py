@@ -357,8 +357,14 @@ def test_existing_out_refused_without_overwrite(prep_trees, tmp_path, monkeypatc
     code, text = run_cli(monkeypatch, capsys, *args)
     assert code == 2 and "already exists" in text and "--overwrite" in text
     assert (out / "keep.txt").read_text() == "mine" and not manifest_path(out).exists()
+    # --overwrite replaces only a PREPARED folder, never a folder of other files
+    code, text = run_cli(monkeypatch, capsys, *args, "--overwrite")
+    assert code == 2 and "not a PREPARED folder" in text and "keep.txt" in text
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert run_cli(monkeypatch, capsys, *args)[0] == 0
     code, _ = run_cli(monkeypatch, capsys, *args, "--overwrite")
-    assert code == 0 and manifest_path(out).is_file() and not (out / "keep.txt").exists()
+    assert code == 0 and manifest_path(out).is_file()
 
 
 def test_summary_table_and_subset_of_inputs(prep_trees, tmp_path, monkeypatch, capsys):
@@ -541,8 +547,12 @@ def assert_prepare_fails(monkeypatch, capsys, tmp_path, args: list[str], *needle
 
 
 def test_missing_input_folder(tmp_path, monkeypatch, capsys):
-    assert_prepare_fails(monkeypatch, capsys, tmp_path, ["--acdc", str(tmp_path / "nowhere")],
-                    str(tmp_path / "nowhere"), "does not exist")
+    # a path option naming nothing is a usage error (exit 2), checked before anything is written
+    out = tmp_path / "prepared"
+    code, text = run_cli(monkeypatch, capsys, "prepare", "--acdc", str(tmp_path / "nowhere"), "--out",
+                         str(out), *FAST)
+    assert code == 2 and str(tmp_path / "nowhere") in text and "no such file or folder" in text, text
+    assert not out.exists() and not list(tmp_path.glob(".prepared*"))
 
 
 def test_input_of_wrong_dataset(prep_trees, tmp_path, monkeypatch, capsys):
@@ -675,7 +685,8 @@ def test_console_entry_point_exit_code(tmp_path):
 
     result = subprocess.run([sys.executable, "-m", "cmrfed.cli", "prepare", "--mnms", str(tmp_path / "x"),
                              "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "no such file or folder" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # ----------------------------------------------------------------------------- units

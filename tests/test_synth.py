@@ -342,7 +342,7 @@ def test_refuses_existing_out_and_leaves_nothing_when_interrupted(
     monkeypatch.setattr(synth, "_write_mnms2_csv", crash)
     with pytest.raises(RuntimeError):
         write_synthetic_cohort(tmp_path / "fresh", **SMALL)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(UsageError, match="not a synthetic cohort"):  # not one synth made
         write_synthetic_cohort(out, overwrite=True, **SMALL)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cohort"]
     assert [p.name for p in out.iterdir()] == ["keep.txt"]

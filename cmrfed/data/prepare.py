@@ -37,6 +37,8 @@ from cmrfed.data.preprocess import NORMALISATION, fingerprint, preprocess
 from cmrfed.data.shards import SPLITS, ShardEntry, write_image_file, write_manifest, write_shard
 from cmrfed.data.tables import DATASETS, Tables, load_tables
 from cmrfed.errors import DataError, UsageError
+from cmrfed.lock import folder_lock
+from cmrfed.outputs import PREPARED, check_replaceable
 from cmrfed.paths import SHARDS_DIR, shard_path
 from cmrfed.provenance import versions
 
@@ -288,9 +290,17 @@ def _preprocessing_params(options: PrepareOptions) -> dict[str, Any]:
 
 
 def prepare(options: PrepareOptions, console: Console | None = None) -> PrepareResult:
-    """Run the stage; see the module docstring. Raises DataError / UsageError on bad input."""
+    """Run the stage; see the module docstring. Raises DataError / UsageError on bad input.
+
+    The PREPARED folder is locked for the whole stage (:mod:`cmrfed.lock`)."""
+    with folder_lock(options.out):
+        return _prepare(options, console)
+
+
+def _prepare(options: PrepareOptions, console: Console | None = None) -> PrepareResult:
     console = console or Console()
     _check_options(options)
+    check_replaceable(Path(options.out), PREPARED, options.overwrite)  # before hours of work
     tables = load_tables(options.tables)
     scans, invalid = _scan_inputs(options, tables)
     if invalid and not options.skip_invalid:
@@ -300,7 +310,7 @@ def prepare(options: PrepareOptions, console: Console | None = None) -> PrepareR
     skipped = list(invalid)
     warnings = [w for scan in scans for w in scan.warnings]
 
-    with atomic_dir(options.out, overwrite=options.overwrite) as tmp:
+    with atomic_dir(options.out, overwrite=options.overwrite, kind=PREPARED) as tmp:
         scratch = tmp / _SCRATCH
         scratch.mkdir()
         work = functools.partial(_process, spacing=options.spacing, shape=options.shape, scratch=scratch)

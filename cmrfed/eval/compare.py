@@ -466,6 +466,19 @@ def _pairing_text(test: str, reference: str, metric: str) -> str:
             "within one seed")
 
 
+def summarise_methods(evaluations: Sequence[RunEvaluation], reference: str,
+                      metric: str) -> tuple[MethodSummary, ...]:
+    """Each method's ``metric`` per client and macro over its seeds (mean, sd, 95% CI), its
+    communication and curves; the reference first. No test is run: a study reads every metric
+    of its main table through this, the tested one through :func:`compare`."""
+    _check_options("wilcoxon", metric)
+    check_pairable(evaluations, reference)
+    grouped = _by_method(evaluations)
+    clients = next(iter(grouped[reference].values())).clients
+    return tuple(_method_summary(m, list(runs.values()), clients, metric)
+                 for m, runs in sorted(grouped.items(), key=lambda kv: (kv[0] != reference, kv[0])))
+
+
 def compare(
     evaluations: Sequence[RunEvaluation],
     test: str,
@@ -501,8 +514,7 @@ def compare(
                 test, [ref_runs[s] for s in seeds], [base_runs[s] for s in seeds], clients, metric,
                 alpha, n_boot, seed)))
     rows = _holm_rows(raw_rows)
-    methods = tuple(_method_summary(m, list(runs.values()), clients, metric)
-                    for m, runs in sorted(grouped.items(), key=lambda kv: (kv[0] != reference, kv[0])))
+    methods = summarise_methods(evaluations, reference, metric)
     anchor = next(iter(ref_runs.values()))
     inputs = {path: digest for ev in evaluations for path, digest in ev.inputs.items()}
     return Comparison(test=test, reference=reference, metric=metric, alpha=alpha, split=anchor.split,

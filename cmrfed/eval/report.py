@@ -26,6 +26,8 @@ from cmrfed import paths
 from cmrfed.atomic import atomic_dir, write_json
 from cmrfed.eval.compare import Comparison, MethodSummary, MetricSummary, TestRow, compare
 from cmrfed.eval.tables import load_evaluation
+from cmrfed.lock import folder_lock
+from cmrfed.outputs import REPORT, check_replaceable
 from cmrfed.provenance import versions
 
 REPORT_FORMAT_VERSION = 1
@@ -56,9 +58,11 @@ def compare_runs(
 ) -> ComparisonResult:
     """Compare evaluated RUN folders and write the report folder ``out`` (the CLI's stage)."""
     console = console or Console()
-    evaluations = [load_evaluation(run) for run in runs]
-    comparison = compare(evaluations, test, reference=reference, metric=metric)
-    files = write_report(comparison, Path(out), overwrite=overwrite)
+    with folder_lock(out):
+        check_replaceable(Path(out), REPORT, overwrite)  # before reading every run
+        evaluations = [load_evaluation(run) for run in runs]
+        comparison = compare(evaluations, test, reference=reference, metric=metric)
+        files = write_report(comparison, Path(out), overwrite=overwrite)
     print_comparison(console, comparison, Path(out))
     return ComparisonResult(comparison, Path(out), files)
 
@@ -371,7 +375,7 @@ _PLOTTERS = {
 def write_report(comparison: Comparison, out: Path, overwrite: bool = False) -> tuple[Path, ...]:
     """Write REPORT/comparison.{json,csv,md} and the PNG figures, atomically as one folder."""
     out = Path(out)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, kind=REPORT) as tmp:
         write_json(paths.comparison_json_path(tmp), comparison_document(comparison))
         _write_csv(paths.comparison_csv_path(tmp), comparison)
         paths.comparison_md_path(tmp).write_text(_markdown(comparison), encoding="utf-8")

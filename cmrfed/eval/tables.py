@@ -148,13 +148,18 @@ def load_evaluation(run: str | Path) -> RunEvaluation:
                      for key, value in block.items()}
             for client, block in doc["per_client"].items()
         }
-        macro = {k: _nan_for_null(v) for k, v in doc["macro"].items()}
+        # ``macro`` also names the clients it covers (``clients``): only metrics are numbers
+        macro = {k: _nan_for_null(v) for k, v in doc["macro"].items() if k != "clients"}
         split, round_choice = str(doc["split"]), str(doc["round"])
         round_index, threshold_mode = int(doc["round_index"]), str(doc["threshold"]["mode"])
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{metrics_file}: not a cmrfed metrics.json ({exc}); re-run "
                         f"`cmrfed evaluate {info.path}`") from exc
     own = _read_predictions(predictions_file, info.path)
+    metrics_only = sorted(c for c, how in doc.get("sources", {}).items() if how == "metrics")
+    if metrics_only:
+        raise DataError(f"{info.path}: sites {metrics_only} sent metrics only; compare pairs per-subject "
+                        "predictions of every site, so it needs their predictions")
     if set(own) != set(per_client):
         raise DataError(f"{info.path}: predictions.csv and metrics.json name different clients "
                         f"({sorted(own)} vs {sorted(per_client)}); re-run `cmrfed evaluate {info.path}`")

@@ -13,6 +13,7 @@ file, and a stale file is never read. Files are written atomically.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from torch import nn
 
 from cmrfed.atomic import atomic_file
 from cmrfed.data.shards import load_split
+from cmrfed.errors import DataError
 from cmrfed.paths import feature_cache_dir
 
 CACHE_FORMAT_VERSION = 1
@@ -116,7 +118,13 @@ def load_or_compute(
             hidden = skips = torch.zeros(0)
         computed[split] = CachedSplit(arrays.subject_ids, arrays.labels, hidden, skips,
                                       arrays.window_subject)
-    _write(path, computed, shard_sha256, key)
+    try:
+        _write(path, computed, shard_sha256, key)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise DataError(f"cannot write the feature cache {path} ({exc.strerror}): the PREPARED "
+                        f"folder {prepared} is read-only; pass --no-cache, or make it writable") from exc
     stored = _read(path, splits, shard_sha256, key.dtype)
     assert stored is not None  # just written
     return stored

@@ -3,6 +3,7 @@ stages (evaluate, compare, resume) as a frozen dataclass rather than a raw dict.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -36,9 +37,11 @@ class FederateConfig:
     backbone: str = "tiny"
     cache: bool = True
     cache_dtype: str = "float32"
+    sites_per_round: int | None = None  # partial participation (cmrfed/fed/participation.py)
+    holdout: str | None = None  # a site left out of training entirely (leave-one-vendor-out)
 
     def __post_init__(self) -> None:
-        resolve_method(self.method, self.head)
+        spec = resolve_method(self.method, self.head)
         if isinstance(self.blocks, str) and self.blocks != "all":
             raise UsageError(f"--blocks takes a number of blocks or 'all', not {self.blocks!r}")
         if isinstance(self.blocks, int) and self.blocks < 1:
@@ -50,12 +53,24 @@ class FederateConfig:
                 raise UsageError(f"{option} must be at least 1, got {value}")
         if self.local_rank is not None and self.local_rank < 1:
             raise UsageError("--local-rank must be at least 1")
+        if self.sites_per_round is not None and self.sites_per_round < 1:
+            raise UsageError(f"--sites-per-round must be at least 1, got {self.sites_per_round}")
+        if self.sites_per_round is not None and spec.pooled:
+            raise UsageError(f"--sites-per-round does not apply to --method {self.method}: it trains "
+                             "one model on every site's pooled data")
         if self.lr <= 0:
             raise UsageError("--lr must be positive")
         if self.cache_dtype not in CACHE_DTYPES:
             raise UsageError(f"--cache-dtype must be one of {', '.join(CACHE_DTYPES)}")
+        if not self.targets:
+            raise UsageError(f"--targets is empty; name some of {', '.join(DEFAULT_TARGETS)}, "
+                             "comma-separated")
+        for option, number in (("--lr", self.lr), ("--weight-decay", self.weight_decay),
+                               ("--alpha", self.alpha), ("--local-alpha", self.local_alpha)):
+            if number is not None and not math.isfinite(number):
+                raise UsageError(f"{option} {number}: must be a finite number")
         unknown = sorted(set(self.targets) - set(DEFAULT_TARGETS))
-        if not self.targets or unknown:
+        if unknown:
             raise UsageError(
                 f"--targets must name some of {', '.join(DEFAULT_TARGETS)} (got unknown {unknown})"
             )

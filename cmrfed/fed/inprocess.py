@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +22,19 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from cmrfed import paths
-from cmrfed.atomic import atomic_file, write_json
+from cmrfed.atomic import atomic_file, json_text, write_json
 from cmrfed.data.shards import load_manifest
 from cmrfed.errors import DataError, UsageError
 from cmrfed.faults import fault_point
 from cmrfed.fed.client import Client, concat_splits
 from cmrfed.fed.config import FederateConfig
+from cmrfed.fed.participation import participants
 from cmrfed.fed.runlog import (
     analytic_params_per_message,
     append_round,
     client_round_record,
     has_score,
+    open_run_folder,
     round_line,
     round_record,
     run_record,
@@ -154,7 +156,24 @@ def federate(
     overwrite: bool = False,
     console: Console | None = None,
 ) -> RunSummary:
-    """Run ``cfg.rounds`` federated rounds in this process and write the RUN folder."""
+    """Run ``cfg.rounds`` federated rounds in this process and write the RUN folder.
+
+    RUN is locked for the whole run; an ``--overwrite`` is built beside RUN and swapped in at the
+    end (:func:`cmrfed.fed.runlog.open_run_folder`)."""
+    with open_run_folder(Path(out), overwrite=overwrite, resume=resume) as folder:
+        summary = _federate_into(cfg, folder.work, device, resume=folder.resume, console=console)
+    return replace(summary, out=folder.final)
+
+
+def _federate_into(
+    cfg: FederateConfig,
+    out: Path,
+    device: str = "auto",
+    resume: bool = False,
+    overwrite: bool = False,
+    console: Console | None = None,
+) -> RunSummary:
+    """The rounds, written into the work folder ``out`` that :func:`federate` chose."""
     console = console or Console()
     out = Path(out)
     prepared = Path(cfg.data)
@@ -215,7 +234,8 @@ def federate(
         for round_index in range(progress.round + 1, cfg.rounds + 1):
             started = time.perf_counter()
             results: list[FitResult] = []
-            for trainer in trainers:
+            asked = participants([c.name for c in clients], cfg.sites_per_round, cfg.seed, round_index)
+            for trainer in (t for t in trainers if spec.pooled or t.name in asked):
                 bar.update(task, description=f"{spec.name}: round {round_index}, {trainer.name}")
                 results.append(trainer.fit(model, round_index, torch_device))
             up = dict.fromkeys((c.name for c in clients), 0)
@@ -246,7 +266,8 @@ def federate(
                 )
                 for client in clients
             }
-            record = round_record(round_index, entries, time.perf_counter() - started)
+            record = round_record(round_index, entries, time.perf_counter() - started,
+                                  participants=asked)
             total_up += sum(up.values())
             total_down += sum(down.values())
             progress.round = round_index
@@ -283,7 +304,7 @@ def _truncate_rounds_log(out: Path, completed: int) -> list[dict[str, Any]]:
         if record["round"] <= completed:
             records.append(record)
     with atomic_file(log) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        tmp.write_text("".join(json_text(r) + "\n" for r in records), encoding="utf-8")
     return records
 
 

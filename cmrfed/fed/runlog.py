@@ -7,19 +7,22 @@ Everything here is a plain function of records the engine already holds; no engi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from cmrfed import paths
-from cmrfed.atomic import atomic_file, write_json
-from cmrfed.errors import UsageError
+from cmrfed.atomic import atomic_file, clean_stale_temporaries, json_text, swap_in, write_json
+from cmrfed.errors import DataError, UsageError
 from cmrfed.eval.metrics import binary_metrics
 from cmrfed.fed.accounting import analytic_shared_params
 from cmrfed.fed.client import Client
@@ -27,7 +30,9 @@ from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.methods import HEAD, MethodSpec
 from cmrfed.fed.strategy import TensorState
 from cmrfed.fed.task import RunModel
+from cmrfed.lock import folder_lock
 from cmrfed.model.classifier import param_group
+from cmrfed.outputs import RUN, check_replaceable, is_empty_dir
 from cmrfed.provenance import versions
 
 RUN_FORMAT_VERSION = 1
@@ -35,13 +40,115 @@ SELECTION_METRIC = "balanced_accuracy"
 
 
 def start_run_folder(out: Path, overwrite: bool) -> None:
-    """Refuse to mix a new run into an existing, non-empty RUN folder unless told to replace it."""
+    """Refuse to mix a new run into an existing, non-empty RUN folder unless told to replace it,
+    and refuse to replace anything but a cmrfed RUN folder (the Flower ServerApp's start)."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UsageError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    check_replaceable(out, RUN, overwrite)
+    if out.exists() and not is_empty_dir(out):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Where a federate command writes: ``work`` is RUN itself, or (``--overwrite`` of an
+    existing run) the staging folder beside it that is swapped in only once complete."""
+
+    final: Path
+    work: Path
+    resume: bool  # whether ``work`` holds a run to continue
+
+
+def resumable_folder(out: Path, overwrite: bool) -> Path:
+    """The folder ``--resume`` continues: the staging folder of an interrupted ``--overwrite``
+    when ``overwrite`` is given and one exists, else RUN itself."""
+    staging = paths.run_staging_dir(out)
+    return staging if overwrite and RUN.recognise(staging) else Path(out)
+
+
+def recorded_config(out: Path, overwrite: bool) -> dict[str, Any]:
+    """The ``config`` block of the run.json that ``--resume`` would continue."""
+    folder = resumable_folder(out, overwrite)
+    config_file = paths.run_config_path(folder)
+    if not config_file.exists():
+        raise UsageError(f"{out}: no run.json to resume; start the run without --resume")
+    try:
+        return dict(json.loads(config_file.read_text(encoding="utf-8"))["config"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{config_file}: not a cmrfed run.json ({exc}); start again without "
+                        "--resume") from exc
+
+
+def resume_options(out: Path, overwrite: bool, options: Mapping[str, Any],
+                   typed: set[str]) -> dict[str, Any]:
+    """The FederateConfig options of the run ``--resume`` continues, read from its run.json.
+
+    Options the user typed (``typed``; defaults do not count) must equal the recorded ones, so a
+    resumed run is the run that was started; the rest need not be retyped.
+    """
+    recorded = FederateConfig.from_dict(recorded_config(out, overwrite))
+    values = {f.name: getattr(recorded, f.name) for f in fields(recorded)}
+    differ = []
+    for name in sorted(typed & set(values)):
+        given, kept = options[name], values[name]
+        if (list(given) if isinstance(given, tuple) else given) != (
+                list(kept) if isinstance(kept, tuple) else kept):
+            differ.append(f"--{name.replace('_', '-')} {given!r} (the run has {kept!r})")
+    if differ:
+        raise UsageError(f"{out}: --resume with options that differ from the run: {'; '.join(differ)}. "
+                         "Drop them to continue the run as it was started, or start a new run")
+    return values
+
+
+@contextlib.contextmanager
+def open_run_folder(out: Path, *, overwrite: bool, resume: bool) -> Iterator[RunFolder]:
+    """Lock RUN for the whole command and decide where the run is written.
+
+    - a new run is written into RUN directly (rounds are appended as they finish, so an
+      interrupted run can be continued with ``--resume``);
+    - ``--overwrite`` of an existing run (only a cmrfed RUN folder; anything else is refused)
+      builds the new run in the staging folder ``.RUN.overwrite`` beside it and swaps it in when
+      it has finished: a failed or killed run never destroys the finished one. An interrupted
+      overwrite is continued with ``--overwrite --resume`` (it continues the staging folder);
+      ``--overwrite`` alone discards it and starts the replacement again; ``--resume`` alone
+      continues RUN itself.
+
+    A failure before the first round is checkpointed removes what this command created (so the
+    same command can simply be rerun); a later one leaves a run to ``--resume``.
+    """
+    out = Path(out)
+    with folder_lock(out):
+        clean_stale_temporaries(out)
+        staging = paths.run_staging_dir(out)
+        occupied = out.exists() and not is_empty_dir(out)
+        if overwrite and occupied:
+            check_replaceable(out, RUN, overwrite=True)
+            if resume and RUN.recognise(staging):
+                work, continuing = staging, True
+            else:
+                shutil.rmtree(staging, ignore_errors=True)
+                work, continuing = staging, False
+        elif resume:
+            work, continuing = resumable_folder(out, overwrite), True
+        else:
+            if occupied:
+                raise UsageError(f"{out} already exists; pass --resume to continue it, --overwrite "
+                                 "to replace it, or choose another --out")
+            work, continuing = out, False
+        created = not work.exists()
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create {work} ({exc.strerror}); choose an --out you can "
+                             "write") from exc
+        try:
+            yield RunFolder(out, work, continuing)
+        except BaseException:
+            if created and not paths.checkpoint_path(work).exists():
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+        if work != out:
+            swap_in(work, out)
 
 
 def val_metrics(client: Client, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
@@ -65,7 +172,7 @@ def method_record(spec: MethodSpec) -> dict[str, Any]:
     return {
         "name": spec.name, "summary": spec.summary, "adapters": list(spec.adapters),
         "trained": sorted(spec.trained), "shared": sorted(spec.shared),
-        "private": sorted(spec.private), "frozen": sorted(spec.frozen),
+        "private": sorted(spec.private), "frozen": sorted(spec.frozen), "adapted": sorted(spec.adapted),
     }
 
 
@@ -111,31 +218,46 @@ def client_round_record(
     }
 
 
-def round_record(round_index: int, clients: Mapping[str, Mapping[str, Any]], wall_s: float) -> dict[str, Any]:
-    """A rounds.jsonl line; the mean is over clients whose selection metric is defined."""
+def round_record(round_index: int, clients: Mapping[str, Mapping[str, Any]], wall_s: float,
+                 participants: list[str] | None = None,
+                 failed: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A rounds.jsonl line; the mean is over clients whose selection metric is defined.
+
+    ``participants``: the sites asked to train this round (every site without
+    ``--sites-per-round``); ``failed``: site -> why it did not answer (Flower engine).
+    """
     scores = [c["val"][SELECTION_METRIC] for c in clients.values()
               if SELECTION_METRIC in c["val"] and np.isfinite(c["val"][SELECTION_METRIC])]
     return {
         "round": round_index,
         "clients": {name: dict(entry) for name, entry in clients.items()},
+        "participants": list(participants) if participants is not None else list(clients),
+        "failed": dict(failed or {}),
         "mean_val_balanced_accuracy": float(np.mean(scores)) if scores else float("nan"),
         "wall_s": wall_s,
     }
 
 
 def has_score(record: Mapping[str, Any]) -> bool:
-    return bool(np.isfinite(record["mean_val_balanced_accuracy"]))
+    """Whether a round has a selection score (rounds.jsonl holds ``null`` where it has none)."""
+    score = record.get("mean_val_balanced_accuracy")
+    return score is not None and bool(np.isfinite(score))
 
 
 def append_round(out: Path, record: Mapping[str, Any]) -> None:
+    """One strict JSON line (NaN written as null) appended to rounds.jsonl."""
     with paths.rounds_log_path(out).open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+        handle.write(json_text(record) + "\n")
 
 
 def save_tensors(path: Path, state: TensorState) -> None:
     """A safetensors file of adapter/head tensors, written atomically."""
     with atomic_file(path) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        try:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        except SafetensorError as exc:  # safetensors reports an unwritable folder as its own error
+            raise DataError(f"cannot write {path} ({exc}); choose a folder you can write, or free "
+                            "space, and run the command again") from exc
 
 
 def write_result(out: Path, completed_rounds: int, best_round: int, best_score: float,
@@ -153,9 +275,11 @@ def write_result(out: Path, completed_rounds: int, best_round: int, best_score: 
 def round_line(record: Mapping[str, Any]) -> str:
     """The one line a round prints."""
     clients = record["clients"].values()
-    loss = np.mean([c["train_loss"] for c in clients])
+    losses = [c["train_loss"] for c in clients if np.isfinite(c["train_loss"])]  # those that trained
+    loss = float(np.mean(losses)) if losses else float("nan")
     up = sum(c["bytes_up"] for c in clients)
     down = sum(c["bytes_down"] for c in clients)
+    score = f"{record['mean_val_balanced_accuracy']:.3f}" if has_score(record) else "—"
     return (f"round {record['round']:>3}  loss {loss:.4f}  val bal.acc "
-            f"{record['mean_val_balanced_accuracy']:.3f}  up {up / 1024:.1f} KiB  "
+            f"{score}  up {up / 1024:.1f} KiB  "
             f"down {down / 1024:.1f} KiB  {record['wall_s']:.1f}s")

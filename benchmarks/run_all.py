@@ -20,13 +20,15 @@ import bench_comm
 import bench_gpu
 import bench_lora
 import bench_memory
+import bench_probe
 import bench_scaling
 from common import Machine, Suite, show, write_results
 from rich.console import Console
 from rich.rule import Rule
 
 # the cheap, load-insensitive table first; the GPU table last (it only reports a skip on CPU)
-MODULES = (bench_comm, bench_cache, bench_augment, bench_lora, bench_scaling, bench_memory, bench_gpu)
+MODULES = (bench_comm, bench_cache, bench_augment, bench_lora, bench_scaling, bench_memory, bench_probe,
+           bench_gpu)
 
 
 def main() -> None:

@@ -168,7 +168,8 @@ def prepare_options(options: dict[str, object]) -> PrepareOptions:
               help="Weight the loss by inverse class frequency per site.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--backbone", default="tiny", show_default=True,
-              help="tiny|small|base (seeded random init) or a CineMA safetensors file.")
+              help="tiny|small|base (seeded random init), tiny-pretrained (shipped) or a CineMA "
+                   "safetensors file.")
 @click.option("--cache/--no-cache", default=True, show_default=True,
               help="Cache the frozen trunk's features (used when fewer than all blocks are adapted).")
 @click.option("--cache-dtype", default="float32", show_default=True,
@@ -324,6 +325,42 @@ def compare(runs: tuple[str, ...], test: str, reference: str, metric: str, out: 
     from cmrfed.eval.report import compare_runs
 
     compare_runs(list(runs), test, reference=reference, metric=metric, out=out, overwrite=overwrite)
+
+
+@cli.command()
+@click.option("--data", "data", required=True, multiple=True, type=click.Path(path_type=str),
+              help="PREPARED folder whose train images to pretrain on (repeat for several); "
+                   "labels are never read.")
+@click.option("--size", default="tiny", show_default=True, type=click.Choice(["tiny", "small", "base"]))
+@click.option("--objective", default="mae", show_default=True, type=click.Choice(["mae", "disease"]),
+              help="mae: CineMA's masked autoencoder (images only); disease: fine-tune for disease "
+                   "detection (reads labels).")
+@click.option("--init", default="", help="Backbone to start from (e.g. an MAE output) [seeded random init].")
+@click.option("--layer-decay", default=0.75, show_default=True, type=float,
+              help="Layer-wise lr decay of the disease objective (CineMA's fine-tuning).")
+@click.option("--epochs", default=800, show_default=True, type=int)
+@click.option("--warmup-epochs", default=10, show_default=True, type=int)
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--mask-ratio", default=0.75, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]),
+              help="Precision of the written weights.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--out", required=True, type=click.Path(path_type=str), help="BACKBONE.safetensors to write.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output and checkpoint.")
+def pretrain(**options: object) -> None:
+    """Pretrain the SAX encoder: CineMA's masked autoencoder on images only, or disease
+    fine-tuning from --init; writes a --backbone file."""
+    from cmrfed.pretrain import PretrainConfig
+    from cmrfed.pretrain import pretrain as run_pretrain
+
+    device, out = options.pop("device"), str(options.pop("out"))
+    resume, overwrite = options.pop("resume"), options.pop("overwrite")
+    config = PretrainConfig(**options)  # type: ignore[arg-type]
+    run_pretrain(config, out, device=str(device), resume=bool(resume), overwrite=bool(overwrite),
+                 command=config.command(out))
 
 
 @cli.group()

@@ -137,6 +137,12 @@ def synth_summary_path(cohort: Path) -> Path:
     return Path(cohort) / SYNTH_SUMMARY
 
 
+# pretrained backbones (``cmrfed pretrain``)
+def pretrain_checkpoint_dir(backbone: Path) -> Path:
+    """The resumable state of ``cmrfed pretrain --out BACKBONE.safetensors``: BACKBONE.checkpoint/."""
+    return Path(backbone).with_suffix(".checkpoint")
+
+
 # studies (``cmrfed study``)
 def study_record_path(study: Path) -> Path:
     """STUDY/study.json: the resolved study, every cell's state and where its run is."""

@@ -238,3 +238,30 @@ def load_split(prepared: Path, client: str, split: str) -> SplitArrays:
     window_subject = np.repeat(np.arange(len(chosen)), [len(w) for w in windows]).astype(np.int64)
     return SplitArrays(subject_ids=tuple(chosen), images=images, labels=labels,
                        window_subject=window_subject)
+
+
+def load_images(prepared: Path, client: str, split: str) -> tuple[tuple[str, ...], np.ndarray]:
+    """(subject id of each row, model inputs (rows, 2, X, Y, Z)) of ``client``'s ``split``, sorted
+    by subject_id, one row per z window as :func:`load_split` makes them.
+
+    Images only: no label or other subject attribute is read but ``split`` (self-supervised
+    pretraining must never see a label).
+    """
+    path = shard_path(prepared, client)
+    if not path.is_file():
+        raise DataError(f"{path}: shard missing; {_RERUN}")
+    try:
+        with h5py.File(path, "r") as shard:
+            version = shard.attrs.get("format_version")
+            if version != FORMAT_VERSION:
+                raise DataError(f"{path}: shard format {version} but this cmrfed reads "
+                                f"{FORMAT_VERSION}; {_RERUN}")
+            shape = tuple(int(v) for v in shard.attrs["shape"])
+            subjects = shard[SUBJECTS_GROUP]
+            chosen = sorted(name for name in subjects if subjects[name].attrs["split"] == split)
+            windows = [model_input(subjects[name][IMAGE_DATASET][()], shape) for name in chosen]
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise DataError(f"{path}: unreadable shard ({exc}); {_RERUN}") from exc
+    images = np.concatenate(windows) if windows else np.empty((0, 2, *shape), dtype=np.float32)
+    ids = tuple(name for name, w in zip(chosen, windows, strict=True) for _ in range(len(w)))
+    return ids, images

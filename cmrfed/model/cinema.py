@@ -520,13 +520,21 @@ def _infer_size(state_dict: Mapping[str, torch.Tensor], source: str) -> EncoderS
 
 
 def resolve_checkpoint(spec: str) -> Path:
-    """The local file of a checkpoint spec: a path, or ``hf://owner/repo/path/in/repo`` downloaded
-    through the optional huggingface_hub package."""
+    """The local file of a checkpoint spec: a backbone shipped in the package (``SHIPPED``), a
+    path, or ``hf://owner/repo/path/in/repo`` downloaded through the optional huggingface_hub
+    package."""
+    if spec in SHIPPED:
+        path = SHIPPED_DIR / SHIPPED[spec]
+        if not path.is_file():
+            raise DataError(f"--backbone {spec!r}: {path} is missing from this installation; "
+                            f"reinstall cmrfed, or regenerate it with the README's pretrain command")
+        return path
     if not spec.startswith(HUB_SCHEME):
         path = Path(spec)
         if not path.is_file():
             raise UsageError(f"--backbone {spec!r}: no such file; pass a size ({', '.join(SIZES)}), "
-                             f"a path to a CineMA .safetensors file or hf://owner/repo/file")
+                             f"a shipped backbone ({', '.join(SHIPPED)}), a path to a CineMA "
+                             f".safetensors file or hf://owner/repo/file")
         return path
     parts = spec[len(HUB_SCHEME):].split("/")
     if len(parts) < 3 or not all(parts):
@@ -553,7 +561,8 @@ def build_encoder(size: str, in_chans: int = 2, input_shape: tuple[int, int, int
 
 def load_backbone(spec: str, input_shape: tuple[int, int, int] = DEFAULT_INPUT_SHAPE, seed: int = 0,
                   in_chans: int = 2) -> CineMASaxEncoder:
-    """``tiny|small|base`` (seeded random init) or a CineMA safetensors checkpoint (path or hf://).
+    """``tiny|small|base`` (seeded random init), a shipped backbone (``tiny-pretrained``) or a
+    CineMA safetensors checkpoint (path or hf://).
 
     A checkpoint's size is inferred from its width; after :func:`checkpoint_filter_fn` every
     encoder key must be present with the right shape and nothing else may remain (DataError naming
@@ -604,6 +613,14 @@ def backbone_fingerprint(encoder: nn.Module) -> str:
         digest.update(data.view(torch.uint8).numpy())
     return digest.hexdigest()
 
+
+# --- shipped backbones -----------------------------------------------------------------------------
+SHIPPED_DIR = Path(__file__).parent / "weights"
+TINY_PRETRAINED = "tiny-pretrained"
+SHIPPED: dict[str, str] = {
+    # the tiny encoder pretrained by `cmrfed pretrain` on a synthetic cohort of its own (README)
+    TINY_PRETRAINED: "tiny_pretrained.safetensors",
+}
 
 # --- size variants ---------------------------------------------------------------------------------
 SIZES: dict[str, EncoderSize] = {

@@ -143,6 +143,13 @@ def prepare(acdc: str | None, mnms: str | None, mnms2: str | None, out: str, spa
               help="Cache the frozen trunk's features (used when fewer than all blocks are adapted).")
 @click.option("--cache-dtype", default="float32", show_default=True,
               type=click.Choice(["float32", "float16", "bfloat16"]))
+@click.option("--dp-epsilon", type=float, default=None,
+              help="Differential privacy: DP-SGD at every site, noise calibrated so each site's "
+                   "whole run stays within this epsilon (needs --no-class-balanced).")
+@click.option("--dp-delta", type=float, default=None,
+              help="DP delta of every site [1e-5; must be below 1 / its training subjects].")
+@click.option("--dp-clip", type=float, default=None,
+              help="DP per-sample gradient clipping norm [1.0].")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--out", required=True, type=click.Path(path_type=str), help="RUN folder to write.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last round.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from cmrfed.errors import DataError
 from cmrfed.fed.methods import MethodSpec
 from cmrfed.fed.strategy import FitResult, TensorState
 from cmrfed.model.classifier import param_group
+
+if TYPE_CHECKING:
+    from cmrfed.fed.privacy import SitePlan
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,14 @@ class SplitTensors:
 
     def logits(self, model: nn.Module, index: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Logits of the subjects at ``index`` (a 1-D index tensor into this split)."""
-        batch = [t[index].to(device=device, dtype=torch.float32) for t in self.inputs]
+        return self.forward(model, self.batch(index, device))
+
+    def batch(self, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The model inputs of the subjects at ``index``."""
+        return tuple(t[index].to(device=device, dtype=torch.float32) for t in self.inputs)
+
+    def forward(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Logits of a batch of this split's inputs (full forward, or from the cached trunk)."""
         if self.start_block is None:
             return model(batch[0])
         return model.forward_from(batch[0], batch[1], self.start_block)
@@ -129,6 +140,7 @@ class Client:
         self.config = config
         self.seed = seed
         self._groups = {k: param_group(k) for k in self.state}
+        self.privacy: SitePlan | None = None  # DP-SGD plan of this site (cmrfed/fed/privacy.py)
 
     # --- what leaves the site, and what never does ------------------------------------------
     def shared_state(self) -> TensorState:
@@ -185,12 +197,21 @@ class Client:
         weight = class_weights(labels).to(device) if cfg.class_balanced else None
         generator = torch.Generator().manual_seed(derive_seed(self.seed, round_index, self.index))
         model.train()
+        dp = None if self.privacy is None else self.privacy.open_round(
+            model, optimizer, seed=self.seed, round_index=round_index, site_index=self.index,
+            device=device)
         total_loss, seen = 0.0, 0
         for _ in range(cfg.local_epochs):
             order = torch.randperm(len(self.train), generator=generator)
-            for batch in order.split(cfg.batch_size):
-                logits = self.train.logits(model, batch, device)
+            for batch in order.split(cfg.batch_size) if dp is None else dp.batches():
                 target = labels[batch].to(device)
+                if dp is not None:  # DP-SGD: Poisson batch, per-sample clip + noise, then step
+                    loss = dp.step(model, self.train.forward, self.train.batch(batch, device),
+                                   target, lambda out, y: F.cross_entropy(out, y, weight=weight))
+                    total_loss += float(loss) * len(batch)
+                    seen += len(batch)
+                    continue
+                logits = self.train.logits(model, batch, device)
                 loss = F.cross_entropy(logits, target, weight=weight)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -36,6 +36,9 @@ class FederateConfig:
     backbone: str = "tiny"
     cache: bool = True
     cache_dtype: str = "float32"
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None
+    dp_clip: float | None = None
 
     def __post_init__(self) -> None:
         resolve_method(self.method, self.head)
@@ -54,6 +57,11 @@ class FederateConfig:
             raise UsageError("--lr must be positive")
         if self.cache_dtype not in CACHE_DTYPES:
             raise UsageError(f"--cache-dtype must be one of {', '.join(CACHE_DTYPES)}")
+        if self.dp_epsilon is not None or self.dp_delta is not None or self.dp_clip is not None:
+            from cmrfed.fed.privacy import check_dp_method, check_dp_options
+
+            check_dp_options(self.dp_epsilon, self.dp_delta, self.dp_clip, self.class_balanced)
+            check_dp_method(resolve_method(self.method, self.head))
         unknown = sorted(set(self.targets) - set(DEFAULT_TARGETS))
         if not self.targets or unknown:
             raise UsageError(

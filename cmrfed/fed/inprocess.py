@@ -26,6 +26,16 @@ from cmrfed.data.shards import load_manifest
 from cmrfed.errors import DataError, UsageError
 from cmrfed.fed.client import Client, concat_splits
 from cmrfed.fed.config import FederateConfig
+from cmrfed.fed.privacy import (
+    check_dp_model,
+    plan_run,
+    privacy_line,
+    privacy_summary,
+    recorded_plans,
+    round_fits,
+    run_privacy_record,
+    spent_record,
+)
 from cmrfed.fed.runlog import (
     analytic_params_per_message,
     append_round,
@@ -168,6 +178,15 @@ def federate(
     if spec.federated and analytic != num_params(server):
         raise AssertionError(f"analytic count {analytic} != shared tensors {num_params(server)}")
 
+    plans = None
+    if cfg.dp_epsilon is not None:  # DP-SGD at every trainer; a resumed run keeps its recorded noise
+        check_dp_model(model, spec.name)
+        recorded = json.loads(paths.run_config_path(out).read_text()) if resume else {}
+        plans = recorded_plans(recorded) or plan_run(cfg, {t.name: len(t.train) for t in trainers})
+        for trainer in trainers:
+            trainer.privacy = plans[trainer.name]
+    stopped = None
+
     progress = _Progress()
     best = _snapshot(clients, server)
     if resume and paths.checkpoint_dir(out).exists():
@@ -187,6 +206,7 @@ def federate(
             backbone={"spec": cfg.backbone, "fingerprint": run_model.fingerprint,
                       "depth": run_model.depth, "first_adapted_block": run_model.start_block},
             analytic=analytic, device=str(torch_device),
+            privacy=run_privacy_record(plans) if plans else None,
         ))
     kept = _truncate_rounds_log(out, progress.round)
     total_up = sum(c["bytes_up"] for r in kept for c in r["clients"].values())
@@ -197,6 +217,11 @@ def federate(
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task(f"{spec.name}: rounds", total=cfg.rounds, completed=progress.round)
         for round_index in range(progress.round + 1, cfg.rounds + 1):
+            if plans and not round_fits(plans, round_index):  # stop rather than overspend
+                stopped = (f"privacy budget: round {round_index} would take a site past epsilon "
+                           f"{cfg.dp_epsilon:g}; the run ends at round {progress.round}")
+                console.print(stopped, highlight=False)
+                break
             started = time.perf_counter()
             results: list[FitResult] = []
             for trainer in trainers:
@@ -231,6 +256,8 @@ def federate(
                 for client in clients
             }
             record = round_record(round_index, entries, time.perf_counter() - started)
+            if plans:
+                record["privacy"] = spent_record(plans, round_index)
             total_up += sum(up.values())
             total_down += sum(down.values())
             progress.round = round_index
@@ -248,8 +275,12 @@ def federate(
         best = _snapshot(clients, server)
     _write_final(out, "final", _snapshot(clients, server), clients)
     _write_final(out, "best", best, clients)
-    write_result(out, progress.round, progress.best_round, progress.best_score, total_up, total_down)
+    write_result(out, progress.round, progress.best_round, progress.best_score, total_up, total_down,
+                 privacy=spent_record(plans, progress.round) if plans else None, stopped=stopped)
     _print_communication(console, out, clients, analytic)
+    if plans:
+        console.print(privacy_line(privacy_summary(json.loads(paths.run_config_path(out).read_text()))),
+                      highlight=False)
     return RunSummary(out, progress.round, progress.best_round, progress.best_score, total_up,
                       total_down)
 

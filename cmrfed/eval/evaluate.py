@@ -24,6 +24,7 @@ from cmrfed.errors import DataError, UsageError
 from cmrfed.eval.metrics import METRICS, binary_metrics, bootstrap_ci, youden_threshold
 from cmrfed.eval.runinfo import load_run, load_states
 from cmrfed.fed.client import Client
+from cmrfed.fed.privacy import privacy_line, privacy_summary
 from cmrfed.fed.task import build_clients, build_run_model, resolve_device
 from cmrfed.provenance import versions
 
@@ -180,6 +181,8 @@ def evaluate_run(
         "shared_only": shared_rows or None,
         "test_subjects": {c: list(data[c][split].subject_ids) for c in data},
         "communication": {k: v for k, v in info.raw["result"].items() if k.startswith("bytes")},
+        # what training spent per site (DP runs; null otherwise); these outputs themselves are not DP
+        "privacy": privacy_summary(info.raw),
         "versions": versions(),
     }
     with atomic_dir(paths.eval_dir(info.path), overwrite=True) as tmp:
@@ -189,6 +192,7 @@ def evaluate_run(
             writer.writerows(sorted(rows, key=lambda r: (r[2], r[1], r[0])))
         write_json(tmp / "metrics.json", _clean(metrics_doc))
     _print_table(console, info.method, split, per_client, macro, shared_rows)
+    console.print(privacy_line(metrics_doc["privacy"]), highlight=False)
     return EvalSummary(paths.eval_dir(info.path), per_client, macro)
 
 

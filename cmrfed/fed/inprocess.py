@@ -128,9 +128,9 @@ def _snapshot(clients: list[Client], server: TensorState) -> dict[str, TensorSta
 def _write_final(run: Path, which: str, snapshot: dict[str, TensorState], clients: list[Client]) -> None:
     """RUN/shared.safetensors and RUN/clients/<c>/private.safetensors (or under RUN/best/)."""
     save_tensors(paths.shared_tensors_path(run, which), snapshot["server"])
-    for client in clients:
+    for client in clients:  # a checkpoint keeps no entry for an empty private state
         save_tensors(paths.private_tensors_path(run, client.name, which),
-                     snapshot[f"client:{client.name}"])
+                     snapshot.get(f"client:{client.name}", {}))
 
 
 def _check_resume(cfg: FederateConfig, out: Path) -> None:

@@ -32,16 +32,20 @@ forward, is tested (tests/test_privacy.py).
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from cmrfed import paths
 from cmrfed.errors import UsageError
 from cmrfed.fed.client import derive_seed
 from cmrfed.fed.methods import MethodSpec
@@ -115,9 +119,11 @@ def check_dp_model(model: nn.Module, method: str) -> None:
 # --- the accountant ------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
 def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
                   accountant: str = ACCOUNTANT) -> float:
-    """Epsilon of ``steps`` DP-SGD steps at (sigma, q) for ``delta``, by Opacus's accountant."""
+    """Epsilon of ``steps`` DP-SGD steps at (sigma, q) for ``delta``, by Opacus's accountant
+    (cached: a pure function, asked again every round and by every report)."""
     if steps == 0:
         return 0.0
     from opacus.accountants import create_accountant
@@ -185,11 +191,21 @@ class SitePlan:
                             site_index=site_index, device=device)
 
 
+@functools.lru_cache(maxsize=256)
+def _calibrate(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """Opacus's noise calibration (a bisection over sigma; cached, as sites often share n)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps,
+                                          accountant=ACCOUNTANT, **_accountant_options(ACCOUNTANT)))
+
+
 def plan_site(site: str, n_train: int, *, epsilon: float, delta: float | None, clip: float | None,
               batch_size: int, local_epochs: int, rounds: int) -> SitePlan:
     """Calibrate one site's noise so its whole run stays within (epsilon, delta)."""
-    from opacus.accountants.utils import get_noise_multiplier
-
     if delta is None:  # 1e-5, or 1 / (10 n) for a site of more than 10,000 subjects
         delta = min(DEFAULT_DELTA, 0.1 / n_train)
     if delta >= 1.0 / n_train:
@@ -201,11 +217,7 @@ def plan_site(site: str, n_train: int, *, epsilon: float, delta: float | None, c
     steps_per_round = steps_per_epoch * local_epochs
     steps = steps_per_round * rounds
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
-                                         sample_rate=sample_rate, steps=steps,
-                                         accountant=ACCOUNTANT, **_accountant_options(ACCOUNTANT))
+        sigma = _calibrate(epsilon, delta, sample_rate, steps)
     except ValueError as exc:
         raise UsageError(f"--dp-epsilon {epsilon:g} is too small a budget for site {site!r}: no "
                          f"noise level keeps even one step within it at delta {delta:g}; raise "
@@ -278,6 +290,39 @@ def privacy_summary(run_info: Mapping[str, Any]) -> dict[str, Any] | None:
         "max_epsilon": max(s["epsilon"] for s in spent.values()),
         "sites": spent, "stopped": result.get("stopped"),
     }
+
+
+def run_privacy(run: str | Path) -> dict[str, Any] | None:
+    """:func:`privacy_summary` of a RUN folder (None when it has no run.json or no DP)."""
+    config_file = paths.run_config_path(Path(run))
+    if not config_file.exists():
+        return None
+    return privacy_summary(json.loads(config_file.read_text(encoding="utf-8")))
+
+
+def privacy_markdown(runs: Sequence[tuple[str, int, str]],
+                     summaries: Mapping[str, Mapping[str, Any] | None]) -> list[str]:
+    """A report's "Differential privacy" section: one row per (method, seed, run folder)."""
+    lines = ["## Differential privacy (per site, whole run)", ""]
+    if not any(summaries.get(run) for _, _, run in runs):
+        return [*lines, "None of these runs used differential privacy (no `--dp-epsilon`): nothing "
+                "bounds what their shared tensors reveal about a training subject."]
+    lines += ["| method | seed | target eps | clip | accountant | per site: eps spent (sigma, q, "
+              "steps, delta) |", "|---|---:|---:|---:|---|---|"]
+    for method, seed, run in runs:
+        summary = summaries.get(run)
+        if summary is None:
+            lines.append(f"| {method} | {seed} | not DP | — | — | — |")
+            continue
+        sites = "; ".join(f"{name} {s['epsilon']:.3g} ({s['noise_multiplier']:.3g}, "
+                          f"{s['sample_rate']:.3g}, {s['steps']}, {s['delta']:.2g})"
+                          for name, s in summary["sites"].items())
+        stopped = f" (stopped: {summary['stopped']})" if summary.get("stopped") else ""
+        lines.append(f"| {method} | {seed} | {summary['target_epsilon']:g} | {summary['clip']:g} | "
+                     f"{summary['accountant']} | {sites}{stopped} |")
+    lines += ["", f"Unit protected: {UNIT}, against anyone who sees what a site sends; the "
+              "evaluation outputs in this report are not DP-protected."]
+    return lines
 
 
 def privacy_line(summary: Mapping[str, Any] | None) -> str:

@@ -127,7 +127,7 @@ def _snapshot(clients: list[Client], server: TensorState) -> dict[str, TensorSta
 
 def _write_final(run: Path, which: str, snapshot: dict[str, TensorState], clients: list[Client]) -> None:
     """RUN/shared.safetensors and RUN/clients/<c>/private.safetensors (or under RUN/best/)."""
-    save_tensors(paths.shared_tensors_path(run, which), snapshot["server"])
+    save_tensors(paths.shared_tensors_path(run, which), snapshot.get("server", {}))
     for client in clients:  # a checkpoint keeps no entry for an empty private state
         save_tensors(paths.private_tensors_path(run, client.name, which),
                      snapshot.get(f"client:{client.name}", {}))
@@ -191,7 +191,7 @@ def federate(
     best = _snapshot(clients, server)
     if resume and paths.checkpoint_dir(out).exists():
         progress, last, best = _read_checkpoint(out)
-        server = last["server"]
+        server = last.get("server", {})  # empty (so absent) when nothing is shared
         for client in clients:
             client.state = last[f"client:{client.name}"]
         if spec.pooled:  # the pooled trainer's state is every client's (all of it is shared)

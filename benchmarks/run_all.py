@@ -16,6 +16,7 @@ from pathlib import Path
 
 import bench_cache
 import bench_comm
+import bench_dp
 import bench_gpu
 import bench_lora
 import bench_memory
@@ -25,7 +26,7 @@ from rich.console import Console
 from rich.rule import Rule
 
 # the cheap, load-insensitive table first; the GPU table last (it only reports a skip on CPU)
-MODULES = (bench_comm, bench_cache, bench_lora, bench_scaling, bench_memory, bench_gpu)
+MODULES = (bench_comm, bench_cache, bench_lora, bench_scaling, bench_memory, bench_dp, bench_gpu)
 
 
 def main() -> None:

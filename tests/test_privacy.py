@@ -23,11 +23,14 @@ from cmrfed.errors import UsageError
 from cmrfed.eval.evaluate import evaluate_run
 from cmrfed.eval.report import compare_runs
 from cmrfed.fed import inprocess
+from cmrfed.fed.client import derive_seed
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.flower import run_config_of
 from cmrfed.fed.methods import METHODS, MethodSpec
 from cmrfed.fed.privacy import (
+    NOISE_STREAM,
     RDP_ORDERS,
+    SitePlan,
     check_dp_method,
     check_dp_model,
     epsilon_spent,
@@ -105,6 +108,40 @@ def test_per_sample_grads_equal_one_at_a_time_gradients(method, path):
         for name, param in params.items():
             assert param.grad is not None and param.grad.abs().sum() > 0, name
             torch.testing.assert_close(grads[name][i], param.grad, rtol=1e-9, atol=1e-11)
+
+
+def test_a_private_step_is_the_clipped_sum_plus_seeded_noise_over_the_expected_batch():
+    cfg = FederateConfig(data="", method="duallora", blocks=1, rank=2, class_balanced=False)
+    run_model = build_run_model(cfg, SMALL_SHAPE)
+    model = run_model.model
+    model.set_trainable_groups(run_model.spec.trained)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    plan = SitePlan(site="s", n_train=6, sample_rate=0.5, steps_per_epoch=2, steps_per_round=2,
+                    rounds=1, noise_multiplier=0.7, clip=0.05, delta=1e-5, target_epsilon=8.0)
+    optimizer = torch.optim.SGD(list(params.values()), lr=1.0)
+    dp = plan.open_round(model, optimizer, seed=4, round_index=3, site_index=1,
+                         device=torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand((3, 2, *SMALL_SHAPE), generator=generator)
+    target = torch.tensor([1, 0, 1])
+
+    def forward(m, batch):
+        return m(batch[0])
+
+    grads, _ = per_sample_grads(model, params, forward, (images,), target, F.cross_entropy)
+    dp.step(model, forward, (images,), target, F.cross_entropy)
+
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()]).norm(dim=0)
+    assert (norms > plan.clip).all()  # every sample is clipped, jointly over all tensors
+    factor = (plan.clip / (norms + 1e-6)).clamp(max=1.0)
+    noise = torch.Generator().manual_seed(derive_seed(4, 3, 1, NOISE_STREAM))
+    for name, param in params.items():  # Opacus draws one tensor of noise per parameter, in order
+        drawn = torch.normal(0.0, plan.noise_multiplier * plan.clip, size=param.shape,
+                             generator=noise)
+        clipped = torch.einsum("i,i...->...", factor, grads[name])
+        expected = before[name] - (clipped + drawn) / plan.expected_batch_size
+        torch.testing.assert_close(param.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
 # --- the accountant ------------------------------------------------------------------------------

@@ -186,7 +186,9 @@ class Client:
 
         The optimiser is re-created every round (its moments are not part of any shared or
         private state), and shuffling is seeded by (run seed, round, client), so a resumed
-        run repeats an uninterrupted one exactly.
+        run repeats an uninterrupted one exactly. With a DP plan (``self.privacy``) the batches
+        are Poisson samples and each step clips per-sample gradients and adds seeded noise
+        (cmrfed/fed/privacy.py).
         """
         cfg = self.config
         params = self._activate(model)

@@ -53,6 +53,11 @@ def checkpoint_dir(run: Path) -> Path:
     return Path(run) / "checkpoint"
 
 
+def checkpoint_path(run: Path) -> Path:
+    """The one file that lets ``--resume`` continue after the last completed round."""
+    return checkpoint_dir(run) / "state.safetensors"
+
+
 def wire_log_path(run: Path) -> Path:
     """Flower engine: one JSON line per message the server sent or received (keys and bytes)."""
     return Path(run) / "wire.jsonl"

@@ -233,7 +233,7 @@ def test_a_run_stops_cleanly_rather_than_overspend(dp_run, small_prepared, tmp_p
     assert all(s["epsilon"] <= DP["dp_epsilon"] for s in result["privacy"].values())
     assert [ln["round"] for ln in rounds_of(run)] == [1]
     assert paths.shared_tensors_path(run).exists()  # the state of round 1 is kept and usable
-    assert (paths.checkpoint_dir(run) / "last.safetensors").exists()
+    assert paths.checkpoint_path(run).exists()
     metrics = evaluate_run(run, n_boot=10, device="cpu", console=quiet_console())
     assert json.loads((metrics.out / "metrics.json").read_text())["privacy"]["stopped"]
 
@@ -267,14 +267,17 @@ def test_resume_with_dp_repeats_the_same_noise(small_prepared, tmp_path, monkeyp
         a = load_file(str(paths.shared_tensors_path(reference, which)))
         b = load_file(str(paths.shared_tensors_path(tmp_path / "resumed", which)))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), which
-    last_a = load_file(str(paths.checkpoint_dir(reference) / "last.safetensors"))
-    last_b = load_file(str(paths.checkpoint_dir(tmp_path / "resumed") / "last.safetensors"))
-    assert last_a.keys() == last_b.keys() and all(torch.equal(last_a[k], last_b[k]) for k in last_a)
+    _, last_a, _ = inprocess.read_checkpoint(reference)
+    _, last_b, _ = inprocess.read_checkpoint(tmp_path / "resumed")
+    assert last_a.keys() == last_b.keys()
+    for owner, state in last_a.items():  # every site's every tensor, private ones included
+        assert state.keys() == last_b[owner].keys()
+        assert all(torch.equal(state[k], last_b[owner][k]) for k in state), owner
     assert [ln["privacy"] for ln in rounds_of(reference)] == [
         ln["privacy"] for ln in rounds_of(tmp_path / "resumed")]
     initial = build_run_model(cfg, SMALL_SHAPE).initial_state
-    trained = {k for k in last_a if k.split("/", 1)[1] in initial
-               and not torch.equal(last_a[k], initial[k.split("/", 1)[1]])}
+    trained = {(owner, k) for owner, state in last_a.items() for k, t in state.items()
+               if not torch.equal(t, initial[k])}
     assert trained, "DP training must have moved the trained tensors"
 
 

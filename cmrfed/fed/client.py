@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmrfed.errors import DataError
+from cmrfed.faults import fault_point
 from cmrfed.fed.methods import MethodSpec
 from cmrfed.fed.strategy import FitResult, TensorState
 from cmrfed.model.classifier import param_group
@@ -206,6 +207,7 @@ class Client:
         for _ in range(cfg.local_epochs):
             order = torch.randperm(len(self.train), generator=generator)
             for batch in order.split(cfg.batch_size) if dp is None else dp.batches():
+                fault_point("federate.train-step")
                 target = labels[batch].to(device)
                 if dp is not None:  # DP-SGD: Poisson batch, per-sample clip + noise, then step
                     loss = dp.step(model, self.train.forward, self.train.batch(batch, device),

@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from cmrfed import paths
-from cmrfed.atomic import atomic_dir, atomic_file, write_json
+from cmrfed.atomic import atomic_file, write_json
 from cmrfed.data.shards import load_manifest
 from cmrfed.errors import DataError, UsageError
+from cmrfed.faults import fault_point
 from cmrfed.fed.client import Client, concat_splits
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.privacy import (
@@ -75,46 +77,56 @@ class _Progress:
     best_score: float = float("-inf")
 
 
-def _prefixed(states: dict[str, TensorState]) -> TensorState:
-    return {f"{owner}/{key}": t for owner, state in states.items() for key, t in state.items()}
-
-
-def _unprefixed(flat: TensorState) -> dict[str, TensorState]:
-    out: dict[str, TensorState] = {}
-    for key, tensor in flat.items():
-        owner, name = key.split("/", 1)
-        out.setdefault(owner, {})[name] = tensor
-    return out
-
-
-def _save_states(path: Path, states: dict[str, TensorState]) -> None:
-    save_tensors(path, _prefixed(states))
+CHECKPOINT_FORMAT_VERSION = 2
 
 
 def _write_checkpoint(run: Path, clients: list[Client], server: TensorState,
                       progress: _Progress, best: dict[str, TensorState]) -> None:
-    """Everything needed to continue after this round, replaced atomically as one folder."""
-    with atomic_dir(paths.checkpoint_dir(run), overwrite=True) as tmp:
-        states = {f"client:{c.name}": c.state for c in clients}
-        states["server"] = server
-        _save_states(tmp / "last.safetensors", states)
-        _save_states(tmp / "best.safetensors", best)
-        write_json(tmp / "progress.json", {
-            "round": progress.round, "best_round": progress.best_round,
-            "best_score": progress.best_score,
-        })
+    """Everything needed to continue after this round, in ONE file replaced atomically.
+
+    The file holds two snapshots, ``last`` (every client's whole state and the server's) and
+    ``best``, each a mapping owner -> tensors. The owners are listed in the metadata, so an owner
+    with no tensors (a client of a method without private tensors, the server of ``local``)
+    comes back as an empty entry rather than disappearing.
+    """
+    last = {f"client:{c.name}": c.state for c in clients}
+    last["server"] = server
+    parts = {"last": last, "best": best}
+    tensors = {f"{part}/{owner}/{key}": tensor.contiguous()
+               for part, snapshot in parts.items()
+               for owner, state in snapshot.items() for key, tensor in state.items()}
+    metadata = {
+        "format_version": str(CHECKPOINT_FORMAT_VERSION),
+        "progress": json.dumps(asdict(progress)),
+        "owners": json.dumps({part: sorted(snapshot) for part, snapshot in parts.items()}),
+    }
+    with atomic_file(paths.checkpoint_path(run)) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        fault_point("federate.checkpoint-write")
 
 
-def _read_checkpoint(run: Path) -> tuple[_Progress, dict[str, TensorState], dict[str, TensorState]]:
-    folder = paths.checkpoint_dir(run)
+def read_checkpoint(run: Path) -> tuple[_Progress, dict[str, TensorState], dict[str, TensorState]]:
+    """The progress and the ``last`` and ``best`` snapshots of a run's checkpoint."""
+    path = paths.checkpoint_path(run)
     try:
-        raw = json.loads((folder / "progress.json").read_text())
-        last = _unprefixed(load_file(str(folder / "last.safetensors")))
-        best = _unprefixed(load_file(str(folder / "best.safetensors")))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{folder}: unreadable checkpoint ({exc}); start again without --resume") from exc
-    progress = _Progress(raw["round"], raw["best_round"], raw["best_score"])
-    return progress, last, best
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        if metadata.get("format_version") != str(CHECKPOINT_FORMAT_VERSION):
+            raise ValueError(f"checkpoint format {metadata.get('format_version')!r}, "
+                             f"expected {CHECKPOINT_FORMAT_VERSION}")
+        progress = _Progress(**json.loads(metadata["progress"]))
+        parts: dict[str, dict[str, TensorState]] = {
+            part: {owner: {} for owner in owners}
+            for part, owners in json.loads(metadata["owners"]).items()
+        }
+        for key, tensor in tensors.items():
+            part, owner, name = key.split("/", 2)
+            parts[part][owner][name] = tensor
+        return progress, parts["last"], parts["best"]
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        raise DataError(f"{path}: unreadable checkpoint ({exc}); start the run again without "
+                        "--resume (with --overwrite)") from exc
 
 
 def _snapshot(clients: list[Client], server: TensorState) -> dict[str, TensorState]:
@@ -127,10 +139,11 @@ def _snapshot(clients: list[Client], server: TensorState) -> dict[str, TensorSta
 
 def _write_final(run: Path, which: str, snapshot: dict[str, TensorState], clients: list[Client]) -> None:
     """RUN/shared.safetensors and RUN/clients/<c>/private.safetensors (or under RUN/best/)."""
-    save_tensors(paths.shared_tensors_path(run, which), snapshot.get("server", {}))
-    for client in clients:  # a checkpoint keeps no entry for an empty private state
+    save_tensors(paths.shared_tensors_path(run, which), snapshot["server"])
+    fault_point("federate.final-write")
+    for client in clients:
         save_tensors(paths.private_tensors_path(run, client.name, which),
-                     snapshot.get(f"client:{client.name}", {}))
+                     snapshot[f"client:{client.name}"])
 
 
 def _check_resume(cfg: FederateConfig, out: Path) -> None:
@@ -189,9 +202,12 @@ def federate(
 
     progress = _Progress()
     best = _snapshot(clients, server)
-    if resume and paths.checkpoint_dir(out).exists():
-        progress, last, best = _read_checkpoint(out)
-        server = last.get("server", {})  # empty (so absent) when nothing is shared
+    if resume and (paths.checkpoint_dir(out) / "progress.json").exists():
+        raise DataError(f"{paths.checkpoint_dir(out)}: a checkpoint of an older cmrfed (format 1) "
+                        "that this version cannot continue; start again with --overwrite")
+    if resume and paths.checkpoint_path(out).exists():
+        progress, last, best = read_checkpoint(out)
+        server = last["server"]
         for client in clients:
             client.state = last[f"client:{client.name}"]
         if spec.pooled:  # the pooled trainer's state is every client's (all of it is shared)
@@ -266,6 +282,7 @@ def federate(
                 progress.best_score = record["mean_val_balanced_accuracy"]
                 best = _snapshot(clients, server)
             append_round(out, record)
+            fault_point("federate.round-logged")
             _write_checkpoint(out, clients, server, progress, best)
             bar.update(task, advance=1)
             console.print(round_line(record), highlight=False)

@@ -38,9 +38,10 @@ def logits_loss_grads(model, split):
     for p in trainable:
         p.requires_grad_(True)
         p.grad = None
-    index = torch.arange(len(split))
+    index = torch.arange(split.rows)  # every z window of every subject
     logits = split.logits(model, index, CPU)
-    loss = F.cross_entropy(logits, split.labels)
+    labels = split.labels if split.window_subject is None else split.labels[split.window_subject]
+    loss = F.cross_entropy(logits, labels)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return logits.detach(), loss.detach(), grads

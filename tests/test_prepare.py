@@ -223,13 +223,17 @@ def test_prepare_writes_shards_and_manifest(prep_prepared):
         path = shard_path(prep_prepared, client)
         assert sha256_file(path) == manifest["shards"][client]["sha256"]
         with h5py.File(path, "r") as shard:
-            assert shard.attrs["client"] == client and shard.attrs["format_version"] == 1
+            assert shard.attrs["client"] == client and shard.attrs["format_version"] == 2
             assert list(shard.attrs["shape"]) == [32, 32, 8]
             for subject_id, group in shard["subjects"].items():
                 entry = next(s for s in manifest["subjects"] if s["subject_id"] == subject_id)
                 image = group["image"][()]
-                assert image.shape == (2, 32, 32, 8) and image.dtype == np.float32
-                assert image.min() >= 0.0 and image.max() <= 1.0 and image[0].max() == 1.0
+                # uint8 as CineMA stores it: in-plane cropped to 32 x 32 (the 40 x 40 grid at 1.5 mm
+                # is 30 x 30 at 2 mm, kept whole), every one of the 6 slices kept
+                assert image.shape == (2, 30, 30, 6) and image.dtype == np.uint8
+                # floor(255 x) of a float32 [0, 1] rescale: the top voxel may land at 254
+                assert image[0].min() == 0 and image[0].max() >= 254 and image[1].max() >= 254
+                assert list(group.attrs["crop_start"]) == [0, 0] and group.attrs["n_slices"] == 6
                 assert group.attrs["label"] == entry["label"] and group.attrs["split"] == entry["split"]
                 assert entry["client"] == client
                 assert len(group.attrs["source_sha256"]) == len(group.attrs["source_files"]) >= 2
@@ -305,6 +309,9 @@ def test_reader_api(prep_prepared, tmp_path):
                           if s.client == "siemens" and s.split == split)
         assert arrays.subject_ids == tuple(expected)
         assert arrays.images.shape == (len(expected), 2, 32, 32, 8) and arrays.images.dtype == np.float32
+        assert arrays.images.min() == 0.0 and all(row.max() == 1.0 for row in arrays.images)
+        assert not arrays.images[:, :, 30:].any() and not arrays.images[..., 6:].any()  # padded at the end
+        assert arrays.single_window and arrays.window_subject.tolist() == list(range(len(expected)))
         assert arrays.labels.dtype == np.int64
         label_of = {s.subject_id: s.label for s in manifest.subjects}
         assert arrays.labels.tolist() == [label_of[i] for i in expected]
@@ -420,8 +427,9 @@ def test_synth_end_to_end_counts_labels_shapes(prep_synth, prep_synth_prepared):
                     assert len(in_shard) == per_label[str(label)]
             for group in groups.values():
                 image = group["image"][()]
-                assert image.shape == (2, 64, 64, 8) and image.dtype == np.float32
-                assert image.min() >= 0.0 and image.max() <= 1.0 and image[0].max() == 1.0
+                assert image.dtype == np.uint8 and image.shape[:3] == (2, 64, 64)
+                assert image.shape[3] == group.attrs["n_slices"] >= 3  # no crop in z
+                assert image[0].min() == 0 and image[0].max() >= 254
                 assert not np.array_equal(image[0], image[1])  # ED and ES differ
     # every client trains on both labels: the split is stratified
     for client in manifest.clients:
@@ -685,22 +693,24 @@ def test_resample_and_crop_centre_on_lv():
     labels[40:50, 10:20, :] = 1
     resampled = pp.resample(labels, (1.0, 1.0, 10.0), (2.0, 2.0, 10.0), labels=True)
     assert resampled.shape == (30, 25, 4) and set(np.unique(resampled)) == {0, 1}
+    assert resampled.dtype == np.int16
     centre = pp.lv_centre(resampled, 1)
     assert centre == pytest.approx((22.0, 7.0, 1.5), abs=0.6)
-    cropped = pp.crop(resampled, centre, (16, 16, 8))
-    assert cropped.shape == (16, 16, 4) and cropped.sum() == resampled.sum()
-    padded = pp.pad_to(cropped, (16, 16, 8))
-    assert padded.shape == (16, 16, 8) and not padded[:, :, 4:].any()
+    starts = tuple(pp.crop_start(c, n, 16) for c, n in zip(centre[:2], resampled.shape[:2], strict=False))
+    cropped = pp.crop_in_plane(resampled, starts, (16, 16, 8))
+    assert cropped.shape == (16, 16, 4) and cropped.sum() == resampled.sum()  # z never cropped
+    padded = pp.model_input(np.stack([cropped, cropped]).astype(np.uint8), (16, 16, 8))
+    assert padded.shape == (1, 2, 16, 16, 8) and not padded[..., 4:].any()
 
 
 def test_normalise_range_and_clipping():
     volume = np.random.default_rng(0).normal(100, 20, (20, 20, 5)).astype(np.float32)
     volume[0, 0, 0] = 1e6  # an outlier clipped at the 99.5th percentile
-    out = pp.normalise(volume)
-    assert out.dtype == np.float32 and out.min() == 0.0 and out.max() == 1.0
-    assert np.mean(out) > 0.3  # without clipping the outlier would squash everything near 0
-    assert np.array_equal(pp.normalise(volume * 3 + 7), out) or np.allclose(pp.normalise(volume * 3 + 7), out,
-                                                                            atol=1e-6)
+    out = pp.normalise_uint8(volume)
+    assert out.dtype == np.uint8 and out.min() == 0 and out.max() >= 254
+    assert np.mean(out) > 0.3 * 255  # without clipping the outlier would squash everything near 0
+    # intensity-affine invariant up to the last float bit: at most 1 / 255 apart
+    assert np.abs(pp.normalise_uint8(volume * 3 + 7).astype(int) - out).max() <= 1
 
 
 def test_label_free_centre_finds_the_beating_heart():

@@ -89,6 +89,8 @@ class SubjectFrames:
     es_index: int | None
     sources: tuple[tuple[str, str], ...]  # (path relative to Subject.base, sha256)
     warnings: tuple[str, ...]
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)  # of the ED image, as SimpleITK reads it
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
 # ----------------------------------------------------------------------------- dataset roots
@@ -383,7 +385,8 @@ def _labelled_frames(labels: NiftiVolume, lv: int) -> list[tuple[int, int]]:
 def _most_changed_frame(cine: NiftiVolume, ed: int) -> int:
     """The frame that differs most from ED: without labels, the best guess at end-systole."""
     reference = cine.frame(ed)
-    change = [float(np.mean((cine.frame(t) - reference) ** 2)) for t in range(cine.n_frames)]
+    change = [float(np.mean((cine.frame(t).astype(np.float64) - reference) ** 2))
+              for t in range(cine.n_frames)]
     return int(np.argmax(change))
 
 
@@ -451,6 +454,7 @@ def read_subject(subject: Subject) -> SubjectFrames:
         ed, es = cine.frame(ed_index), cine.frame(es_index)
         ed_labels = labels.frame(ed_index) if labels is not None else None
         spacing, cine_array = cine.spacing, cine.array
+        geometry = cine
     else:
         ed_volume = read_nifti(subject.ed.image, ndim=3)
         es_volume = read_nifti(subject.es.image, ndim=3)
@@ -461,6 +465,7 @@ def read_subject(subject: Subject) -> SubjectFrames:
             _check_same_grid(subject, ed_volume, labels)
             read.append(labels)
         ed, es, spacing = ed_volume.array, es_volume.array, ed_volume.spacing
+        geometry = ed_volume
         ed_labels = labels.array if labels is not None else None
         cine_array = None
         ed_index, es_index = subject.ed.cine_index, subject.es.cine_index
@@ -469,6 +474,9 @@ def read_subject(subject: Subject) -> SubjectFrames:
         ed_labels = None
     if ed_labels is None and cine_array is None:
         cine_array = _optional_cine(subject, ed.shape, read, warnings)
+    if geometry.orientation_from != "SimpleITK":
+        warnings.append(f"{geometry.path}: SimpleITK cannot read its orientation; took it from"
+                        " nibabel's affine (CineMA's resampling depends on it)")
     return SubjectFrames(
         ed=ed,
         es=es,
@@ -479,6 +487,8 @@ def read_subject(subject: Subject) -> SubjectFrames:
         es_index=es_index,
         sources=tuple((v.path.relative_to(subject.base).as_posix(), v.sha256) for v in read),
         warnings=tuple(warnings),
+        origin=geometry.origin,
+        direction=geometry.direction,
     )
 
 

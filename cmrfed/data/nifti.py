@@ -3,9 +3,15 @@
 Files are read with nibabel from bytes we read ourselves, so that one read gives the provenance
 hash, the gzip check and the voxels. Voxel spacing comes from the header zooms (``pixdim``),
 never from an sform-preferred affine: ACDC files carry an unscaled sform of diag(-1, -1, 1) while
-the qform / zooms hold the real spacing (reference/datasets.md). SimpleITK never reads the file
-itself: it refuses some M&Ms files ("No orthonormal definition found"), and resampling only needs
-the spacing, so images are built from the array with identity direction and zero origin.
+the qform / zooms hold the real spacing (reference/datasets.md). Image voxels keep the stored
+pixel type (as SimpleITK reads them: a scaled file becomes float32), because CineMA resamples in
+the file's pixel type.
+
+The orientation (origin, direction) is what SimpleITK reads from the header, because CineMA's
+resampling shifts the output origin along the world axes and so depends on the direction. Where
+SimpleITK refuses a header (some M&Ms files: "No orthonormal definition found") it is taken from
+nibabel's affine instead (qform, else sform; RAS turned into ITK's LPS, axes made orthonormal)
+and a warning says so.
 
 Axis convention: a nibabel array is indexed (i, j, k[, t]), which is ITK index order; SimpleITK's
 numpy view is (k, j, i), so the two converters below transpose.
@@ -38,6 +44,9 @@ class NiftiVolume:
     array: np.ndarray
     spacing: tuple[float, float, float]
     sha256: str
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)  # ITK (LPS) world mm of voxel (0, 0, 0)
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)  # ITK, row-major
+    orientation_from: str = "SimpleITK"  # or "nibabel" where SimpleITK refused the header
 
     @property
     def n_frames(self) -> int:
@@ -100,16 +109,61 @@ def read_nifti(path: Path, *, ndim: int, labels: bool = False) -> NiftiVolume:
     if labels:
         array = np.rint(np.nan_to_num(array)).astype(np.int16)
     else:
-        array = np.asarray(array, dtype=np.float32)
-        if not np.isfinite(array).all():
+        array = _itk_pixel_type(array, image.header.get_data_dtype())
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise DataError(f"{path}: image holds NaN or infinite voxels; re-export or remove it")
-    return NiftiVolume(path=path, array=array, spacing=zooms, sha256=hashlib.sha256(raw).hexdigest())
+    origin, direction, orientation_from = _orientation(path, image)
+    return NiftiVolume(path=path, array=array, spacing=zooms, sha256=hashlib.sha256(raw).hexdigest(),
+                       origin=origin, direction=direction, orientation_from=orientation_from)
 
 
-def to_sitk(array: np.ndarray, spacing: tuple[float, float, float]) -> sitk.Image:
-    """A SimpleITK image of a 3-D (i, j, k) array with the given spacing, origin 0, identity direction."""
+def _itk_pixel_type(array: np.ndarray, stored: np.dtype) -> np.ndarray:
+    """The voxels in the pixel type SimpleITK would give them: the stored type (native byte
+    order), or float32 where the header's scl_slope / scl_inter rescale them (nibabel then
+    returns float64)."""
+    native = np.dtype(stored).newbyteorder("=")
+    if array.dtype.newbyteorder("=") != native:
+        return np.asarray(array, dtype=np.float64 if native == np.float64 else np.float32)
+    return np.asarray(array, dtype=native)
+
+
+def _orientation(
+    path: Path, image: nib.Nifti1Image | nib.Nifti2Image
+) -> tuple[tuple[float, float, float], tuple[float, ...], str]:
+    """Spatial origin and 3 x 3 direction as SimpleITK reads them (nibabel's affine if it cannot)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's header remarks are not the user's
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        affine = image.get_qform() if int(image.header["qform_code"]) > 0 else image.affine
+        lps = np.diag([-1.0, -1.0, 1.0]) @ affine[:3, :4]
+        u, _, vt = np.linalg.svd(lps[:, :3])  # the nearest rotation (ITK needs orthonormal axes)
+        return (tuple(float(v) for v in lps[:, 3]), tuple(float(v) for v in (u @ vt).ravel()),
+                "nibabel")
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    n = reader.GetDimension()
+    direction = np.array(reader.GetDirection()).reshape(n, n)[:3, :3]
+    return (tuple(float(v) for v in reader.GetOrigin()[:3]), tuple(float(v) for v in direction.ravel()),
+            "SimpleITK")
+
+
+def to_sitk(
+    array: np.ndarray,
+    spacing: tuple[float, float, float],
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    direction: tuple[float, ...] | None = None,
+) -> sitk.Image:
+    """A SimpleITK image of a 3-D (i, j, k) array with the given geometry (default: origin 0,
+    identity direction); the pixel type is the array's."""
     image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
     image.SetSpacing(tuple(float(s) for s in spacing))
+    image.SetOrigin(tuple(float(v) for v in origin))
+    if direction is not None:
+        image.SetDirection(tuple(float(v) for v in direction))
     return image
 
 

@@ -1,8 +1,10 @@
 """The ``cmrfed prepare`` stage: dataset trees as downloaded -> per-client shards + manifest.json.
 
-Each subject is read as its dataset lays it out (:mod:`cmrfed.data.layouts`), preprocessed as
-CineMA was (:mod:`cmrfed.data.preprocess`), fingerprinted so that a scan present in two datasets is
-found and kept in one split, and assigned a split per client, stratified by label and seeded.
+Each subject is read as its dataset lays it out (:mod:`cmrfed.data.layouts`), preprocessed by
+CineMA's rules (:mod:`cmrfed.data.preprocess`: identical to CineMA's preprocessing where an LV
+label exists at ED; a label-free crop centre of cmrfed's own where not), fingerprinted so that
+a scan present in two datasets is found and kept in one split, and assigned a split per client,
+stratified by label and seeded.
 The whole output folder is built under a temporary name and renamed at the end
 (:func:`cmrfed.atomic.atomic_dir`): a failure leaves nothing behind, an old output stays intact.
 
@@ -128,6 +130,8 @@ def _process(subject: Subject, spacing: Triple, shape: Shape, scratch: Path) -> 
         "ed_frame": -1 if frames.ed_index is None else frames.ed_index,
         "es_frame": -1 if frames.es_index is None else frames.es_index,
         "centre_from": result.centre_from,
+        "crop_start": list(result.crop_start),
+        "n_slices": int(result.image.shape[3]),
     }
     warnings = frames.warnings + tuple(f"{subject.subject_id}: {w}" for w in result.warnings)
     return _Outcome(subject.subject_id, attrs=attrs, fingerprint=fingerprint(result.image), warnings=warnings)
@@ -275,7 +279,11 @@ def _preprocessing_params(options: PrepareOptions) -> dict[str, Any]:
         "normalisation": NORMALISATION,
         "channels": ["ED", "ES"],
         "axes": "X, Y, Z = ITK index order (numpy array of SimpleITK transposed)",
-        "interpolation": "image linear, labels nearest (SimpleITK)",
+        "interpolation": "image linear, labels nearest (SimpleITK), pixel type kept",
+        "resampling": "size round(n*s/t) half to even; origin + 0.5*(t-s) per world axis",
+        "crop": "in-plane around the ED LV bounding box, start ceil((min+max)/2 - want/2),"
+                " kept in bounds; no crop in z; padded at the end at load",
+        "storage": "uint8 floor(255 v) per ED/ES",
     }
 
 

@@ -3,9 +3,12 @@
 ``prepare`` writes them; training and evaluation read them only through ``load_manifest``,
 ``verify_shard`` and ``load_split``, so the on-disk format is known in this one module.
 
-Shard layout (``format_version`` 1): root attrs ``format_version``, ``client``, ``spacing``,
+Shard layout (``format_version`` 2): root attrs ``format_version``, ``client``, ``spacing``,
 ``shape``, ``normalisation``, ``cmrfed_version``; one group ``/subjects/<subject_id>`` per subject
-with dataset ``image`` (2, X, Y, Z) float32 in [0, 1] (ED, ES) and the subject's attrs.
+with dataset ``image`` (2, x, y, z) uint8 (ED, ES; ``floor(255 v)`` of each volume rescaled to
+[0, 1], as CineMA stores them; x, y at most ``shape``, z every slice) and the subject's attrs.
+:func:`load_split` turns them into model inputs (:func:`cmrfed.data.preprocess.model_input`).
+Format 1 (float32, padded and cropped to ``shape``) is refused: re-run ``cmrfed prepare``.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ import numpy as np
 
 from cmrfed import __version__
 from cmrfed.atomic import sha256_file, write_json
+from cmrfed.data.preprocess import model_input
 from cmrfed.errors import DataError, UsageError
 from cmrfed.paths import manifest_path, shard_path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_KIND = "cmrfed prepared data"
 SPLITS = ("train", "val", "test")
 SUBJECTS_GROUP = "subjects"
@@ -73,11 +77,19 @@ class Manifest:
 
 @dataclass(frozen=True)
 class SplitArrays:
-    """One client's split in sorted subject order: images (n, 2, X, Y, Z) and labels (n,)."""
+    """One client's split in sorted subject order: labels (n,) per subject, and the model inputs
+    (rows, 2, X, Y, Z) float32, one row per z window; ``window_subject`` (rows,) gives each row's
+    subject index. A subject of at most Z slices has one window, so when every subject does,
+    rows are subjects (``single_window``)."""
 
     subject_ids: tuple[str, ...]
     images: np.ndarray
     labels: np.ndarray
+    window_subject: np.ndarray
+
+    @property
+    def single_window(self) -> bool:
+        return len(self.window_subject) == len(self.subject_ids)
 
 
 def _attr_value(value: Any) -> Any:
@@ -90,18 +102,20 @@ def _attr_value(value: Any) -> Any:
 
 
 def _create_image(group: h5py.Group, shape: tuple[int, ...]) -> h5py.Dataset:
-    return group.create_dataset(IMAGE_DATASET, shape=shape, dtype=np.float32,
+    return group.create_dataset(IMAGE_DATASET, shape=shape, dtype=np.uint8,
                                 chunks=(1, *shape[1:]), **_IMAGE_STORAGE)
 
 
 def write_image_file(path: Path, image: np.ndarray) -> None:
-    """One subject's (2, X, Y, Z) image alone in a small HDF5 file, compressed as in a shard.
+    """One subject's (2, x, y, z) uint8 image alone in a small HDF5 file, compressed as in a shard.
 
     Workers write these so that compression runs in parallel; :func:`write_shard` then copies
     the compressed chunks as they are, without decompressing or compressing again.
     """
     with h5py.File(path, "w") as handle:
-        _create_image(handle, image.shape)[...] = image.astype(np.float32, copy=False)
+        if image.dtype != np.uint8:
+            raise TypeError(f"shard images are uint8, got {image.dtype}")
+        _create_image(handle, image.shape)[...] = image
 
 
 def _copy_image(source: Path, group: h5py.Group) -> None:
@@ -199,7 +213,7 @@ def verify_shard(prepared: Path, manifest: Manifest, client: str) -> Path:
 
 
 def load_split(prepared: Path, client: str, split: str) -> SplitArrays:
-    """All subjects of ``client`` in ``split``, sorted by subject_id."""
+    """All subjects of ``client`` in ``split``, sorted by subject_id, as model inputs."""
     if split not in SPLITS:
         raise UsageError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     path = shard_path(prepared, client)
@@ -207,14 +221,20 @@ def load_split(prepared: Path, client: str, split: str) -> SplitArrays:
         raise DataError(f"{path}: shard missing; {_RERUN}")
     try:
         with h5py.File(path, "r") as shard:
+            version = shard.attrs.get("format_version")
+            if version != FORMAT_VERSION:
+                raise DataError(
+                    f"{path}: shard format {version} but this cmrfed reads {FORMAT_VERSION}"
+                    f" (uint8 images, preprocessed as CineMA does); {_RERUN}"
+                )
             shape = tuple(int(v) for v in shard.attrs["shape"])
             subjects = shard[SUBJECTS_GROUP]
             chosen = sorted(name for name in subjects if subjects[name].attrs["split"] == split)
-            images = np.empty((len(chosen), 2, *shape), dtype=np.float32)
-            labels = np.empty(len(chosen), dtype=np.int64)
-            for row, name in enumerate(chosen):
-                images[row] = subjects[name][IMAGE_DATASET][()]
-                labels[row] = int(subjects[name].attrs["label"])
+            windows = [model_input(subjects[name][IMAGE_DATASET][()], shape) for name in chosen]
+            labels = np.array([int(subjects[name].attrs["label"]) for name in chosen], dtype=np.int64)
     except (OSError, KeyError, ValueError, TypeError) as exc:
         raise DataError(f"{path}: unreadable shard ({exc}); {_RERUN}") from exc
-    return SplitArrays(subject_ids=tuple(chosen), images=images, labels=labels)
+    images = np.concatenate(windows) if windows else np.empty((0, 2, *shape), dtype=np.float32)
+    window_subject = np.repeat(np.arange(len(chosen)), [len(w) for w in windows]).astype(np.int64)
+    return SplitArrays(subject_ids=tuple(chosen), images=images, labels=labels,
+                       window_subject=window_subject)

@@ -52,8 +52,9 @@ class CacheKey:
 class CachedSplit:
     subject_ids: tuple[str, ...]
     labels: np.ndarray
-    hidden: torch.Tensor  # (n, 1 + N, D): tokens entering block ``start_block``
-    skips: torch.Tensor  # (n, N, D): summed fusion skip projections
+    hidden: torch.Tensor  # (rows, 1 + N, D): tokens entering block ``start_block``
+    skips: torch.Tensor  # (rows, N, D): summed fusion skip projections
+    window_subject: np.ndarray  # (rows,): subject index of each z-window row (SplitArrays)
 
 
 def cache_path(prepared: Path, key: CacheKey, client: str) -> Path:
@@ -113,7 +114,8 @@ def load_or_compute(
             hidden, skips = compute_trunk(encoder, arrays.images, key.start_block, device, batch_size)
         else:
             hidden = skips = torch.zeros(0)
-        computed[split] = CachedSplit(arrays.subject_ids, arrays.labels, hidden, skips)
+        computed[split] = CachedSplit(arrays.subject_ids, arrays.labels, hidden, skips,
+                                      arrays.window_subject)
     _write(path, computed, shard_sha256, key)
     stored = _read(path, splits, shard_sha256, key.dtype)
     assert stored is not None  # just written
@@ -132,6 +134,7 @@ def _write(path: Path, splits: dict[str, CachedSplit], shard_sha256: str, key: C
             group = handle.create_group(name)
             group.create_dataset("subject_ids", data=np.array(split.subject_ids, dtype="S"))
             group.create_dataset("labels", data=split.labels.astype(np.int64))
+            group.create_dataset("window_subject", data=split.window_subject.astype(np.int64))
             if len(split.subject_ids):
                 group.create_dataset("hidden", data=_to_storage(split.hidden, key.dtype))
                 group.create_dataset("skips", data=_to_storage(split.skips, key.dtype))
@@ -148,7 +151,7 @@ def _read(
                 return None
             out = {}
             for name in splits:
-                if name not in handle:
+                if name not in handle or "window_subject" not in handle[name]:
                     return None
                 group = handle[name]
                 ids = tuple(s.decode() for s in group["subject_ids"][()])
@@ -158,7 +161,7 @@ def _read(
                     skips = _from_storage(group["skips"][()], dtype)
                 else:
                     hidden = skips = torch.zeros(0)
-                out[name] = CachedSplit(ids, labels, hidden, skips)
+                out[name] = CachedSplit(ids, labels, hidden, skips, group["window_subject"][()])
             return out
     except OSError:
         return None  # unreadable (e.g. truncated by a crash of another process): recompute

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cmrfed.data.preprocess import combine_windows
 from cmrfed.errors import DataError
 from cmrfed.faults import fault_point
 from cmrfed.fed.methods import MethodSpec
@@ -32,23 +33,39 @@ class SplitTensors:
     """One split of one client as the model consumes it.
 
     ``inputs`` is ``(images,)`` for a full forward, or ``(h, skips)`` from the frozen-trunk cache,
-    in which case ``start_block`` says which block the cached hidden state enters.
+    in which case ``start_block`` says which block the cached hidden state enters. With
+    ``window_subject`` set, input rows are z windows and it gives each row's subject index
+    (:mod:`cmrfed.fed.windows`); otherwise rows are subjects.
     """
 
     subject_ids: tuple[str, ...]
     labels: torch.Tensor
     inputs: tuple[torch.Tensor, ...]
     start_block: int | None = None
+    window_subject: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.subject_ids)
 
+    @property
+    def rows(self) -> int:
+        return len(self.subject_ids) if self.window_subject is None else len(self.window_subject)
+
+    def draw_windows(self, generator: torch.Generator) -> torch.Tensor:
+        """One input row per subject, a uniformly drawn one of its windows (a subject's rows are
+        contiguous): CineMA trains on one random window per subject and epoch."""
+        assert self.window_subject is not None
+        counts = torch.bincount(self.window_subject, minlength=len(self))
+        first = torch.cumsum(counts, 0) - counts
+        return first + (torch.rand(len(self), generator=generator) * counts).long()
+
     def logits(self, model: nn.Module, index: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Logits of the subjects at ``index`` (a 1-D index tensor into this split)."""
+        """Logits of the input rows at ``index`` (a 1-D index tensor; rows are subjects unless
+        ``window_subject`` is set)."""
         return self.forward(model, self.batch(index, device))
 
     def batch(self, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """The model inputs of the subjects at ``index``."""
+        """The model inputs of the input rows at ``index``."""
         return tuple(t[index].to(device=device, dtype=torch.float32) for t in self.inputs)
 
     def forward(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -64,11 +81,19 @@ def concat_splits(splits: Sequence[SplitTensors]) -> SplitTensors:
     if len(starts) != 1:
         raise ValueError("cannot pool splits with different cache start blocks")
     n_inputs = len(splits[0].inputs)
+    window_subject = None
+    if any(s.window_subject is not None for s in splits):
+        offsets = np.cumsum([0] + [len(s) for s in splits[:-1]])
+        window_subject = torch.cat([
+            (s.window_subject if s.window_subject is not None else torch.arange(len(s))) + int(offset)
+            for s, offset in zip(splits, offsets, strict=True)
+        ])
     return SplitTensors(
         subject_ids=tuple(i for s in splits for i in s.subject_ids),
         labels=torch.cat([s.labels for s in splits]),
         inputs=tuple(torch.cat([s.inputs[k] for s in splits]) for k in range(n_inputs)),
         start_block=starts.pop(),
+        window_subject=window_subject,
     )
 
 
@@ -206,16 +231,18 @@ class Client:
         total_loss, seen = 0.0, 0
         for _ in range(cfg.local_epochs):
             order = torch.randperm(len(self.train), generator=generator)
+            rows = None if self.train.window_subject is None else self.train.draw_windows(generator)
             for batch in order.split(cfg.batch_size) if dp is None else dp.batches():
                 fault_point("federate.train-step")
+                inputs = batch if rows is None else rows[batch]  # a subject's drawn window
                 target = labels[batch].to(device)
                 if dp is not None:  # DP-SGD: Poisson batch, per-sample clip + noise, then step
-                    loss = dp.step(model, self.train.forward, self.train.batch(batch, device),
+                    loss = dp.step(model, self.train.forward, self.train.batch(inputs, device),
                                    target, lambda out, y: F.cross_entropy(out, y, weight=weight))
                     total_loss += float(loss) * len(batch)
                     seen += len(batch)
                     continue
-                logits = self.train.logits(model, batch, device)
+                logits = self.train.logits(model, inputs, device)
                 loss = F.cross_entropy(logits, target, weight=weight)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -235,11 +262,16 @@ class Client:
 
     @torch.no_grad()
     def predict(self, model: nn.Module, split: SplitTensors, device: torch.device) -> np.ndarray:
-        """P(abnormal) for every subject of ``split`` with this client's model."""
+        """P(abnormal) for every subject of ``split`` with this client's model (the mean over a
+        subject's z windows where it has several, as CineMA evaluates)."""
         load_into(model, self.state)
         model.eval()
         probs = []
-        for batch in torch.arange(len(split)).split(max(self.config.batch_size, 16)):
+        for batch in torch.arange(split.rows).split(max(self.config.batch_size, 16)):
             logits = split.logits(model, batch, device)
             probs.append(torch.softmax(logits.float(), dim=-1)[:, 1].cpu())
-        return torch.cat(probs).numpy() if probs else np.zeros(0, dtype=np.float32)
+        out = torch.cat(probs).numpy() if probs else np.zeros(0, dtype=np.float32)
+        if split.window_subject is None:
+            return out
+        rows = split.window_subject.numpy()
+        return combine_windows(out[:, None], rows, len(split))[:, 0].astype(np.float32)

@@ -18,6 +18,7 @@ from cmrfed.fed.client import Client, SplitTensors, TrainConfig, state_of
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.methods import GLOBAL, LOCAL, MethodSpec, resolve_method
 from cmrfed.fed.strategy import TensorState
+from cmrfed.fed.windows import split_tensors
 from cmrfed.model.cinema import backbone_fingerprint, load_backbone
 from cmrfed.model.classifier import CineMAClassifier, param_group
 from cmrfed.model.lora import AdapterSpec, inject_lora
@@ -96,22 +97,15 @@ def load_client_data(
             run_model.model.backbone, key, device,
         )
         return {
-            name: SplitTensors(
-                subject_ids=item.subject_ids,
-                labels=torch.as_tensor(item.labels, dtype=torch.int64),
-                inputs=(item.hidden, item.skips),
-                start_block=run_model.start_block,
-            )
+            name: split_tensors(item.subject_ids, item.labels, item.window_subject,
+                                (item.hidden, item.skips), run_model.start_block)
             for name, item in cached.items()
         }
     out = {}
     for name in splits:
         arrays = load_split(prepared, client, name)
-        out[name] = SplitTensors(
-            subject_ids=arrays.subject_ids,
-            labels=torch.as_tensor(arrays.labels, dtype=torch.int64),
-            inputs=(torch.from_numpy(arrays.images),),
-        )
+        out[name] = split_tensors(arrays.subject_ids, arrays.labels, arrays.window_subject,
+                                  (torch.from_numpy(arrays.images),))
     return out
 
 

@@ -401,8 +401,8 @@ def init_weights(model: CineMASaxEncoder, generator: torch.Generator) -> None:
     that conv; with PyTorch's near-zero default biases its output for a flat patch of intensity c
     is about ``c * W.sum()``, which the LayerNorm maps to one vector for every c > 0, so an
     untrained stem cannot tell blood from myocardium and a frozen random backbone learns nothing.
-    PyTorch's default assumes zero-mean inputs; ours are in [0, 1] (preprocessing rescales each
-    volume). So output channel k gets the bias ``-t_k * W_k.sum()``, t_k ~ U(0, 1): it changes
+    PyTorch's default assumes zero-mean inputs; ours are in [0, 1] (the load path rescales ED
+    and ES together). So output channel k gets the bias ``-t_k * W_k.sum()``, t_k ~ U(0, 1): it changes
     sign where a flat patch crosses intensity t_k, and the channels together encode brightness
     (random thresholds spread over the input range, as in random-feature models). Drawn last, so
     every other tensor is as before.

@@ -150,6 +150,9 @@ def prepare(acdc: str | None, mnms: str | None, mnms2: str | None, out: str, spa
               help="DP delta of every site [1e-5; must be below 1 / its training subjects].")
 @click.option("--dp-clip", type=float, default=None,
               help="DP per-sample gradient clipping norm [1.0].")
+@click.option("--sites-per-round", default=None, type=int,
+              help="Ask K sites per round (seeded by seed and round) [every site].")
+@click.option("--holdout", default=None, help="Leave this site out of training (leave-one-vendor-out).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--out", required=True, type=click.Path(path_type=str), help="RUN folder to write.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last round.")
@@ -170,18 +173,71 @@ def federate(**options: object) -> None:
 
 @cli.command()
 @click.argument("run", type=click.Path(path_type=str))
+@click.argument("site_evals", nargs=-1, type=click.Path(path_type=str))
 @click.option("--split", default="test", show_default=True, type=click.Choice(["test", "val"]))
 @click.option("--round", "which", default="best", show_default=True, type=click.Choice(["best", "last"]),
               help="The best round by mean client val balanced accuracy, or the last.")
 @click.option("--threshold", default="0.5", show_default=True, type=click.Choice(["0.5", "youden-val"]),
               help="Fixed 0.5, or each model's Youden threshold on its val split.")
 @click.option("--n-boot", default=1000, show_default=True, type=int, help="Bootstrap replicates for CIs.")
+@click.option("--client", default=None, help="Evaluate only this site, on its own data (needs --data).")
+@click.option("--private", default=None, type=click.Path(path_type=str),
+              help="With --client: the site's RUN-shaped folder of private tensors, or its ADAPTED folder.")
+@click.option("--data", default=None, type=click.Path(path_type=str),
+              help="With --client: the site's own PREPARED folder.")
+@click.option("--out", default=None, type=click.Path(path_type=str),
+              help="With --client: SITE_EVAL folder to write [<private or RUN>/site-eval/<site>].")
+@click.option("--metrics-only", is_flag=True, help="With --client: send metrics, no per-subject predictions.")
+@click.option("--merge", is_flag=True, help="Merge the SITE_EVAL folders given after RUN into RUN/eval/.")
+@click.option("--member-run", default=None, type=click.Path(path_type=str),
+              help="With --merge: an evaluated run in which the held-out site trained (participation gap).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-def evaluate(run: str, split: str, which: str, threshold: str, n_boot: int, device: str) -> None:
-    """Per-client, pooled, macro and cross-site metrics of a finished RUN."""
-    from cmrfed.eval.evaluate import evaluate_run
+def evaluate(run: str, site_evals: tuple[str, ...], split: str, which: str, threshold: str, n_boot: int,
+             client: str | None, private: str | None, data: str | None, out: str | None,
+             metrics_only: bool, merge: bool, member_run: str | None, device: str) -> None:
+    """Per-client, pooled, macro and cross-site metrics of a finished RUN.
 
-    evaluate_run(run, split=split, which=which, threshold=threshold, n_boot=n_boot, device=device)
+    Site by site, with nothing pooled: each site runs `evaluate RUN --client SITE --private DIR
+    --data PREPARED`, then `evaluate RUN --merge SITE_EVAL...` writes RUN/eval/.
+    """
+    from cmrfed.eval.site_eval import check_evaluate_modes
+
+    mode = check_evaluate_modes(site_evals, client=client, private=private, data=data, out=out,
+                                metrics_only=metrics_only, merge=merge, member_run=member_run)
+    if mode == "merge":
+        from cmrfed.eval.site_eval import merge_evaluations
+
+        merge_evaluations(run, list(site_evals), member_run=member_run)
+    elif mode == "site":
+        from cmrfed.eval.site_eval import evaluate_site
+
+        evaluate_site(run, str(client), str(data), private=private, out=out, split=split, which=which,
+                      threshold=threshold, n_boot=n_boot, metrics_only=metrics_only, device=device)
+    else:
+        from cmrfed.eval.evaluate import evaluate_run
+
+        evaluate_run(run, split=split, which=which, threshold=threshold, n_boot=n_boot, device=device)
+
+
+@cli.command()
+@click.argument("run", type=click.Path(path_type=str))
+@click.option("--client", required=True, help="The new site (a client of its PREPARED data, not of RUN).")
+@click.option("--data", required=True, type=click.Path(path_type=str), help="The site's own PREPARED folder.")
+@click.option("--out", required=True, type=click.Path(path_type=str), help="ADAPTED folder to write.")
+@click.option("--epochs", default=3, show_default=True, type=int, help="Local epochs over its train split.")
+@click.option("--lr", default=None, type=float, help="Learning rate [the run's].")
+@click.option("--round", "which", default="best", show_default=True, type=click.Choice(["best", "last"]),
+              help="Adapt over the shared tensors of the run's best or last round.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing ADAPTED folder.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+def adapt(run: str, client: str, data: str, out: str, epochs: int, lr: float | None, which: str,
+          overwrite: bool, device: str) -> None:
+    """A site that joins after training: train only its own local adapter over RUN's frozen
+    shared tensors (DualLoRA's local LoRA; see the method table for the others)."""
+    from cmrfed.fed.adapt import adapt as run_adapt
+
+    run_adapt(run, client, data, out, which=which, epochs=epochs, lr=lr, device=device,
+              overwrite=overwrite)
 
 
 @cli.command()
@@ -238,6 +294,8 @@ def flower_site_config(client: str, data: str, site_dir: str, device: str) -> No
               help="PREPARED folder recorded for `cmrfed evaluate` (when the sites share one).")
 @click.option("--node-timeout", default=600.0, show_default=True, type=float,
               help="Seconds to wait for the SuperNodes to connect, and for each reply.")
+@click.option("--min-sites", default=None, type=int,
+              help="Go on with a round when at least this many sites answered [every site asked].")
 @click.option("--out", required=True, type=click.Path(path_type=str),
               help="RUN folder the ServerApp writes (on the SuperLink's machine).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing RUN folder.")
@@ -247,7 +305,8 @@ def flower_run(**options: object) -> None:
     from cmrfed.fed.config import FederateConfig, parse_blocks
     from cmrfed.fed.flower_launch import run_flower
 
-    launch = {k: options.pop(k) for k in ("superlink", "connection", "insecure", "sites", "overwrite")}
+    launch = {k: options.pop(k) for k in ("superlink", "connection", "insecure", "sites", "overwrite",
+                                          "min_sites")}
     certificates, node_timeout, out = (options.pop(k) for k in ("root_certificates", "node_timeout", "out"))
     options["blocks"] = parse_blocks(str(options["blocks"]))
     options["data"] = str(Path(str(options["data"])).resolve())

@@ -81,6 +81,28 @@ def metrics_path(run: Path) -> Path:
     return eval_dir(run) / "metrics.json"
 
 
+def site_eval_dir(folder: Path, client: str) -> Path:
+    """``cmrfed evaluate RUN --client C``: where a site's own evaluation goes by default (under its
+    private folder, or under RUN for a site that holds no private tensors)."""
+    return Path(folder) / "site-eval" / client
+
+
+def site_eval_record_path(site_eval: Path) -> Path:
+    """A per-site evaluation: what the site measured (merged by ``cmrfed evaluate --merge``)."""
+    return Path(site_eval) / "site_eval.json"
+
+
+def site_predictions_path(site_eval: Path) -> Path:
+    """A per-site evaluation's per-subject predictions (absent when it sends metrics only)."""
+    return Path(site_eval) / "predictions.csv"
+
+
+# a site that joins after training (``cmrfed adapt``)
+def adapt_record_path(adapted: Path) -> Path:
+    """ADAPTED/adapt.json; its tensors are at ``private_tensors_path(ADAPTED, client)``."""
+    return Path(adapted) / "adapt.json"
+
+
 # comparison report (``cmrfed compare``)
 def comparison_json_path(report: Path) -> Path:
     return Path(report) / "comparison.json"

@@ -22,6 +22,7 @@ import time
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
@@ -32,6 +33,7 @@ from safetensors.torch import load_file
 
 from cmrfed import paths
 from cmrfed.data.prepare import PrepareOptions, prepare
+from cmrfed.data.shards import load_manifest
 from cmrfed.data.synth import write_synthetic_cohort
 from cmrfed.errors import DataError, UsageError
 from cmrfed.eval.evaluate import evaluate_run
@@ -46,6 +48,7 @@ from cmrfed.fed.flower import (
 from cmrfed.fed.flower_launch import COMPONENTS, run_flower, write_app
 from cmrfed.fed.inprocess import federate
 from cmrfed.fed.methods import resolve_method
+from cmrfed.fed.participation import participants
 from cmrfed.fed.task import build_run_model
 from cmrfed.model.classifier import param_group
 
@@ -101,6 +104,66 @@ def test_server_refuses_a_private_tensor() -> None:
     check_shared_keys(shared, spec, "ge")
     with pytest.raises(DataError, match="outside the shared groups"):
         check_shared_keys([*shared, private[0]], spec, "ge")
+
+
+def test_a_held_out_site_is_refused_before_it_opens_its_data(tmp_path: Path) -> None:
+    from flwr.app import Context, RecordDict
+
+    from cmrfed.fed.flower import _open_site
+
+    run_config = run_config_of(FederateConfig(data="", holdout="ge"), tmp_path / "RUN", sites=3)
+    node_config = {"client": "ge", "prepared": str(tmp_path / "absent"), "site-dir": str(tmp_path / "s")}
+    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
+    with pytest.raises(UsageError, match="held out"):  # not a DataError about the missing PREPARED
+        _open_site(context)
+
+
+def test_a_site_that_missed_an_aggregate_trains_from_it(small_prepared: Path, tmp_path: Path) -> None:
+    """A site that was down when an aggregate was sent gets it with its next train message; it
+    then trains exactly as the same site in-process from that aggregate."""
+    from dataclasses import replace
+
+    from flwr.app import Context, RecordDict
+
+    from cmrfed.fed.flower import train_site
+    from cmrfed.fed.task import build_client
+
+    cfg = FederateConfig(data=str(small_prepared), method="duallora", rounds=3, rank=4, seed=3)
+    run_config = run_config_of(cfg, tmp_path / "RUN", sites=4)
+    node_config = {"client": "ge", "prepared": str(small_prepared), "site-dir": str(tmp_path / "s"),
+                   "device": "cpu"}
+
+    def context() -> Context:
+        return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
+                       run_config=run_config)
+
+    # Execute: round 1; round 2's aggregate never arrived; round 3's train message carries it
+    synced, stale = context(), context()
+    _, first = train_site(synced, 1, None)
+    aggregate = {k: v + 0.01 for k, v in first.shared.items()}
+    _, got = train_site(synced, 3, aggregate)
+    train_site(stale, 1, None)
+    _, without = train_site(stale, 3, None)
+    # Assert: the same as in-process from that aggregate, not as from the stale state
+    manifest = load_manifest(small_prepared)
+    run_model = build_run_model(replace(cfg, data=str(small_prepared)), tuple(manifest.shape))
+    client, _ = build_client(cfg, small_prepared, manifest, "ge", run_model, torch.device("cpu"),
+                             splits=("train", "val"))
+    client.fit(run_model.model, 1, torch.device("cpu"))
+    client.set_shared(aggregate)
+    want = client.fit(run_model.model, 3, torch.device("cpu")).shared
+    assert got.shared.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got.shared[key], want[key], atol=0, rtol=0)
+    assert any(not torch.equal(without.shared[k], want[k]) for k in want)
+
+
+def test_min_sites_must_be_reachable(tmp_path: Path) -> None:
+    cfg = FederateConfig(data="", sites_per_round=3)
+    assert run_config_of(cfg, tmp_path / "RUN", sites=4, min_sites=2)["min-sites"] == 2
+    for bad in (0, 4):
+        with pytest.raises(UsageError, match="--min-sites"):
+            run_config_of(cfg, tmp_path / "RUN", sites=4, min_sites=bad)
 
 
 # --- the loopback federation ---------------------------------------------------------------------
@@ -266,7 +329,8 @@ def test_no_private_tensor_ever_reached_the_server(runs: dict) -> None:
     wire_log = paths.wire_log_path(runs["root"] / "flower")
     entries = [json.loads(line) for line in wire_log.read_text().splitlines()]
     received = {key for e in entries if e["direction"] == "up" for key in e["keys"]}
-    assert len([e for e in entries if e["direction"] == "up"]) == 2 * len(runs["clients"])
+    assert len([e for e in entries if e["direction"] == "up" and e["message_type"] == "train"]) == \
+        2 * len(runs["clients"])
     private_keys = {key for client in runs["clients"]
                     for key in load_file(str(paths.private_tensors_path(runs["root"] / "inprocess", client)))}
     assert received and private_keys
@@ -294,3 +358,108 @@ def test_evaluate_reads_the_flower_run_once_sites_copy_their_private_tensors(run
 def _rows(path: Path) -> list[dict[str, str]]:
     with path.open(newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
+
+
+# --- drop-outs: real SuperNodes killed mid-run ------------------------------------------------------
+def _kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a SuperNode and everything it started (its SuperExec and ClientApp processes)."""
+    family = [psutil.Process(process.pid)]
+    with contextlib.suppress(psutil.NoSuchProcess):
+        family += family[0].children(recursive=True)
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.send_signal(signal.SIGKILL)
+    process.wait(timeout=15)
+
+
+def _victims(sites: list[str], per_round: int) -> tuple[int, str, str]:
+    """A seed and two sites to kill after round 1 such that round 2 asks exactly one of them (it
+    fails, the other site it asks still answer: --min-sites 2 is met) and round 3 asks both (one
+    site answers: the run stops). The second is not asked in round 2 but is sent the aggregate."""
+    for seed in range(100):
+        asked2, asked3 = (participants(sites, per_round, seed, r) for r in (2, 3))
+        (skipped,) = set(sites) - set(asked2)
+        for first in asked2:
+            if {first, skipped} <= set(asked3):
+                return seed, first, skipped
+    raise AssertionError("no seed gives the wanted draws")
+
+
+def test_a_killed_supernode_is_survived_with_min_sites_and_stops_the_run_below(small_prepared, tmp_path):
+    sites = list(load_manifest(small_prepared).clients)
+    seed, first, second = _victims(sites, 3)
+    processes = _Processes(tmp_path)
+    out = tmp_path / "run"
+    nodes = {}
+    try:
+        link_port = _free_port()
+        link, link_log = processes.start("superlink", [
+            "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+            "--host", "127.0.0.1", "--port", str(link_port)])
+        _wait_for_port(link_port, link, link_log)
+        for client in sites:
+            node_config = site_node_config(client, small_prepared, tmp_path / f"site-{client}", device="cpu")
+            nodes[client], _ = processes.start(f"supernode-{client}", [
+                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                "--host", "127.0.0.1", "--port", str(_free_port()), "--node-config", node_config,
+                "--max-wait-time", str(START_TIMEOUT_S)])
+        command = [sys.executable, "-m", "cmrfed.cli", "flower", "run", "--superlink",
+                   f"127.0.0.1:{link_port}", "--insecure", "--sites", str(len(sites)), "--data",
+                   str(small_prepared), "--method", "duallora", "--rounds", "3", "--rank", "4",
+                   "--seed", str(seed), "--sites-per-round", "3", "--min-sites", "2",
+                   "--node-timeout", "150", "--out", str(out)]
+        cli_log = tmp_path / "cli.log"
+        with cli_log.open("wb") as handle:
+            cli = subprocess.Popen(command, env=processes.env, stdout=handle, stderr=subprocess.STDOUT)
+        # the marker: round 1 is in rounds.jsonl, so both victims have answered it
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not _logged_rounds(out) and cli.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _logged_rounds(out) == [1], cli_log.read_text()[-3000:]
+        _kill_tree(nodes[first])
+        _kill_tree(nodes[second])
+        code = cli.wait(timeout=RUN_TIMEOUT_S)
+    except Exception as exc:
+        raise AssertionError(f"the drop-out run failed: {exc}\n{processes.logs()}") from exc
+    finally:
+        processes.stop()
+    output = cli_log.read_text()
+    # stopped cleanly, with a clear message, at round 3: only one of the three sites asked answered
+    assert code == 1, output[-3000:]
+    assert "stopped early" in output and "--min-sites is 2" in output and "Traceback" not in output
+    result = json.loads(paths.run_config_path(out).read_text())["result"]
+    assert result["completed_rounds"] == 2 and result["stopped"]["round"] == 3
+    assert first in result["stopped"]["reason"] and second in result["stopped"]["reason"]
+    # round 2 survived the first dead site; both drop-outs are recorded
+    rounds = [json.loads(line) for line in paths.rounds_log_path(out).read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for record in rounds:
+        assert record["participants"] == participants(sites, 3, seed, record["round"])
+    assert rounds[0]["failed"] == {}
+    assert set(rounds[1]["failed"]) == {first, second}
+    assert rounds[1]["failed"][first].startswith("train")
+    assert rounds[1]["failed"][second].startswith("evaluate")  # not asked, but sent the aggregate
+    for client, entry in rounds[1]["clients"].items():
+        trained = client in rounds[1]["participants"] and client != first
+        assert np.isfinite(entry["train_loss"]) == trained
+        assert (entry["bytes_up"] > 0) == trained
+        assert (entry["val"] != {}) == (client not in (first, second))
+    # the last good state: round 2's aggregate, and the living sites' private tensors of round 2
+    assert paths.shared_tensors_path(out).exists() and paths.shared_tensors_path(out, "best").exists()
+    for client in sites:
+        site_run = paths.site_run_dir(tmp_path / f"site-{client}", out.name)
+        assert paths.private_tensors_path(site_run, client).exists() == (client not in (first, second))
+    # nothing private ever reached the server, in any message of the run
+    spec = resolve_method("duallora")
+    entries = [json.loads(line) for line in paths.wire_log_path(out).read_text().splitlines()]
+    assert {e["message_type"] for e in entries} == {"query.identify", "train", "evaluate", "query.finalize"}
+    assert all(param_group(key) in spec.shared for e in entries for key in e["keys"])
+    dead = (first, second)
+    assert not [e for e in entries if e["direction"] == "up" and e["round"] > 1 and e["client"] in dead]
+
+
+def _logged_rounds(run: Path) -> list[int]:
+    log = paths.rounds_log_path(run)
+    if not log.exists():
+        return []
+    return [json.loads(line)["round"] for line in log.read_text().splitlines() if line.endswith("}")]

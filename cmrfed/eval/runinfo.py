@@ -59,10 +59,31 @@ def load_states(info: RunInfo, which: str) -> tuple[TensorState, dict[str, Tenso
     if which not in ROUND_CHOICES:
         raise UsageError(f"--round must be one of {', '.join(ROUND_CHOICES)}, not {which!r}")
     folder = ROUND_CHOICES[which]
+    shared = load_shared(info, which)
     try:
-        shared = load_file(str(paths.shared_tensors_path(info.path, folder)))
         private = {c: load_file(str(paths.private_tensors_path(info.path, c, folder)))
                    for c in info.clients}
     except (OSError, ValueError) as exc:
         raise DataError(f"{info.path}: cannot read the {which} tensors ({exc})") from exc
     return shared, private
+
+
+def shared_path(info: RunInfo, which: str) -> Path:
+    """The run's shared tensors file of the ``best`` or ``last`` round."""
+    if which not in ROUND_CHOICES:
+        raise UsageError(f"--round must be one of {', '.join(ROUND_CHOICES)}, not {which!r}")
+    return paths.shared_tensors_path(info.path, ROUND_CHOICES[which])
+
+
+def load_shared(info: RunInfo, which: str) -> TensorState:
+    """The shared tensors of the ``best`` or ``last`` round (all a site needs from the run)."""
+    path = shared_path(info, which)
+    try:
+        return load_file(str(path))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{info.path}: cannot read the {which} shared tensors {path} ({exc})") from exc
+
+
+def round_index(info: RunInfo, which: str) -> int:
+    """The round whose tensors ``which`` (best or last) names."""
+    return int(info.raw["result"]["best_round" if which == "best" else "completed_rounds"])

@@ -155,6 +155,10 @@ def load_evaluation(run: str | Path) -> RunEvaluation:
         raise DataError(f"{metrics_file}: not a cmrfed metrics.json ({exc}); re-run "
                         f"`cmrfed evaluate {info.path}`") from exc
     own = _read_predictions(predictions_file, info.path)
+    metrics_only = sorted(c for c, how in doc.get("sources", {}).items() if how == "metrics")
+    if metrics_only:
+        raise DataError(f"{info.path}: sites {metrics_only} sent metrics only; compare pairs per-subject "
+                        "predictions of every site, so it needs their predictions")
     if set(own) != set(per_client):
         raise DataError(f"{info.path}: predictions.csv and metrics.json name different clients "
                         f"({sorted(own)} vs {sorted(per_client)}); re-run `cmrfed evaluate {info.path}`")

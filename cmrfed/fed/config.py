@@ -36,12 +36,14 @@ class FederateConfig:
     backbone: str = "tiny"
     cache: bool = True
     cache_dtype: str = "float32"
+    sites_per_round: int | None = None  # partial participation (cmrfed/fed/participation.py)
+    holdout: str | None = None  # a site left out of training entirely (leave-one-vendor-out)
     dp_epsilon: float | None = None
     dp_delta: float | None = None
     dp_clip: float | None = None
 
     def __post_init__(self) -> None:
-        resolve_method(self.method, self.head)
+        spec = resolve_method(self.method, self.head)
         if isinstance(self.blocks, str) and self.blocks != "all":
             raise UsageError(f"--blocks takes a number of blocks or 'all', not {self.blocks!r}")
         if isinstance(self.blocks, int) and self.blocks < 1:
@@ -53,6 +55,11 @@ class FederateConfig:
                 raise UsageError(f"{option} must be at least 1, got {value}")
         if self.local_rank is not None and self.local_rank < 1:
             raise UsageError("--local-rank must be at least 1")
+        if self.sites_per_round is not None and self.sites_per_round < 1:
+            raise UsageError(f"--sites-per-round must be at least 1, got {self.sites_per_round}")
+        if self.sites_per_round is not None and spec.pooled:
+            raise UsageError(f"--sites-per-round does not apply to --method {self.method}: it trains "
+                             "one model on every site's pooled data")
         if self.lr <= 0:
             raise UsageError("--lr must be positive")
         if self.cache_dtype not in CACHE_DTYPES:

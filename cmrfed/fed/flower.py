@@ -3,24 +3,28 @@
 
 Every site runs a SuperNode next to its own data; its node config names only its client and its
 PREPARED folder (plus a site folder for its private tensors). The ServerApp, next to the
-SuperLink, never sees an image or a private adapter: each round
+SuperLink, never sees an image or a private adapter. Before the first round ``query.identify``
+asks each site who it is (client name, counts, backbone fingerprint; it checks its shard) so the
+server can refuse sites that would not train the same model. Then each round
 
-1. ``train``: the server asks every site to train; a site replies with the tensors of
+1. ``train``: the server asks the sites :func:`participants` draws for the round (every site
+   without ``--sites-per-round``); a site replies with the tensors of
    :meth:`Client.shared_state` (an ArrayRecord) and its number of train examples;
-2. the server averages them with :class:`FedAvg`, exactly as the in-process engine does;
-3. ``evaluate``: the server sends the aggregate; a site loads it (:meth:`Client.set_shared`),
-   scores its validation split and replies with metrics only.
+2. the server averages those that answered with :class:`FedAvg`, as the in-process engine does;
+3. ``evaluate``: the server sends the aggregate to every reachable site, asked or not; a site
+   loads it (:meth:`Client.set_shared`), scores its validation split and replies with metrics.
 
-With its first train reply each site says who it is (client name, counts, backbone fingerprint)
-so the server can refuse sites that would not train the same model; after the rounds,
-``query.finalize`` tells each site which round was best so it writes its private tensors, as
-the in-process engine does, into its own site folder. A site's full state (shared and private
-tensors) lives in its Flower ``context.state``, which stays in its SuperNode.
+A site that fails or does not reply is recorded in the round's ``failed`` and sent nothing until
+it is asked to train again (that message carries the aggregate it missed); fewer answers than
+``--min-sites`` stop the run, which keeps its last completed round. After the rounds,
+``query.finalize`` tells each site which rounds were final and best so it writes its private
+tensors, as the in-process engine does, into its own site folder. A site's full state (shared
+and private tensors) lives in its Flower ``context.state``, which stays in its SuperNode.
 
 The server writes the same RUN folder as ``cmrfed federate`` (run.json, rounds.jsonl with the
-bytes of the ArrayRecords Flower actually carried, shared.safetensors) plus RUN/wire.jsonl: the
-keys and bytes of every tensor record it sent or received, so a reviewer can check that no
-private tensor ever reached it.
+bytes of the ArrayRecords Flower actually carried, shared.safetensors) plus RUN/wire.jsonl: every
+message it sent or received, with the keys and bytes of any tensors, so a reviewer can check that
+no private tensor ever reached it.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from cmrfed.fed.client import Client
 from cmrfed.fed.config import FederateConfig, parse_blocks
 from cmrfed.fed.inprocess import RunSummary
 from cmrfed.fed.methods import MethodSpec, resolve_method
+from cmrfed.fed.participation import participants
 from cmrfed.fed.runlog import (
     analytic_params_per_message,
     append_round,
@@ -66,6 +71,7 @@ from cmrfed.fed.wire import num_params
 from cmrfed.model.classifier import param_group
 
 # Message types as Flower routes them ("<category>" or "<category>.<action>").
+IDENTIFY = "query.identify"
 TRAIN = "train"
 EVALUATE = "evaluate"
 FINALIZE = "query.finalize"
@@ -80,19 +86,21 @@ SNAPSHOT = "cmrfed.private.round{}"  # context.state ArrayRecord: private tensor
 
 # Node config keys of a SuperNode (one per site) and run config keys beyond FederateConfig's.
 NODE_CLIENT, NODE_PREPARED, NODE_SITE_DIR, NODE_DEVICE = "client", "prepared", "site-dir", "device"
-RUN_OUT, RUN_SITES, RUN_NAME, RUN_OVERWRITE, RUN_TIMEOUT = (
-    "out", "sites", "run-name", "overwrite", "node-timeout-s")
+RUN_OUT, RUN_SITES, RUN_NAME, RUN_OVERWRITE, RUN_TIMEOUT, RUN_MIN_SITES = (
+    "out", "sites", "run-name", "overwrite", "node-timeout-s", "min-sites")
 
 REPLY_POLL_S = 0.5
 
 
 # --- configuration: run config (from the server) and node config (each site's own) -----------------
 def run_config_of(cfg: FederateConfig, out: Path, sites: int, overwrite: bool = False,
-                  node_timeout_s: float = 600.0) -> dict[str, str | int | float | bool]:
+                  node_timeout_s: float = 600.0,
+                  min_sites: int | None = None) -> dict[str, str | int | float | bool]:
     """A Flower run config (flat TOML scalars) carrying the full FederateConfig and the server's
     options; both apps rebuild the same FederateConfig from it with :func:`federate_config_of`."""
     if sites < 1:
         raise UsageError(f"--sites must be at least 1, got {sites}")
+    check_min_sites(min_sites, sites, cfg.sites_per_round)
     if cfg.dp_epsilon is not None:
         raise UsageError("--dp-epsilon runs with `cmrfed federate` (the in-process engine) only: "
                          "the Flower engine does not yet record or enforce each site's budget")
@@ -108,7 +116,19 @@ def run_config_of(cfg: FederateConfig, out: Path, sites: int, overwrite: bool = 
     out = Path(out).expanduser().resolve()
     flat.update({RUN_OUT: str(out), RUN_SITES: int(sites), RUN_NAME: out.name,
                  RUN_OVERWRITE: bool(overwrite), RUN_TIMEOUT: float(node_timeout_s)})
+    if min_sites is not None:
+        flat[RUN_MIN_SITES] = int(min_sites)
     return flat
+
+
+def check_min_sites(min_sites: int | None, sites: int, per_round: int | None) -> None:
+    """``--min-sites`` must be reachable: at least 1, at most the sites asked each round."""
+    if min_sites is None:
+        return
+    asked = sites if per_round is None else min(per_round, sites)
+    if not 1 <= min_sites <= asked:
+        raise UsageError(f"--min-sites must lie between 1 and the {asked} sites asked per round, "
+                         f"got {min_sites}")
 
 
 def federate_config_of(run_config: Mapping[str, Any]) -> FederateConfig:
@@ -130,6 +150,7 @@ class ServerOptions:
     run_name: str
     overwrite: bool
     node_timeout_s: float
+    min_sites: int | None = None  # None: every site asked must answer
 
     @classmethod
     def of(cls, run_config: Mapping[str, Any]) -> ServerOptions:
@@ -140,7 +161,8 @@ class ServerOptions:
         return cls(out=out, sites=int(run_config[RUN_SITES]),
                    run_name=str(run_config.get(RUN_NAME, out.name)),
                    overwrite=bool(run_config.get(RUN_OVERWRITE, False)),
-                   node_timeout_s=float(run_config.get(RUN_TIMEOUT, 600.0)))
+                   node_timeout_s=float(run_config.get(RUN_TIMEOUT, 600.0)),
+                   min_sites=int(run_config[RUN_MIN_SITES]) if RUN_MIN_SITES in run_config else None)
 
 
 @dataclass(frozen=True)
@@ -210,6 +232,9 @@ class _Site:
 def _open_site(context: Context) -> _Site:
     site = SiteConfig.of(context.node_config)
     cfg = replace(federate_config_of(context.run_config), data=str(site.prepared))
+    if cfg.holdout == site.client:  # before anything of its data is opened
+        raise UsageError(f"site {site.client!r} is held out of this run (--holdout {site.client}); "
+                         "stop its SuperNode")
     manifest = load_manifest(site.prepared)
     if site.client not in manifest.clients:
         raise DataError(f"node config client {site.client!r} is not in {paths.manifest_path(site.prepared)}"
@@ -249,16 +274,34 @@ def _identity(site: _Site) -> ConfigRecord:
     })
 
 
+@client_app.query("identify")
+def identify(message: Message, context: Context) -> Message:
+    """Before the first round: check this site's shard and say who it is (no data, no tensors)."""
+    site = _open_site(context)
+    verify_shard(site.config.prepared, site.manifest, site.client.name)
+    _keep(context, site.client)
+    return Message(RecordDict({SITE: _identity(site)}), reply_to=message)
+
+
+def train_site(context: Context, round_index: int, aggregate: TensorState | None) -> tuple[_Site, FitResult]:
+    """A site's local training of one round, from its own state in ``context`` (after taking
+    ``aggregate`` first, when the server sends one it missed)."""
+    site = _open_site(context)
+    if aggregate is not None:
+        site.client.set_shared(aggregate)
+    result = site.client.fit(site.run_model.model, round_index, site.device)
+    _keep(context, site.client)
+    return site, result
+
+
 @client_app.train()
 def train(message: Message, context: Context) -> Message:
     """Local training; the reply carries :meth:`Client.shared_state`, the train loss and example
-    count, and the site's identity: nothing else."""
-    site = _open_site(context)
+    count, and the site's identity: nothing else. A site that missed an aggregate (it was
+    offline) receives the latest one with the train message and takes it first."""
     round_index = int(message.content.config_records[ROUND]["round"])
-    if round_index == 1:
-        verify_shard(site.config.prepared, site.manifest, site.client.name)
-    result = site.client.fit(site.run_model.model, round_index, site.device)
-    _keep(context, site.client)
+    missed = message.content.array_records.get(SHARED)
+    site, result = train_site(context, round_index, to_state(missed) if missed is not None else None)
     metrics = MetricRecord({"num_examples": result.num_examples, "train_loss": result.train_loss})
     content = RecordDict({SHARED: to_record(result.shared), METRICS: metrics, SITE: _identity(site)})
     return Message(content, reply_to=message)
@@ -312,17 +355,24 @@ class SiteInfo:
 
 
 class WireLog:
-    """RUN/wire.jsonl: every tensor record the server sent or received, by key and size."""
+    """RUN/wire.jsonl: every message the server sent or received: its records by name and kind,
+    and the keys and bytes of any tensors it carried."""
 
     def __init__(self, out: Path) -> None:
         self.path = paths.wire_log_path(out)
         self.path.write_text("", encoding="utf-8")
 
     def log(self, round_index: int, client: str, direction: str, message_type: str,
-            record: ArrayRecord) -> int:
-        size = record.count_bytes()
+            content: RecordDict) -> int:
+        """Append one message; returns the bytes of its tensors (what communication counts)."""
+        arrays = content.array_records
+        size = sum(record.count_bytes() for record in arrays.values())
+        records = {**{name: "arrays" for name in arrays},
+                   **{name: "config" for name in content.config_records},
+                   **{name: "metrics" for name in content.metric_records}}
         entry = {"round": round_index, "client": client, "direction": direction,
-                 "message_type": message_type, "keys": sorted(record.keys()), "bytes": size}
+                 "message_type": message_type, "records": records,
+                 "keys": sorted(k for record in arrays.values() for k in record), "bytes": size}
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(entry) + "\n")
         return size
@@ -343,28 +393,42 @@ def _wait_for_nodes(grid: Grid, sites: int, timeout_s: float) -> list[int]:
     return nodes
 
 
-def _exchange(grid: Grid, node_ids: Mapping[int, str], message_type: str, round_index: int,
-              content: RecordDict, timeout_s: float) -> dict[int, Message]:
-    """Send ``content`` to every node and collect every reply, or stop naming the sites that failed."""
-    messages = [Message(content, dst_node_id=node, message_type=message_type, group_id=str(round_index))
-                for node in node_ids]
-    pending = set(grid.push_messages(messages))
+def _exchange(grid: Grid, contents: Mapping[int, RecordDict], message_type: str, round_index: int,
+              timeout_s: float) -> tuple[dict[int, Message], dict[int, str]]:
+    """Send each node its content; the replies that came back, and why each other node failed:
+    an error reply (its ClientApp failed, or the SuperLink found the node offline: a SuperNode
+    that died stops sending heartbeats) or no reply within ``timeout_s``.
+
+    Replies are matched to nodes by the message they answer: the SuperLink's own error replies
+    come from the SuperLink, not from the node."""
+    nodes = list(contents)
+    messages = [Message(contents[node], dst_node_id=node, message_type=message_type,
+                        group_id=str(round_index)) for node in nodes]
+    ids = list(grid.push_messages(messages)) if messages else []
+    failures: dict[int, str] = {}
+    pending: dict[str, int] = {}
+    for node, message_id in zip(nodes, ids, strict=False):
+        if message_id is None:
+            failures[node] = f"{message_type} could not be pushed to the SuperLink"
+        else:
+            pending[message_id] = node
     replies: dict[int, Message] = {}
     deadline = time.monotonic() + timeout_s
     while pending and time.monotonic() < deadline:  # Grid.send_and_receive polls every 3 s
-        for reply in grid.pull_messages(pending):
-            pending.discard(reply.metadata.reply_to_message_id)
-            replies[reply.metadata.src_node_id] = reply
+        for reply in grid.pull_messages(list(pending)):
+            node = pending.pop(reply.metadata.reply_to_message_id, None)
+            if node is None:
+                continue
+            if reply.has_error():
+                failures[node] = f"{message_type} failed: {reply.error.reason}"
+            else:
+                replies[node] = reply
         if pending:
             time.sleep(REPLY_POLL_S)
-    silent = [node_ids[n] for n in node_ids if n not in replies]
-    if silent:
-        raise DataError(f"no {message_type} reply within {timeout_s:.0f} s from {silent}")
-    for node, reply in replies.items():
-        if reply.has_error():
-            raise DataError(f"site {node_ids[node]} failed {message_type} in round {round_index}: "
-                            f"{reply.error.reason}")
-    return replies
+    for node in nodes:
+        if node not in replies and node not in failures:
+            failures[node] = f"no {message_type} reply within {timeout_s:.0f} s"
+    return replies, failures
 
 
 def _identify(replies: Mapping[int, Message]) -> list[SiteInfo]:
@@ -384,7 +448,8 @@ def _identify(replies: Mapping[int, Message]) -> list[SiteInfo]:
     return sorted(sites, key=lambda s: (s.index, s.client))
 
 
-def _run_json(cfg: FederateConfig, spec: MethodSpec, sites: list[SiteInfo]) -> dict[str, Any]:
+def _run_json(cfg: FederateConfig, spec: MethodSpec, sites: list[SiteInfo],
+              options: ServerOptions) -> dict[str, Any]:
     first = sites[0].info
     manifests = {s.info["manifest_sha256"] for s in sites}
     try:
@@ -401,13 +466,30 @@ def _run_json(cfg: FederateConfig, spec: MethodSpec, sites: list[SiteInfo]) -> d
                   "first_adapted_block": int(first["start_block"])},
         analytic=int(first["analytic_params"]),
         device=",".join(sorted({str(s.info["device"]) for s in sites})),
-        engine={"name": "flower", "flwr": flwr_version,
+        engine={"name": "flower", "flwr": flwr_version, "min_sites": options.min_sites,
+                "node_timeout_s": options.node_timeout_s,
                 "sites": {s.client: {"node_id": str(s.node_id), "device": s.info["device"]} for s in sites}},
     )
 
 
+@dataclass
+class _RoundOutcome:
+    """One round as the server saw it."""
+
+    results: list[FitResult]
+    up: dict[str, int]
+    down: dict[str, int]
+    val: dict[str, dict]
+    failed: dict[str, str]
+
+
 class _Server:
-    """One Flower run seen from the server: the sites, the wire log and the RUN folder."""
+    """One Flower run seen from the server: the sites, who is reachable, the wire log, RUN.
+
+    A site whose last message failed (an error, or no reply within --node-timeout) is *down*: it
+    is sent nothing more until it is asked to train again (partial participation draws from every
+    site); that train message then carries the latest aggregate, which it missed.
+    """
 
     def __init__(self, grid: Grid, cfg: FederateConfig, options: ServerOptions, console: Console) -> None:
         self.grid, self.cfg, self.options, self.console = grid, cfg, options, console
@@ -417,98 +499,175 @@ class _Server:
         nodes = _wait_for_nodes(grid, options.sites, options.node_timeout_s)
         self.names = {node: f"node {node}" for node in nodes}  # until the sites say who they are
         self.sites: list[SiteInfo] = []
+        self.down: set[str] = set()
+        self.synced: dict[str, int] = {}  # the last round whose aggregate each site holds
 
-    def exchange(self, message_type: str, round_index: int, content: RecordDict) -> dict[int, Message]:
-        return _exchange(self.grid, self.names, message_type, round_index, content,
-                         self.options.node_timeout_s)
+    def exchange(self, message_type: str, round_index: int, contents: Mapping[int, RecordDict],
+                 ) -> tuple[dict[int, Message], dict[str, str], dict[str, int]]:
+        """Send, collect, log both ways; replies by node, failures and bytes sent by site name."""
+        sent = {self.names[node]: self.wire.log(round_index, self.names[node], "down", message_type, content)
+                for node, content in contents.items()}
+        replies, failures = _exchange(self.grid, contents, message_type, round_index,
+                                      self.options.node_timeout_s)
+        for node, reply in replies.items():
+            self.wire.log(round_index, self.names[node], "up", message_type, reply.content)
+            self.down.discard(self.names[node])
+        failed = {self.names[node]: reason for node, reason in failures.items()}
+        self.down |= set(failed)
+        return replies, failed, sent
 
-    def _meet(self, replies: Mapping[int, Message]) -> None:
-        """After the first train replies: who the sites are; run.json, as the in-process engine."""
+    def meet(self) -> None:
+        """Before round 1: who the sites are (each checks its shard); run.json, as in-process."""
+        content = RecordDict({ROUND: ConfigRecord({"round": 0})})
+        replies, failed, _ = self.exchange(IDENTIFY, 0, dict.fromkeys(self.names, content))
+        if failed:
+            raise DataError("sites could not join the run: "
+                            + "; ".join(f"{k}: {v}" for k, v in failed.items()))
         self.sites = _identify(replies)
         self.names = {s.node_id: s.client for s in self.sites}
-        write_json(paths.run_config_path(self.out), _run_json(self.cfg, self.spec, self.sites))
+        self.synced = dict.fromkeys(self.names.values(), 0)
+        write_json(paths.run_config_path(self.out), _run_json(self.cfg, self.spec, self.sites, self.options))
         self.console.print(f"{self.spec.name}: {len(self.sites)} sites ({', '.join(self.names.values())}),"
                            f" {self.cfg.rounds} rounds", highlight=False)
 
-    def train(self, round_index: int) -> tuple[list[FitResult], dict[str, int]]:
-        """Every site's shared tensors after local training, checked, and the bytes they took."""
-        replies = self.exchange(TRAIN, round_index, RecordDict({ROUND: ConfigRecord({"round": round_index})}))
-        if round_index == 1:
-            self._meet(replies)
-        results, up = [], {}
-        for site in self.sites:
+    def train(self, round_index: int, asked: list[SiteInfo], server: TensorState) -> _RoundOutcome:
+        """The asked sites' shared tensors after local training, checked; who failed."""
+        contents = {}
+        for site in asked:
+            records: dict[str, Any] = {ROUND: ConfigRecord({"round": round_index})}
+            if self.synced[site.client] < round_index - 1:  # it missed an aggregate: send the latest
+                records[SHARED] = to_record(server)
+            contents[site.node_id] = RecordDict(records)
+        replies, failed, sent = self.exchange(TRAIN, round_index, contents)
+        outcome = _RoundOutcome([], {}, dict(sent), {}, {s: f"train: {r}" for s, r in failed.items()})
+        for site in asked:
+            if site.node_id not in replies:
+                continue
             content = replies[site.node_id].content
             if content.config_records[SITE]["client"] != site.client:
                 raise DataError(f"node {site.node_id} was {site.client!r} and now says "
                                 f"{content.config_records[SITE]['client']!r}; restart the run")
             record = content.array_records[SHARED]
-            up[site.client] = self.wire.log(round_index, site.client, "up", TRAIN, record)
             check_shared_keys(list(record.keys()), self.spec, site.client)
+            outcome.up[site.client] = record.count_bytes()
             fit = content.metric_records[METRICS]
-            results.append(FitResult(site.client, to_state(record), int(fit["num_examples"]),
-                                     float(fit["train_loss"])))
-        return results, up
+            outcome.results.append(FitResult(site.client, to_state(record), int(fit["num_examples"]),
+                                             float(fit["train_loss"])))
+            self.synced[site.client] = round_index - 1
+        return outcome
 
-    def evaluate(self, round_index: int, server: TensorState) -> tuple[dict[str, dict], dict[str, int]]:
-        """Send the aggregate; every site's validation metrics and the bytes it took."""
+    def evaluate(self, round_index: int, server: TensorState, outcome: _RoundOutcome) -> None:
+        """Send the aggregate to every site that is up; their validation metrics."""
         aggregate = to_record(server)
         content = RecordDict({SHARED: aggregate, ROUND: ConfigRecord({"round": round_index})})
-        replies = self.exchange(EVALUATE, round_index, content)
-        down = {s.client: self.wire.log(round_index, s.client, "down", EVALUATE, aggregate)
-                for s in self.sites}
-        val = {s.client: dict(replies[s.node_id].content.metric_records[METRICS]) for s in self.sites}
-        return val, down
+        targets = {s.node_id: content for s in self.sites if s.client not in self.down}
+        replies, failed, sent = self.exchange(EVALUATE, round_index, targets)
+        for name, size in sent.items():
+            outcome.down[name] = outcome.down.get(name, 0) + size
+        outcome.failed.update({s: f"evaluate: {r}" for s, r in failed.items()})
+        for node, reply in replies.items():
+            outcome.val[self.names[node]] = dict(reply.content.metric_records[METRICS])
+            self.synced[self.names[node]] = round_index
 
-    def finalize(self, best_round: int) -> None:
-        """Tell every site which rounds to write its private tensors of."""
-        rounds = ConfigRecord({"final_round": self.cfg.rounds, "best_round": best_round,
+    def finalize(self, final_round: int, best_round: int) -> dict[str, str]:
+        """Tell every site that is up which rounds to write its private tensors of."""
+        rounds = ConfigRecord({"final_round": final_round, "best_round": best_round,
                                "run_name": self.options.run_name})
-        self.exchange(FINALIZE, self.cfg.rounds, RecordDict({ROUND: rounds}))
+        targets = {s.node_id: RecordDict({ROUND: rounds}) for s in self.sites if s.client not in self.down}
+        _, failed, _ = self.exchange(FINALIZE, final_round, targets)
+        return failed
+
+
+def _round_entries(run: _Server, outcome: _RoundOutcome, params: int) -> dict[str, dict[str, Any]]:
+    """A rounds.jsonl entry for every site: NaN train loss for those that did not train."""
+    trained = {r.client: r for r in outcome.results}
+    entries = {}
+    for site in run.sites:
+        fit = trained.get(site.client)
+        entries[site.client] = client_round_record(
+            train_loss=fit.train_loss if fit else float("nan"),
+            n_train=fit.num_examples if fit else int(site.info["n_train"]),
+            val=outcome.val.get(site.client, {}), bytes_up=outcome.up.get(site.client, 0),
+            bytes_down=outcome.down.get(site.client, 0), params=params)
+    return entries
+
+
+def _mark_stopped(out: Path, round_index: int, reason: str) -> None:
+    """Add to run.json's result why and where the run stopped early."""
+    info = json.loads(paths.run_config_path(out).read_text(encoding="utf-8"))
+    info["result"]["stopped"] = {"round": round_index, "reason": reason}
+    write_json(paths.run_config_path(out), info)
 
 
 def serve(grid: Grid, run_config: Mapping[str, Any], console: Console | None = None) -> RunSummary:
-    """The server side of a Flower run: rounds of train / FedAvg / evaluate, the RUN folder."""
+    """The server side of a Flower run: rounds of train / FedAvg / evaluate, the RUN folder.
+
+    Each round asks the sites :func:`participants` draws; FedAvg is over those that answered.
+    Fewer answers than ``--min-sites`` (default: every site asked) stop the run: RUN then holds
+    the last completed round as its final one, run.json's result says why it stopped.
+    """
     console = console or Console()
     cfg = federate_config_of(run_config)
     options = ServerOptions.of(run_config)
     if not resolve_method(cfg.method, cfg.head).federated:
         raise UsageError(f"--method {cfg.method} sends nothing to a server; run it with `cmrfed federate`")
+    check_min_sites(options.min_sites, options.sites, cfg.sites_per_round)
     out = options.out
     start_run_folder(out, options.overwrite)
     paths.rounds_log_path(out).write_text("", encoding="utf-8")
     run = _Server(grid, cfg, options, console)
+    run.meet()
     strategy = FedAvg()
+    by_name = {s.client: s for s in run.sites}
+    analytic = int(run.sites[0].info["analytic_params"])
 
     server: TensorState = {}
-    best_round, best_score, best_server = 0, float("-inf"), server
+    completed, best_round, best_score, best_server = 0, 0, float("-inf"), server
     total_up = total_down = 0
+    stopped: str | None = None
     for round_index in range(1, cfg.rounds + 1):
         started = time.perf_counter()
-        results, up = run.train(round_index)
-        server = strategy.aggregate(results)
-        analytic = int(run.sites[0].info["analytic_params"])
+        asked = participants(list(by_name), cfg.sites_per_round, cfg.seed, round_index)
+        outcome = run.train(round_index, [by_name[name] for name in asked], server)
+        needed = len(asked) if options.min_sites is None else options.min_sites
+        if len(outcome.results) < needed:
+            failures = "; ".join(f"{k}: {v}" for k, v in outcome.failed.items())
+            stopped = (f"round {round_index}: {len(outcome.results)} of {len(asked)} sites asked answered, "
+                       f"--min-sites is {needed} ({failures})")
+            break
+        server = strategy.aggregate(outcome.results)
         if num_params(server) != analytic:
             raise DataError(f"the aggregate has {num_params(server)} values, the analytic count {analytic}")
-        val, down = run.evaluate(round_index, server)
-        clients = {r.client: client_round_record(r.train_loss, r.num_examples, val[r.client], up[r.client],
-                                                 down[r.client], num_params(server)) for r in results}
-        record = round_record(round_index, clients, time.perf_counter() - started)
-        total_up += sum(up.values())
-        total_down += sum(down.values())
+        run.evaluate(round_index, server, outcome)
+        entries = _round_entries(run, outcome, num_params(server))
+        record = round_record(round_index, entries, time.perf_counter() - started, participants=asked,
+                              failed=outcome.failed)
+        total_up += sum(outcome.up.values())
+        total_down += sum(outcome.down.values())
+        completed = round_index
         if has_score(record) and record["mean_val_balanced_accuracy"] > best_score:
             best_round, best_score, best_server = round_index, record["mean_val_balanced_accuracy"], server
         append_round(out, record)
         console.print(round_line(record), highlight=False)
+        for site, reason in outcome.failed.items():
+            console.print(f"round {round_index}: {site} failed ({reason})", highlight=False)
 
+    if completed == 0:
+        raise DataError(f"the run stopped before any round completed: {stopped}")
     if best_round == 0:  # no validation data anywhere: the last round is the best we know
-        best_round, best_server = cfg.rounds, server
-    run.finalize(best_round)
+        best_round, best_server = completed, server
+    for site, reason in run.finalize(completed, best_round).items():
+        console.print(f"{site} could not write its private tensors: {reason}", highlight=False)
     save_tensors(paths.shared_tensors_path(out, "final"), server)
     save_tensors(paths.shared_tensors_path(out, "best"), best_server)
-    write_result(out, cfg.rounds, best_round, best_score, total_up, total_down)
+    write_result(out, completed, best_round, best_score, total_up, total_down)
+    if stopped is not None:
+        _mark_stopped(out, completed + 1, stopped)
+        console.print(f"stopped: {stopped}; {out} keeps round {completed}, the last completed one",
+                      highlight=False)
     console.print(f"wrote {out}; each site wrote its private tensors under <site-dir>/{options.run_name}",
                   highlight=False)
-    return RunSummary(out, cfg.rounds, best_round, best_score, total_up, total_down)
+    return RunSummary(out, completed, best_round, best_score, total_up, total_down)
 
 
 server_app = ServerApp()

@@ -84,6 +84,7 @@ def run_flower(
     root_certificates: Path | None = None,
     overwrite: bool = False,
     node_timeout_s: float = 600.0,
+    min_sites: int | None = None,
     wait_s: float | None = None,
     console: Console | None = None,
 ) -> RunSummary:
@@ -100,7 +101,7 @@ def run_flower(
     if not spec.federated:
         raise UsageError(f"--method {cfg.method} sends nothing to a server; run it with `cmrfed federate`")
     out = Path(out).expanduser().resolve()
-    run_config = run_config_of(cfg, out, sites, overwrite, node_timeout_s)
+    run_config = run_config_of(cfg, out, sites, overwrite, node_timeout_s, min_sites)
     flwr = _flwr_executable()
     with tempfile.TemporaryDirectory(prefix="cmrfed-flower-") as tmp:
         app = write_app(Path(tmp) / "app", run_config)
@@ -119,8 +120,12 @@ def run_flower(
     if result is None:
         raise DataError(f"the Flower run did not finish {out} (flwr exit code {finished.returncode}); "
                         "see its log above and the SuperLink's and SuperNodes' logs")
+    if "stopped" in result:
+        raise DataError(f"the Flower run stopped early, {result['stopped']['reason']}; {out} keeps round "
+                        f"{result['completed_rounds']}, the last completed one (evaluate it as it is, or "
+                        "start a new run once enough sites are back)")
     console.print(f"{out}: {result['completed_rounds']} rounds, best round {result['best_round']}; "
-                  "copy each site's private tensors into it to evaluate (see README)", highlight=False)
+                  "evaluate it site by site (see README)", highlight=False)
     return RunSummary(out, result["completed_rounds"], result["best_round"],
                       result["best_mean_val_balanced_accuracy"], result["bytes_up_total"],
                       result["bytes_down_total"])

@@ -28,6 +28,7 @@ from cmrfed.errors import DataError, UsageError
 from cmrfed.faults import fault_point
 from cmrfed.fed.client import Client, concat_splits
 from cmrfed.fed.config import FederateConfig
+from cmrfed.fed.participation import participants
 from cmrfed.fed.privacy import (
     check_dp_model,
     plan_run,
@@ -240,7 +241,8 @@ def federate(
                 break
             started = time.perf_counter()
             results: list[FitResult] = []
-            for trainer in trainers:
+            asked = participants([c.name for c in clients], cfg.sites_per_round, cfg.seed, round_index)
+            for trainer in (t for t in trainers if spec.pooled or t.name in asked):
                 bar.update(task, description=f"{spec.name}: round {round_index}, {trainer.name}")
                 results.append(trainer.fit(model, round_index, torch_device))
             up = dict.fromkeys((c.name for c in clients), 0)
@@ -271,8 +273,9 @@ def federate(
                 )
                 for client in clients
             }
-            record = round_record(round_index, entries, time.perf_counter() - started)
-            if plans:
+            record = round_record(round_index, entries, time.perf_counter() - started,
+                                  participants=asked)
+            if plans:  # every site's whole plan counts, asked this round or not (an upper bound)
                 record["privacy"] = spent_record(plans, round_index)
             total_up += sum(up.values())
             total_down += sum(down.values())

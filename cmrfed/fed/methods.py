@@ -43,6 +43,9 @@ class MethodSpec:
     adapters: tuple[str, ...]
     trained: frozenset[str]
     shared: frozenset[str]
+    # What a site that joins after training trains over the frozen shared tensors (`cmrfed adapt`):
+    # its own copy of these groups, which then stays private to it.
+    adapted: frozenset[str] = frozenset()
     federated: bool = True  # False: no server, nothing travels (local, central)
     pooled: bool = False  # True: one trainer on the pooled train data of every client (central)
 
@@ -55,6 +58,13 @@ class MethodSpec:
     def private(self) -> frozenset[str]:
         """Trained groups that never leave the client."""
         return self.trained - self.shared
+
+    @property
+    def newcomer(self) -> MethodSpec:
+        """The spec of a site that joins after training (``cmrfed adapt``): it trains only the
+        ``adapted`` groups (starting from the run's values where the run shared them), keeps them
+        private, and takes the rest of the run's shared tensors as they are, frozen."""
+        return replace(self, trained=self.adapted, shared=self.shared - self.adapted)
 
     @property
     def frozen(self) -> frozenset[str]:
@@ -71,6 +81,7 @@ METHODS: dict[str, MethodSpec] = {
             adapters=(GLOBAL, LOCAL),
             trained=_groups(GLOBAL, LOCAL) | {HEAD},
             shared=_groups(GLOBAL) | {HEAD},
+            adapted=_groups(LOCAL),  # its own local LoRA, as every member has
         ),
         MethodSpec(
             name="fedlora",
@@ -78,6 +89,7 @@ METHODS: dict[str, MethodSpec] = {
             adapters=(GLOBAL,),
             trained=_groups(GLOBAL) | {HEAD},
             shared=_groups(GLOBAL) | {HEAD},
+            adapted=_groups(GLOBAL),  # a private copy of the shared LoRA, fine-tuned locally
         ),
         MethodSpec(
             name="ffalora",
@@ -85,6 +97,7 @@ METHODS: dict[str, MethodSpec] = {
             adapters=(GLOBAL,),
             trained=frozenset({f"{GLOBAL}.B", HEAD}),
             shared=frozenset({f"{GLOBAL}.B", HEAD}),
+            adapted=frozenset({f"{GLOBAL}.B"}),  # a private copy of B; A stays the seeded init
         ),
         MethodSpec(
             name="fedsa",
@@ -92,6 +105,7 @@ METHODS: dict[str, MethodSpec] = {
             adapters=(GLOBAL,),
             trained=_groups(GLOBAL) | {HEAD},
             shared=frozenset({f"{GLOBAL}.A", HEAD}),
+            adapted=frozenset({f"{GLOBAL}.B"}),  # its own B over the shared A, as every member has
         ),
         MethodSpec(
             name="local",
@@ -99,6 +113,7 @@ METHODS: dict[str, MethodSpec] = {
             adapters=(GLOBAL,),
             trained=_groups(GLOBAL) | {HEAD},
             shared=frozenset(),
+            adapted=_groups(GLOBAL) | {HEAD},  # nothing is shared: a site trains its own model
             federated=False,
         ),
         MethodSpec(
@@ -107,6 +122,7 @@ METHODS: dict[str, MethodSpec] = {
             adapters=(GLOBAL,),
             trained=_groups(GLOBAL) | {HEAD},
             shared=_groups(GLOBAL) | {HEAD},
+            adapted=_groups(GLOBAL),  # a private copy of the pooled LoRA, fine-tuned locally
             federated=False,
             pooled=True,
         ),
@@ -122,5 +138,5 @@ def resolve_method(name: str, head: str = "shared") -> MethodSpec:
         raise UsageError(f"unknown --head {head!r}; choose one of {', '.join(HEAD_CHOICES)}")
     spec = METHODS[name]
     if head == "local" and spec.federated:
-        spec = replace(spec, shared=spec.shared - {HEAD})
+        spec = replace(spec, shared=spec.shared - {HEAD}, adapted=spec.adapted | {HEAD})
     return spec

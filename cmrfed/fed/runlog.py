@@ -65,7 +65,7 @@ def method_record(spec: MethodSpec) -> dict[str, Any]:
     return {
         "name": spec.name, "summary": spec.summary, "adapters": list(spec.adapters),
         "trained": sorted(spec.trained), "shared": sorted(spec.shared),
-        "private": sorted(spec.private), "frozen": sorted(spec.frozen),
+        "private": sorted(spec.private), "frozen": sorted(spec.frozen), "adapted": sorted(spec.adapted),
     }
 
 
@@ -115,13 +115,21 @@ def client_round_record(
     }
 
 
-def round_record(round_index: int, clients: Mapping[str, Mapping[str, Any]], wall_s: float) -> dict[str, Any]:
-    """A rounds.jsonl line; the mean is over clients whose selection metric is defined."""
+def round_record(round_index: int, clients: Mapping[str, Mapping[str, Any]], wall_s: float,
+                 participants: list[str] | None = None,
+                 failed: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A rounds.jsonl line; the mean is over clients whose selection metric is defined.
+
+    ``participants``: the sites asked to train this round (every site without
+    ``--sites-per-round``); ``failed``: site -> why it did not answer (Flower engine).
+    """
     scores = [c["val"][SELECTION_METRIC] for c in clients.values()
               if SELECTION_METRIC in c["val"] and np.isfinite(c["val"][SELECTION_METRIC])]
     return {
         "round": round_index,
         "clients": {name: dict(entry) for name, entry in clients.items()},
+        "participants": list(participants) if participants is not None else list(clients),
+        "failed": dict(failed or {}),
         "mean_val_balanced_accuracy": float(np.mean(scores)) if scores else float("nan"),
         "wall_s": wall_s,
     }
@@ -163,7 +171,8 @@ def write_result(out: Path, completed_rounds: int, best_round: int, best_score: 
 def round_line(record: Mapping[str, Any]) -> str:
     """The one line a round prints."""
     clients = record["clients"].values()
-    loss = np.mean([c["train_loss"] for c in clients])
+    losses = [c["train_loss"] for c in clients if np.isfinite(c["train_loss"])]  # those that trained
+    loss = float(np.mean(losses)) if losses else float("nan")
     up = sum(c["bytes_up"] for c in clients)
     down = sum(c["bytes_down"] for c in clients)
     return (f"round {record['round']:>3}  loss {loss:.4f}  val bal.acc "

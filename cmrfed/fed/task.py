@@ -17,6 +17,7 @@ from cmrfed.fed.cache import CacheKey, load_or_compute
 from cmrfed.fed.client import Client, SplitTensors, TrainConfig, state_of
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.methods import GLOBAL, LOCAL, MethodSpec, resolve_method
+from cmrfed.fed.participation import training_sites
 from cmrfed.fed.strategy import TensorState
 from cmrfed.fed.windows import split_tensors
 from cmrfed.model.cinema import backbone_fingerprint, load_backbone
@@ -143,9 +144,10 @@ def build_clients(
     run_model: RunModel,
     device: torch.device,
 ) -> tuple[list[Client], dict[str, dict[str, SplitTensors]]]:
-    """Every manifest client, all starting from the seeded initial state."""
+    """Every manifest client but the ``--holdout`` one (whose shard is never opened), all
+    starting from the seeded initial state."""
     clients, data = [], {}
-    for name in manifest.clients:
+    for name in training_sites(manifest.clients, cfg.holdout):
         client, data[name] = build_client(cfg, prepared, manifest, name, run_model, device)
         clients.append(client)
     return clients, data

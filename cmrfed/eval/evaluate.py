@@ -57,6 +57,8 @@ def eval_header(info: RunInfo, split: str, which: str, created_by: str) -> dict[
         "split": split,
         "round": which,
         "round_index": round_index(info, which),
+        # what training spent per site (DP runs; null otherwise); these outputs themselves are not DP
+        "privacy": privacy_summary(info.raw),
     }
 
 
@@ -114,13 +116,11 @@ def evaluate_run(
                       for d in data} for c in clients}
     merged = merge_sites(results, [c.name for c in clients], split, threshold, n_boot, cfg.seed,
                          cross=cross)
-    # what training spent per site (DP runs; null otherwise); these outputs themselves are not DP
-    privacy = privacy_summary(info.raw)
-    out = write_eval(info, {**eval_header(info, split, which, "cmrfed evaluate"), **merged.fields,
-                            "privacy": privacy}, merged.rows)
+    header = eval_header(info, split, which, "cmrfed evaluate")
+    out = write_eval(info, {**header, **merged.fields}, merged.rows)
     fields = merged.fields
     print_table(console, info.method, split, fields["per_client"], fields["macro"], fields["shared_only"])
-    console.print(privacy_line(privacy), highlight=False)
+    console.print(privacy_line(header["privacy"]), highlight=False)
     return EvalSummary(out, fields["per_client"], fields["macro"])
 
 

@@ -2,9 +2,10 @@
 benchmarks/results/ (benchmarks/results/quick/ with ``--quick``), each file headed by the machine.
 
 Run: ``python benchmarks/run_all.py [--quick] [--threads N]``. ``--quick`` (a few minutes): small
-size only, fewer rounds and repeats. The full run (about 25 minutes on two CPU cores) adds the
-base size. All benchmarks share one synthetic cohort (and so its frozen-trunk caches), prepared
-in a temporary folder that is removed at the end.
+size only, fewer rounds and repeats. The full run (about 25 minutes on two CPU cores, and some 15
+more for bench_dp) adds the base size. All benchmarks but bench_dp (which needs more subjects)
+share one synthetic cohort (and so its frozen-trunk caches), prepared in a temporary folder that
+is removed at the end.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import bench_augment
 import bench_cache
 import bench_comm
+import bench_dp
 import bench_gpu
 import bench_lora
 import bench_memory
@@ -28,7 +30,7 @@ from rich.rule import Rule
 
 # the cheap, load-insensitive table first; the GPU table last (it only reports a skip on CPU)
 MODULES = (bench_comm, bench_cache, bench_augment, bench_lora, bench_scaling, bench_memory, bench_probe,
-           bench_gpu)
+           bench_dp, bench_gpu)
 
 
 def main() -> None:

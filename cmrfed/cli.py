@@ -191,6 +191,13 @@ def prepare_options(options: dict[str, object]) -> PrepareOptions:
               help="Layer-wise lr decay when the backbone is trained (central-full).")
 @click.option("--select", default="mcc", show_default=True, type=click.Choice(["mcc", "balanced_accuracy"]),
               help="Mean client validation metric that picks the best round.")
+@click.option("--dp-epsilon", type=float, default=None,
+              help="Differential privacy: DP-SGD at every site, noise calibrated so each site's "
+                   "whole run stays within this epsilon (needs --no-class-balanced).")
+@click.option("--dp-delta", type=float, default=None,
+              help="DP delta of every site [1e-5; must be below 1 / its training subjects].")
+@click.option("--dp-clip", type=float, default=None,
+              help="DP per-sample gradient clipping norm [1.0].")
 @click.option("--sites-per-round", default=None, type=int,
               help="Ask K sites per round (seeded by seed and round) [every site].")
 @click.option("--holdout", default=None, help="Leave this site out of training (leave-one-vendor-out).")

@@ -31,6 +31,7 @@ from cmrfed.eval.site import (
     write_predictions,
 )
 from cmrfed.fed.client import Client
+from cmrfed.fed.privacy import privacy_line, privacy_summary
 from cmrfed.fed.task import build_clients, build_run_model, resolve_device
 from cmrfed.lock import folder_lock
 from cmrfed.provenance import versions
@@ -57,6 +58,8 @@ def eval_header(info: RunInfo, split: str, which: str, created_by: str) -> dict[
         "split": split,
         "round": which,
         "round_index": round_index(info, which),
+        # what training spent per site (DP runs; null otherwise); these outputs themselves are not DP
+        "privacy": privacy_summary(info.raw),
     }
 
 
@@ -137,13 +140,14 @@ def _evaluate(run: str | Path, split: str, which: str, threshold: str, n_boot: i
                       for d in data if len(data[d][split])} for c in clients}
     merged = merge_sites(results, [c.name for c in clients], split, threshold, n_boot, cfg.seed,
                          cross=cross)
-    out = write_eval(info, {**eval_header(info, split, which, "cmrfed evaluate"), **merged.fields},
-                     merged.rows)
+    header = eval_header(info, split, which, "cmrfed evaluate")
+    out = write_eval(info, {**header, **merged.fields}, merged.rows)
     fields = merged.fields
     print_table(console, info.method, split, fields["per_client"], fields["macro"], fields["shared_only"])
     if fields["absent"]:
         console.print(f"no metrics for {', '.join(fields['absent'])}: no subjects in their {split} split; "
                       f"pooled and macro cover {', '.join(fields['macro']['clients'])}", highlight=False)
+    console.print(privacy_line(header["privacy"]), highlight=False)
     return EvalSummary(out, fields["per_client"], fields["macro"])
 
 

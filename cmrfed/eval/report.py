@@ -26,6 +26,7 @@ from cmrfed import paths
 from cmrfed.atomic import atomic_dir, write_json
 from cmrfed.eval.compare import Comparison, MethodSummary, MetricSummary, TestRow, compare
 from cmrfed.eval.tables import load_evaluation
+from cmrfed.fed.privacy import privacy_markdown, run_privacy
 from cmrfed.lock import folder_lock
 from cmrfed.outputs import REPORT, check_replaceable
 from cmrfed.provenance import versions
@@ -62,7 +63,8 @@ def compare_runs(
         check_replaceable(Path(out), REPORT, overwrite)  # before reading every run
         evaluations = [load_evaluation(run) for run in runs]
         comparison = compare(evaluations, test, reference=reference, metric=metric)
-        files = write_report(comparison, Path(out), overwrite=overwrite)
+        privacy = {str(ev.run): run_privacy(ev.run) for ev in evaluations}
+        files = write_report(comparison, Path(out), overwrite=overwrite, privacy=privacy)
     print_comparison(console, comparison, Path(out))
     return ComparisonResult(comparison, Path(out), files)
 
@@ -154,8 +156,10 @@ def _method_record(method: MethodSummary) -> dict[str, Any]:
     }
 
 
-def comparison_document(comparison: Comparison) -> dict[str, Any]:
-    """The whole comparison as a JSON-ready dict (comparison.json)."""
+def comparison_document(comparison: Comparison,
+                        privacy: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The whole comparison as a JSON-ready dict (comparison.json); ``privacy``: each run's DP
+    spend per site (None for a run without DP), keyed by run folder."""
     return _json_ready({
         "format_version": REPORT_FORMAT_VERSION,
         "created_by": "cmrfed compare",
@@ -172,6 +176,7 @@ def comparison_document(comparison: Comparison) -> dict[str, Any]:
         "tests": [_row_record(comparison, row) for row in comparison.rows],
         "warnings": list(comparison.warnings),
         "inputs_sha256": comparison.inputs,
+        "privacy": privacy or {},
         "figures": [f"{name}.png" for name in FIGURES],
         "versions": versions(),
     })
@@ -208,7 +213,7 @@ def _effect_text(row: TestRow, compact: bool = False) -> str:
     return text
 
 
-def _markdown(comparison: Comparison) -> str:
+def _markdown(comparison: Comparison, privacy: dict[str, Any] | None = None) -> str:
     c = comparison
     lines = [
         f"# Comparison: {c.test}, reference {c.reference}",
@@ -264,6 +269,8 @@ def _markdown(comparison: Comparison) -> str:
         per_client = ", ".join(f"{k} {_bytes(comm.bytes_up_per_client[k])} / "
                                f"{_bytes(comm.bytes_down_per_client[k])}" for k in c.clients)
         lines.append(f"- {m.method}: {per_client}")
+    runs = [(m.method, r.seed, str(r.run)) for m in c.methods for r in m.runs]
+    lines += ["", *privacy_markdown(runs, privacy or {})]
     lines += ["", "## Figures", "",
               f"- `metric_by_client.png`: {c.metric} per client and macro, mean over seeds, 95% CI bars.",
               "- `roc_by_client.png`: ROC per client, one curve per method, test subjects pooled over "
@@ -372,13 +379,14 @@ _PLOTTERS = {
 }
 
 
-def write_report(comparison: Comparison, out: Path, overwrite: bool = False) -> tuple[Path, ...]:
+def write_report(comparison: Comparison, out: Path, overwrite: bool = False,
+                 privacy: dict[str, Any] | None = None) -> tuple[Path, ...]:
     """Write REPORT/comparison.{json,csv,md} and the PNG figures, atomically as one folder."""
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite, kind=REPORT) as tmp:
-        write_json(paths.comparison_json_path(tmp), comparison_document(comparison))
+        write_json(paths.comparison_json_path(tmp), comparison_document(comparison, privacy))
         _write_csv(paths.comparison_csv_path(tmp), comparison)
-        paths.comparison_md_path(tmp).write_text(_markdown(comparison), encoding="utf-8")
+        paths.comparison_md_path(tmp).write_text(_markdown(comparison, privacy), encoding="utf-8")
         for name in FIGURES:
             _PLOTTERS[name](comparison, paths.report_figure_path(tmp, name))
     return (paths.comparison_json_path(out), paths.comparison_csv_path(out), paths.comparison_md_path(out),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from cmrfed.fed.schedule import LrSchedule
 from cmrfed.fed.strategy import FitResult, TensorState
 from cmrfed.fed.views import ViewSource
 from cmrfed.model.classifier import layer_lr_scale, tensor_group
+
+if TYPE_CHECKING:
+    from cmrfed.fed.privacy import SitePlan
 
 
 @dataclass(frozen=True)
@@ -61,12 +65,14 @@ class SplitTensors:
     def logits(self, model: nn.Module, index: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Logits of the input rows at ``index`` (a 1-D index tensor; rows are subjects unless
         ``window_subject`` is set)."""
-        return self.forward(model, tuple(t[index] for t in self.inputs), device)
+        return self.forward(model, self.batch(index, device))
 
-    def forward(self, model: nn.Module, inputs: tuple[torch.Tensor, ...],
-                device: torch.device) -> torch.Tensor:
-        """Logits of a batch of inputs in this split's form (images, or cached (h, skips))."""
-        batch = [t.to(device=device, dtype=torch.float32) for t in inputs]
+    def batch(self, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The model inputs of the input rows at ``index``."""
+        return tuple(t[index].to(device=device, dtype=torch.float32) for t in self.inputs)
+
+    def forward(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Logits of a batch of this split's inputs (full forward, or from the cached trunk)."""
         if self.start_block is None:
             return model(batch[0])
         return model.forward_from(batch[0], batch[1], self.start_block)
@@ -168,6 +174,7 @@ class Client:
         self.seed = seed
         self.views = views  # augmented training views; None: the plain train split
         self._groups = {k: tensor_group(k) for k in self.state}
+        self.privacy: SitePlan | None = None  # DP-SGD plan of this site (cmrfed/fed/privacy.py)
 
     # --- what leaves the site, and what never does ------------------------------------------
     def shared_state(self) -> TensorState:
@@ -232,6 +239,8 @@ class Client:
         private state); shuffling is seeded by (run seed, round, client), each step's view draws
         by (run seed, round, client, step), and the learning rate is a pure function of
         (round, step) (:class:`LrSchedule`), so a resumed run repeats an uninterrupted one exactly.
+        With a DP plan (``self.privacy``) the batches are Poisson samples and each step clips
+        per-sample gradients and adds seeded noise (cmrfed/fed/privacy.py).
         """
         cfg = self.config
         params = self._activate(model)
@@ -244,24 +253,36 @@ class Client:
         weight = class_weights(labels).to(device) if cfg.class_balanced else None
         generator = torch.Generator().manual_seed(derive_seed(self.seed, round_index, self.index))
         model.train()
+        dp = None if self.privacy is None else self.privacy.open_round(
+            model, optimizer, seed=self.seed, round_index=round_index, site_index=self.index,
+            device=device)
         total_loss, seen, step = 0.0, 0, 0
         for _ in range(cfg.local_epochs):
             order = torch.randperm(len(self.train), generator=generator)
             rows = None if self.train.window_subject is None else self.train.draw_windows(generator)
-            for batch in order.split(cfg.batch_size):
+            for batch in order.split(cfg.batch_size) if dp is None else dp.batches():
                 fault_point("federate.train-step")
                 lr = schedule.lr_at(round_index, step, steps_per_round)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group["lr_scale"]
                 index = batch if rows is None else rows[batch]  # input rows (z windows) of the batch
-                if self.views is None:
-                    logits = self.train.logits(model, index, device)
+                if self.views is None or len(batch) == 0:
+                    inputs = self.train.batch(index, device)
                 else:
                     draws = torch.Generator().manual_seed(
                         derive_seed(self.seed, round_index, self.index, step))
-                    logits = self.train.forward(model, self.views.inputs(index, draws), device)
+                    inputs = tuple(t.to(device=device, dtype=torch.float32)
+                                   for t in self.views.inputs(index, draws))
                 step += 1
                 target = labels[batch].to(device)
+                if dp is not None:  # DP-SGD: Poisson batch, per-sample clip + noise, then step
+                    loss = dp.step(model, self.train.forward, inputs, target,
+                                   lambda out, y: F.cross_entropy(out, y, weight=weight,
+                                                                  label_smoothing=cfg.label_smoothing))
+                    total_loss += float(loss) * len(batch)
+                    seen += len(batch)
+                    continue
+                logits = self.train.forward(model, inputs)
                 loss = F.cross_entropy(logits, target, weight=weight, label_smoothing=cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -58,6 +58,9 @@ class FederateConfig:
     select: str = "mcc"
     sites_per_round: int | None = None  # partial participation (cmrfed/fed/participation.py)
     holdout: str | None = None  # a site left out of training entirely (leave-one-vendor-out)
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None
+    dp_clip: float | None = None
 
     def __post_init__(self) -> None:
         spec = resolve_method(self.method, self.head)
@@ -98,6 +101,11 @@ class FederateConfig:
                                ("--alpha", self.alpha), ("--local-alpha", self.local_alpha)):
             if number is not None and not math.isfinite(number):
                 raise UsageError(f"{option} {number}: must be a finite number")
+        if self.dp_epsilon is not None or self.dp_delta is not None or self.dp_clip is not None:
+            from cmrfed.fed.privacy import check_dp_method, check_dp_options
+
+            check_dp_options(self.dp_epsilon, self.dp_delta, self.dp_clip, self.class_balanced)
+            check_dp_method(resolve_method(self.method, self.head))
         unknown = sorted(set(self.targets) - set(DEFAULT_TARGETS))
         if unknown:
             raise UsageError(

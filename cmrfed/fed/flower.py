@@ -102,6 +102,9 @@ def run_config_of(cfg: FederateConfig, out: Path, sites: int, overwrite: bool = 
     if sites < 1:
         raise UsageError(f"--sites must be at least 1, got {sites}")
     check_min_sites(min_sites, sites, cfg.sites_per_round)
+    if cfg.dp_epsilon is not None:
+        raise UsageError("--dp-epsilon runs with `cmrfed federate` (the in-process engine) only: "
+                         "the Flower engine does not yet record or enforce each site's budget")
     flat: dict[str, str | int | float | bool] = {}
     for key, value in cfg.to_dict().items():
         if value is None:  # TOML has no null: an absent key means the dataclass default

@@ -29,6 +29,16 @@ from cmrfed.faults import fault_point
 from cmrfed.fed.client import Client, concat_splits
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.participation import participants
+from cmrfed.fed.privacy import (
+    check_dp_model,
+    plan_run,
+    privacy_line,
+    privacy_summary,
+    recorded_plans,
+    round_fits,
+    run_privacy_record,
+    spent_record,
+)
 from cmrfed.fed.runlog import (
     analytic_params_per_message,
     append_round,
@@ -202,6 +212,15 @@ def _federate_into(
     if spec.federated and analytic != num_params(server):
         raise AssertionError(f"analytic count {analytic} != shared tensors {num_params(server)}")
 
+    plans = None
+    if cfg.dp_epsilon is not None:  # DP-SGD at every trainer; a resumed run keeps its recorded noise
+        check_dp_model(model, spec.name)
+        recorded = json.loads(paths.run_config_path(out).read_text()) if resume else {}
+        plans = recorded_plans(recorded) or plan_run(cfg, {t.name: len(t.train) for t in trainers})
+        for trainer in trainers:
+            trainer.privacy = plans[trainer.name]
+    stopped = None
+
     progress = _Progress()
     best = _snapshot(clients, server)
     if resume and (paths.checkpoint_dir(out) / "progress.json").exists():
@@ -224,6 +243,7 @@ def _federate_into(
             backbone={"spec": cfg.backbone, "fingerprint": run_model.fingerprint,
                       "depth": run_model.depth, "first_adapted_block": run_model.start_block},
             analytic=analytic, device=str(torch_device),
+            privacy=run_privacy_record(plans) if plans else None,
         ))
     kept = _truncate_rounds_log(out, progress.round)
     total_up = sum(c["bytes_up"] for r in kept for c in r["clients"].values())
@@ -234,6 +254,11 @@ def _federate_into(
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task(f"{spec.name}: rounds", total=cfg.rounds, completed=progress.round)
         for round_index in range(progress.round + 1, cfg.rounds + 1):
+            if plans and not round_fits(plans, round_index):  # stop rather than overspend
+                stopped = (f"privacy budget: round {round_index} would take a site past epsilon "
+                           f"{cfg.dp_epsilon:g}; the run ends at round {progress.round}")
+                console.print(stopped, highlight=False)
+                break
             started = time.perf_counter()
             results: list[FitResult] = []
             asked = participants([c.name for c in clients], cfg.sites_per_round, cfg.seed, round_index)
@@ -270,6 +295,8 @@ def _federate_into(
             }
             record = round_record(round_index, entries, time.perf_counter() - started, cfg.select,
                                   participants=asked)
+            if plans:  # every site's whole plan counts, asked this round or not (an upper bound)
+                record["privacy"] = spent_record(plans, round_index)
             total_up += sum(up.values())
             total_down += sum(down.values())
             progress.round = round_index
@@ -289,8 +316,12 @@ def _federate_into(
     _write_final(out, "final", _snapshot(clients, server), clients)
     _write_final(out, "best", best, clients)
     write_result(out, progress.round, progress.best_round, progress.best_score, total_up, total_down,
-                 cfg.select)
+                 cfg.select, privacy=spent_record(plans, progress.round) if plans else None,
+                 stopped=stopped)
     _print_communication(console, out, clients, analytic)
+    if plans:
+        console.print(privacy_line(privacy_summary(json.loads(paths.run_config_path(out).read_text()))),
+                      highlight=False)
     return RunSummary(out, progress.round, progress.best_round, progress.best_score, total_up,
                       total_down)
 

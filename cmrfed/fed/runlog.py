@@ -187,8 +187,10 @@ def run_record(
     analytic: int,
     device: str,
     engine: Mapping[str, Any] | None = None,
+    privacy: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The run.json of a run before its first round (``result`` is added when it finishes)."""
+    """The run.json of a run before its first round (``result`` is added when it finishes);
+    ``privacy`` is the DP plan of every site (cmrfed/fed/privacy.py), absent without DP."""
     record = {
         "format_version": RUN_FORMAT_VERSION,
         "created_by": created_by,
@@ -204,6 +206,8 @@ def run_record(
     }
     if engine is not None:
         record["engine"] = dict(engine)
+    if privacy is not None:
+        record["privacy"] = dict(privacy)
     return record
 
 
@@ -280,10 +284,12 @@ def save_tensors(path: Path, state: TensorState) -> None:
 
 
 def write_result(out: Path, completed_rounds: int, best_round: int, best_score: float,
-                 bytes_up: int, bytes_down: int, select: str = SELECTION_METRIC) -> None:
+                 bytes_up: int, bytes_down: int, select: str = SELECTION_METRIC,
+                 privacy: Mapping[str, Any] | None = None, stopped: str | None = None) -> None:
     """Add ``result`` to run.json: the mark ``evaluate`` checks for a finished run. The best round's
     mean val balanced accuracy is always there (read from rounds.jsonl when it was selected by
-    another metric), with the selected metric's value next to it."""
+    another metric), with the selected metric's value next to it. ``privacy``: what each site
+    spent (DP runs); ``stopped``: why the run ended before its last round."""
     run_info = json.loads(paths.run_config_path(out).read_text(encoding="utf-8"))
     best_balanced = best_score
     if select != SELECTION_METRIC:
@@ -298,6 +304,10 @@ def write_result(out: Path, completed_rounds: int, best_round: int, best_score: 
         "selected_by": select, f"best_mean_val_{select}": best_score,
         "bytes_up_total": bytes_up, "bytes_down_total": bytes_down,
     }
+    if privacy is not None:
+        run_info["result"]["privacy"] = dict(privacy)
+    if stopped is not None:
+        run_info["result"]["stopped"] = stopped
     write_json(paths.run_config_path(out), run_info)
 
 

@@ -224,6 +224,18 @@ def test_report_html_is_self_contained_and_embeds_every_figure(toy_study):
         assert (report / md_or_csv).stat().st_size > 0
 
 
+def test_report_states_the_privacy_of_the_main_setting_runs(toy_study):
+    _, result = toy_study
+    doc = result.report.document
+    main = doc["privacy"]["runs"]
+    assert {method for method, _, _ in main} == {"duallora", "fedlora", "ffalora"}
+    assert all(summary is None for summary in doc["privacy"]["summaries"].values())  # no --dp-epsilon
+    markdown = (result.report.out / "report.md").read_text(encoding="utf-8")
+    assert "## Differential privacy (per site, whole run)" in markdown
+    assert "None of these runs used differential privacy" in markdown
+    assert "None of these runs used differential privacy" in (result.report.out / "report.html").read_text()
+
+
 # --- skipping by identity ------------------------------------------------------------------------
 
 

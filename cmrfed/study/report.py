@@ -40,6 +40,7 @@ from cmrfed.eval.compare import MethodSummary, MetricSummary, TestRow, summarise
 from cmrfed.eval.report import FIGURES, ComparisonResult
 from cmrfed.eval.tables import load_evaluation
 from cmrfed.faults import fault_point
+from cmrfed.fed.privacy import privacy_markdown, run_privacy
 from cmrfed.provenance import versions
 from cmrfed.study.config import StudyConfig, grid_settings
 from cmrfed.study.plan import Cell, setting_name
@@ -147,6 +148,9 @@ def study_document(study: StudyConfig, runs: Mapping[str, Path], cells: Sequence
                          "methods": _methods_of_setting(study, setting_runs, comparison),
                          "warnings": list(comparison.comparison.warnings)})
     main = next(s for s in settings if (s["blocks"], s["rank"]) == (study.main_blocks, study.main_rank))
+    main_cells = [c for c in cells if c.setting == (study.main_blocks, study.main_rank)]
+    privacy = {"runs": [[c.config.method, c.config.seed, c.name] for c in main_cells],
+               "summaries": {c.name: run_privacy(runs[c.name]) for c in main_cells}}
     any_comparison = comparisons[(study.main_blocks, study.main_rank)].comparison
     return _json_ready({
         "format_version": REPORT_FORMAT_VERSION,
@@ -162,6 +166,7 @@ def study_document(study: StudyConfig, runs: Mapping[str, Path], cells: Sequence
         "backbone": study.base.backbone,
         "main": {"blocks": main["blocks"], "rank": main["rank"], "methods": main["methods"]},
         "settings": settings,
+        "privacy": privacy,
         "figures": [f"{ABLATION_FIGURE}.png", *(f"{name}.png" for name in FIGURES)],
         "versions": versions(),
     })
@@ -272,12 +277,18 @@ def _notes(doc: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _privacy_lines(doc: Mapping[str, Any]) -> list[str]:
+    """The main setting's "Differential privacy" section (the same one every report prints)."""
+    runs = [(method, seed, cell) for method, seed, cell in doc["privacy"]["runs"]]
+    return privacy_markdown(runs, doc["privacy"]["summaries"])
+
+
 def _markdown(doc: Mapping[str, Any]) -> str:
     lines = [f"# {doc['title']}", "", *(f"- {note}" for note in _notes(doc)), "",
              f"## Main table (blocks {doc['main']['blocks']}, rank {doc['main']['rank']})", "",
              *_md_table(*main_table(doc)), "", "## Per site", "", *_md_table(*site_table(doc)), "",
              "## Ablation: adapted blocks and rank", "", *_md_table(*ablation_table(doc)), "",
-             f"![ablation]({ABLATION_FIGURE}.png)", ""]
+             f"![ablation]({ABLATION_FIGURE}.png)", "", *_privacy_lines(doc), ""]
     for name in FIGURES:
         lines.append(f"![{name}]({name}.png)")
     warnings = [w for s in doc["settings"] for w in s["warnings"]]
@@ -443,6 +454,7 @@ def _html(doc: Mapping[str, Any], figures: Mapping[str, Path]) -> str:
         _html_table(*main_table(doc), reference=reference),
         "<h2>Per site</h2>", _html_table(*site_table(doc), reference=reference),
         "<h2>Ablation: adapted blocks and rank</h2>", _html_table(*ablation_table(doc)),
+        '<pre class="privacy">' + html.escape("\n".join(_privacy_lines(doc))) + "</pre>",
     ]
     for name, path in figures.items():
         if name == "metric_by_client":

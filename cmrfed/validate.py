@@ -52,8 +52,12 @@ MINIMA: dict[str, Minimum] = {
     "rank": AT_LEAST_ONE, "local_rank": AT_LEAST_ONE, "rounds": AT_LEAST_ONE,
     "local_epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "subjects": AT_LEAST_ONE,
     "workers": AT_LEAST_ONE, "sites": AT_LEAST_ONE, "n_boot": AT_LEAST_ONE, "frames": AT_LEAST_ONE,
+    "sites_per_round": AT_LEAST_ONE, "min_sites": AT_LEAST_ONE, "epochs": AT_LEAST_ONE,
     # rates and scales
     "lr": POSITIVE, "alpha": POSITIVE, "local_alpha": POSITIVE, "node_timeout": POSITIVE,
+    "layer_decay": POSITIVE,
+    # a differential-privacy budget and clip are positive (0 would be no data at all)
+    "dp_epsilon": POSITIVE, "dp_delta": POSITIVE, "dp_clip": POSITIVE,
 }
 """Minimum of a numeric parameter, by parameter name; absent names must be non-negative."""
 

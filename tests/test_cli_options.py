@@ -38,7 +38,7 @@ BAD_TEXT: dict[str, list[str]] = {
 }
 """Bad values of text options, by parameter name."""
 
-FREE_TEXT = frozenset({"client", "holdout", "superlink", "connection"})
+FREE_TEXT = frozenset({"client", "holdout", "init", "superlink", "connection"})
 """Text options any value of which is well-formed (they are checked against data or a server)."""
 
 COMMANDS = list(iter_commands(cli))

@@ -27,7 +27,7 @@ from cmrfed.fed import inprocess
 from cmrfed.fed.client import derive_seed
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.flower import run_config_of
-from cmrfed.fed.methods import METHODS, MethodSpec
+from cmrfed.fed.methods import METHODS
 from cmrfed.fed.privacy import (
     NOISE_STREAM,
     RDP_ORDERS,
@@ -245,7 +245,7 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(m for m, spec in METHODS.items() if not spec.trains_backbone))
 def test_resume_with_dp_repeats_the_same_noise(small_prepared, tmp_path, monkeypatch, method):
     reference = federate(small_prepared, tmp_path / "reference", method=method)
 
@@ -340,18 +340,18 @@ def test_cli_reports_a_bad_budget_without_a_traceback(small_prepared, tmp_path):
     result = CliRunner().invoke(cli, ["federate", "--data", str(small_prepared), "--out",
                                       str(tmp_path / "r"), "--dp-epsilon", "-1",
                                       "--no-class-balanced"])
-    assert result.exit_code == 2 and "--dp-epsilon must be a positive" in result.output
+    assert result.exit_code == 2 and "--dp-epsilon -1.0: must be greater than 0" in result.output
     assert "Traceback" not in result.output
 
 
 def test_methods_beyond_lora_and_paths_without_per_sample_grads_are_refused(small_prepared):
-    full = MethodSpec(name="central-full", summary="every backbone weight", adapters=(),
-                      trained=frozenset({"backbone", "head"}), shared=frozenset(),
-                      federated=False, pooled=True)
     with pytest.raises(UsageError, match=r"central-full.*beyond the LoRA adapters"):
-        check_dp_method(full)
+        check_dp_method(METHODS["central-full"])
+    with pytest.raises(UsageError, match=r"central-full.*beyond the LoRA adapters"):
+        FederateConfig(data=str(small_prepared), **{**DP, "method": "central-full"})
     for spec in METHODS.values():  # every LoRA method of the table is supported
-        check_dp_method(spec)
+        if not spec.trains_backbone:
+            check_dp_method(spec)
     with pytest.raises(UsageError, match="per-sample gradients are not supported"):
         check_dp_model(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), "duallora")
     cfg = FederateConfig(data=str(small_prepared), **DP)

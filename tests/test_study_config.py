@@ -68,6 +68,25 @@ def test_template_cli_prints_both(tmp_path):
     assert example.output == template_text("example") and demo.output == template_text("demo")
 
 
+# options valid only beside others (DP needs an unweighted loss; delta and clip need a budget)
+COMPANIONS = {
+    "dp_epsilon": {"class-balanced": False},
+    "dp_delta": {"dp-epsilon": 8.0, "class-balanced": False},
+    "dp_clip": {"dp-epsilon": 8.0, "class-balanced": False},
+}
+VALUES = {"dp_epsilon": 8.0, "dp_delta": 1e-6, "dp_clip": 2.0}
+
+
+def _companion_args(companions: dict) -> list[str]:
+    args: list[str] = []
+    for key, value in companions.items():
+        if isinstance(value, bool):
+            args.append(f"--{key}" if value else f"--no-{key}")
+        else:
+            args += [f"--{key}", str(value)]
+    return args
+
+
 def test_every_federate_option_is_a_study_key_with_its_meaning(tmp_path):
     """Generated from the federate command: an option added there is accepted here, unchanged."""
     options = federate_options()
@@ -83,11 +102,13 @@ def test_every_federate_option_is_a_study_key_with_its_meaning(tmp_path):
             value = next(c for c in option.type.choices if c != default)
             args = [option.opts[0], value]
         else:
-            value = default if default is not None else 2
+            value = VALUES.get(option.name, default if default is not None else 2)
             args = [option.opts[0], str(value)]
-        text = MINIMAL + f"[federate]\n{key} = {_toml(value)}\n"
+        companions = COMPANIONS.get(option.name, {})
+        extra = "".join(f"{k} = {_toml(v)}\n" for k, v in companions.items())
+        text = MINIMAL + f"[federate]\n{key} = {_toml(value)}\n{extra}"
         study = parse_study(text, "s.toml", tmp_path)
-        assert study.base == cli_config(tmp_path, *args), key
+        assert study.base == cli_config(tmp_path, *args, *_companion_args(companions)), key
         checked.add(option.name)
     # every field of the run configuration but the data and the grid axes went through a key
     grid = {"data", "method", "seed", "blocks", "rank"}

@@ -98,7 +98,7 @@ def check_dp_options(epsilon: float | None, delta: float | None, clip: float | N
 def check_dp_method(spec: MethodSpec) -> None:
     """DP-SGD here covers LoRA factors and the head: a method training anything else (backbone
     weights, e.g. full fine-tuning) is refused, whatever its name."""
-    beyond = sorted(spec.trained - spec.groups)
+    beyond = sorted(spec.trained - spec.groups) or (["backbone"] if spec.trains_backbone else [])
     if beyond:
         raise UsageError(f"--dp-epsilon: method {spec.name!r} trains {', '.join(beyond)} (weights "
                          "beyond the LoRA adapters and the head), which cmrfed's DP-SGD does not "

@@ -22,7 +22,6 @@ import time
 import tomllib
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 
@@ -441,7 +440,7 @@ def test_a_killed_supernode_is_survived_with_min_sites_and_stops_the_run_below(s
     assert rounds[1]["failed"][second].startswith("evaluate")  # not asked, but sent the aggregate
     for client, entry in rounds[1]["clients"].items():
         trained = client in rounds[1]["participants"] and client != first
-        assert np.isfinite(entry["train_loss"]) == trained
+        assert (entry["train_loss"] is not None) == trained  # an undefined loss is written as null
         assert (entry["bytes_up"] > 0) == trained
         assert (entry["val"] != {}) == (client not in (first, second))
     # the last good state: round 2's aggregate, and the living sites' private tensors of round 2

@@ -9,7 +9,6 @@ accuracy (that needs the real weights: ``backbone`` in a study's ``[federate]``)
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from cmrfed import paths
 from cmrfed.data.synth import write_synthetic_cohort
 from cmrfed.errors import UsageError
 from cmrfed.lock import folder_lock
-from cmrfed.outputs import DEMO, check_replaceable
+from cmrfed.outputs import DEMO, replacing
 from cmrfed.study import template_text
 from cmrfed.study.config import StudyConfig, parse_study
 from cmrfed.study.runner import StudyResult, run_study
@@ -66,13 +65,18 @@ def run_demo(out: str | Path, cohort: Cohort | None = None, study_text: str | No
 
 def _run_demo(out: Path, cohort: Cohort, study: StudyConfig, overwrite: bool, resume: bool,
               console: Console) -> StudyResult:
-    where = demo_paths(out)
     if out.exists() and any(out.iterdir()) and not resume:
         if not overwrite:
             raise UsageError(f"{out} already exists; pass --resume to continue the demo, --overwrite "
                              "to replace it, or choose another --out")
-        check_replaceable(out, DEMO, overwrite)
-        shutil.rmtree(out)
+        with replacing(out, DEMO, overwrite):  # the old demo is kept until the new one is complete
+            return _build_demo(out, cohort, study, resume, console)
+    return _build_demo(out, cohort, study, resume, console)
+
+
+def _build_demo(out: Path, cohort: Cohort, study: StudyConfig, resume: bool,
+                console: Console) -> StudyResult:
+    where = demo_paths(out)
     if not paths.synth_summary_path(where["cohort"]).exists():
         console.print(Rule("synth: a synthetic multi-vendor cohort in the real layouts"))
         write_synthetic_cohort(where["cohort"], seed=cohort.seed, subjects=cohort.subjects_per_dataset,

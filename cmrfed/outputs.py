@@ -8,8 +8,11 @@ CSV in a folder passed as ``--out`` by mistake must never be deleted.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import os
+import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,3 +114,29 @@ def check_replaceable(folder: Path, kind: OutputKind, overwrite: bool, option: s
             f"--overwrite refused: {folder} is not a {kind.name} made by `{kind.command}` (it holds "
             f"{describe(names)}); nothing was changed. Move those files away or choose another {option}"
         )
+
+
+@contextlib.contextmanager
+def replacing(folder: Path, kind: OutputKind, overwrite: bool) -> Iterator[None]:
+    """Replace ``folder`` (a ``kind``) by what the block builds in its place, never losing it.
+
+    For outputs that cannot be built beside and swapped (a study's runs record the absolute path
+    of its prepared data): the old folder is set aside as ``.NAME.replaced-PID``, deleted only
+    when the block succeeds, and put back when it fails. A process killed meanwhile leaves the
+    old folder there, whole, for the user to move back.
+    """
+    folder = Path(folder)
+    check_replaceable(folder, kind, overwrite)
+    aside = None
+    if folder.exists() and visible_entries(folder):
+        aside = folder.with_name(f".{folder.name}.replaced-{os.getpid()}")
+        os.replace(folder, aside)
+    try:
+        yield
+    except BaseException:
+        if aside is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(aside, folder)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)

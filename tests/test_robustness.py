@@ -470,3 +470,30 @@ def test_a_folder_that_turns_out_read_only_mid_way_is_one_line(finished_run, sha
     result = _run_cmrfed(["federate", "--out", run, "--resume", "--device", "cpu"], **_unprivileged())
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr and "cannot write" in result.stderr
+
+
+def test_replacing_keeps_the_old_output_until_the_new_one_is_complete(tmp_path):
+    """study / demo --overwrite: the old folder is set aside, put back on failure, deleted on success."""
+    from cmrfed.errors import UsageError
+    from cmrfed.outputs import REPORT, replacing
+
+    old = tmp_path / "report"
+    old.mkdir()
+    (old / "comparison.json").write_text('{"old": true}')
+    with pytest.raises(RuntimeError), replacing(old, REPORT, overwrite=True):
+        old.mkdir()
+        (old / "half-written").write_text("x")
+        raise RuntimeError("the new study failed")
+    assert sorted(p.name for p in old.iterdir()) == ["comparison.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # nothing set aside is left behind
+    with replacing(old, REPORT, overwrite=True):
+        old.mkdir()
+        (old / "comparison.json").write_text('{"new": true}')
+    assert (old / "comparison.json").read_text() == '{"new": true}'
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.tex").write_text("years of work")
+    with pytest.raises(UsageError, match="not a REPORT folder"), replacing(thesis, REPORT, overwrite=True):
+        pass
+    assert (thesis / "thesis.tex").read_text() == "years of work"

@@ -15,7 +15,6 @@ first adapted block) is computed once per (backbone, blocks) and shared by every
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from cmrfed.faults import fault_point
 from cmrfed.fed.inprocess import federate
 from cmrfed.lock import folder_lock
 from cmrfed.model.cinema import SIZES, backbone_fingerprint, load_backbone
-from cmrfed.outputs import STUDY, check_replaceable
+from cmrfed.outputs import STUDY, replacing
 from cmrfed.study.config import StudyConfig, grid_settings
 from cmrfed.study.plan import Cell, config_key, plan_cells, setting_name
 from cmrfed.study.report import StudyReport, write_study_report
@@ -186,12 +185,9 @@ def _start(out: Path, resume: bool, overwrite: bool) -> dict[str, Any]:
             raise UsageError(f"{out}: no study.json to resume; it is not a study folder (choose "
                              "another --out, or pass --overwrite to replace it)")
         return _read_json(record_path) or {}
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UsageError(f"{out} already exists; pass --resume to continue the study, --overwrite "
-                             "to replace it, or choose another --out")
-        check_replaceable(out, STUDY, overwrite)  # only a study folder is ever deleted
-        shutil.rmtree(out)
+    if out.exists() and any(out.iterdir()):  # with --overwrite, run_study has set it aside
+        raise UsageError(f"{out} already exists; pass --resume to continue the study, --overwrite "
+                         "to replace it, or choose another --out")
     return {}
 
 
@@ -237,6 +233,9 @@ def run_study(study: StudyConfig, out: str | Path, *, resume: bool = False, over
     console = console or Console()
     out = Path(out).resolve()
     with folder_lock(out):
+        if overwrite and not resume and out.exists() and any(out.iterdir()):
+            with replacing(out, STUDY, overwrite):  # the old study is kept until the new one is complete
+                return _run_study(study, out, resume, overwrite, device, console)
         return _run_study(study, out, resume, overwrite, device, console)
 
 

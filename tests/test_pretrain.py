@@ -65,7 +65,10 @@ def test_masked_encoder_is_the_encoder_and_never_sees_hidden_patches():
     with torch.no_grad():
         cls, tokens = encoder(x)
         cls_m, tokens_m = masked_encode(encoder, x, torch.zeros(2, n_tokens, dtype=torch.bool))
-        assert torch.equal(cls, cls_m) and torch.equal(tokens, tokens_m)
+        # equal up to float rounding: the masked path runs the same ops on a differently shaped
+        # batch, and multi-threaded kernels may then sum in another order
+        torch.testing.assert_close(cls_m, cls, rtol=0, atol=1e-5)
+        torch.testing.assert_close(tokens_m, tokens, rtol=0, atol=1e-5)
 
         mask = random_token_mask(2, n_tokens, 0.75, torch.Generator().manual_seed(1))
         assert mask.sum(dim=1).tolist() == [12, 12]

@@ -97,12 +97,12 @@ def _bytes(value: float) -> str:
     return f"{value:.0f} B"
 
 
-def _json_ready(obj: Any) -> Any:
+def json_ready(obj: Any) -> Any:
     """JSON has no NaN or infinity: undefined numbers are written as null."""
     if isinstance(obj, dict):
-        return {str(k): _json_ready(v) for k, v in obj.items()}
+        return {str(k): json_ready(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_json_ready(v) for v in obj]
+        return [json_ready(v) for v in obj]
     if isinstance(obj, float | np.floating):
         return float(obj) if math.isfinite(obj) else None
     if isinstance(obj, np.integer):
@@ -160,7 +160,7 @@ def comparison_document(comparison: Comparison,
                         privacy: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole comparison as a JSON-ready dict (comparison.json); ``privacy``: each run's DP
     spend per site (None for a run without DP), keyed by run folder."""
-    return _json_ready({
+    return json_ready({
         "format_version": REPORT_FORMAT_VERSION,
         "created_by": "cmrfed compare",
         "test": comparison.test,
@@ -183,7 +183,7 @@ def comparison_document(comparison: Comparison,
 
 
 def _write_csv(path: Path, comparison: Comparison) -> None:
-    records = [_json_ready(_row_record(comparison, row)) for row in comparison.rows]
+    records = [json_ready(_row_record(comparison, row)) for row in comparison.rows]
     extra = sorted({key for record in records for key in record} - set(BASE_COLUMNS))
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=[*BASE_COLUMNS, *extra], restval="")

@@ -37,7 +37,7 @@ from safetensors import safe_open
 from cmrfed import paths
 from cmrfed.atomic import atomic_dir, write_json
 from cmrfed.eval.compare import MethodSummary, MetricSummary, TestRow, summarise_methods
-from cmrfed.eval.report import FIGURES, ComparisonResult
+from cmrfed.eval.report import FIGURES, ComparisonResult, json_ready
 from cmrfed.eval.tables import load_evaluation
 from cmrfed.faults import fault_point
 from cmrfed.fed.privacy import privacy_markdown, run_privacy
@@ -152,7 +152,7 @@ def study_document(study: StudyConfig, runs: Mapping[str, Path], cells: Sequence
     privacy = {"runs": [[c.config.method, c.config.seed, c.name] for c in main_cells],
                "summaries": {c.name: run_privacy(runs[c.name]) for c in main_cells}}
     any_comparison = comparisons[(study.main_blocks, study.main_rank)].comparison
-    return _json_ready({
+    return json_ready({
         "format_version": REPORT_FORMAT_VERSION,
         "created_by": "cmrfed study",
         "title": study.title,
@@ -170,21 +170,6 @@ def study_document(study: StudyConfig, runs: Mapping[str, Path], cells: Sequence
         "figures": [f"{ABLATION_FIGURE}.png", *(f"{name}.png" for name in FIGURES)],
         "versions": versions(),
     })
-
-
-def _json_ready(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_ready(v) for v in obj]
-    if isinstance(obj, float | np.floating):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
-# --- text --------------------------------------------------------------------------------------
 
 
 def _num(value: Any, digits: int = 3) -> str:

@@ -14,6 +14,7 @@ random init is shown at several seeds, since its features depend on the draw.
 from __future__ import annotations
 
 import statistics
+import tomllib
 
 import numpy as np
 import torch
@@ -25,8 +26,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from cmrfed.data.shards import SPLITS, load_manifest, load_split
-from cmrfed.demo import DemoSettings
+from cmrfed.demo import Cohort
 from cmrfed.model.cinema import TINY_PRETRAINED, load_backbone
+from cmrfed.study import template_text
 
 NAME = "probe"
 TITLE = "Linear probe on frozen encoder features"
@@ -34,9 +36,10 @@ FOLDS = 5
 
 
 def cohort_spec(quick: bool) -> CohortSpec:
-    demo = DemoSettings()
-    return CohortSpec(subjects=24 if quick else demo.subjects_per_dataset, shape=demo.shape,
-                      spacing=demo.spacing, synth_shape=demo.synth_shape, frames=demo.frames, seed=7)
+    """The demo's cohort and preparation (``cmrfed demo``), at a seed of its own."""
+    demo, prepare = Cohort(), tomllib.loads(template_text("demo"))["prepare"]
+    return CohortSpec(subjects=24 if quick else demo.subjects_per_dataset, shape=tuple(prepare["shape"]),
+                      spacing=tuple(prepare["spacing"]), synth_shape=demo.shape, frames=demo.frames, seed=7)
 
 
 def load_all(prepared) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:

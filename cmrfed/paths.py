@@ -162,6 +162,13 @@ def study_run_dir(study: Path, cell: str) -> Path:
     return study_runs_dir(study) / cell
 
 
+def study_newcomer_dir(study: Path, cell: str) -> Path:
+    """STUDY/newcomers/<cell>/: the held-out site of a participation cell, scored zero-shot
+    (``held-out/``), adapted (``adapted/``, what ``cmrfed adapt`` writes) and scored after adapting
+    (``adapted-eval/``); each a folder ``evaluate --client`` or ``adapt`` writes."""
+    return Path(study) / "newcomers" / cell
+
+
 def study_compare_dir(study: Path, setting: str) -> Path:
     """STUDY/compare/<setting>/: the `compare` report of one (blocks, rank) setting."""
     return Path(study) / "compare" / setting

@@ -58,6 +58,17 @@ def test_shipped_templates_parse(tmp_path, name):
     if name == "example":  # the paper's setting
         assert study.blocks == (2, "all") and study.main_blocks == 2
         assert study.base.backbone == str(tmp_path / "weights" / "cinema.safetensors")
+        assert study.holdout == ("canon",) and study.adapt == {"epochs": 3, "lr": None}
+
+
+def test_readme_study_example_parses_as_the_template_does(tmp_path):
+    """The paper.toml the README shows is a valid study with the template's grid and participation."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    text = readme.split("# paper.toml", 1)[1].split("\n", 1)[1].split("```", 1)[0]
+    shown = parse_study(text, "README", tmp_path)
+    template = parse_study(template_text("example"), "t", tmp_path)
+    assert (shown.methods, shown.seeds, shown.blocks, shown.holdout, shown.adapt) == (
+        template.methods, template.seeds, template.blocks, template.holdout, template.adapt)
 
 
 def test_template_cli_prints_both(tmp_path):

@@ -278,8 +278,9 @@ def check_pairable(evaluations: Sequence[RunEvaluation], reference: str) -> list
 # --- summaries ---------------------------------------------------------------------------------
 
 
-def _summary(client: str, seeds: tuple[int, ...], values: list[float], metric: str,
-             single_ci: tuple[float, float]) -> MetricSummary:
+def summarise_values(client: str, seeds: tuple[int, ...], values: list[float], metric: str,
+                     single_ci: tuple[float, float]) -> MetricSummary:
+    """Mean, sd and 95% CI over seeds of one metric (``single_ci``: the interval of a lone run)."""
     finite = np.array([v for v in values if math.isfinite(v)])
     nan = float("nan")
     mean = float(finite.mean()) if finite.size else nan
@@ -352,12 +353,12 @@ def _method_summary(method: str, runs: list[RunEvaluation], clients: tuple[str, 
                     metric: str) -> MethodSummary:
     seeds = tuple(ev.seed for ev in runs)
     per_client = tuple(
-        _summary(c, seeds, [float(ev.metrics[c][metric]) for ev in runs], metric,
-                 _client_ci(runs[0], c, metric))
+        summarise_values(c, seeds, [float(ev.metrics[c][metric]) for ev in runs], metric,
+                         _client_ci(runs[0], c, metric))
         for c in clients
     )
-    macro = _summary("macro", seeds, [float(ev.macro.get(metric, float("nan"))) for ev in runs], metric,
-                     (float("nan"), float("nan")))
+    macro = summarise_values("macro", seeds, [float(ev.macro.get(metric, float("nan"))) for ev in runs],
+                             metric, (float("nan"), float("nan")))
     points = tuple(RunPoint(method, ev.seed, ev.bytes_up_total + ev.bytes_down_total,
                             float(ev.macro.get(metric, float("nan")))) for ev in runs)
     return MethodSummary(

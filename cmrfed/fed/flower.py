@@ -44,7 +44,7 @@ from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from cmrfed import paths
-from cmrfed.atomic import write_json
+from cmrfed.atomic import json_text, write_json
 from cmrfed.data.shards import Manifest, load_manifest, verify_shard
 from cmrfed.errors import DataError, UsageError
 from cmrfed.fed.client import Client
@@ -375,7 +375,7 @@ class WireLog:
                  "message_type": message_type, "records": records,
                  "keys": sorted(k for record in arrays.values() for k in record), "bytes": size}
         with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry) + "\n")
+            handle.write(json_text(entry) + "\n")
         return size
 
 

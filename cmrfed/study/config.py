@@ -12,6 +12,7 @@ allowed.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -23,7 +24,7 @@ import click
 from cmrfed.errors import UsageError
 from cmrfed.fed.config import FederateConfig
 
-TABLES = ("data", "prepare", "federate", "grid", "evaluate", "compare", "report")
+TABLES = ("data", "prepare", "federate", "grid", "evaluate", "compare", "participation", "adapt", "report")
 GRID_KEYS = {"methods": "method", "seeds": "seed", "blocks": "blocks", "ranks": "rank"}
 """Grid axis -> the federate option it varies."""
 # options of the commands that say where to write or how to run, not what the result is
@@ -41,10 +42,18 @@ NOT_STUDY_KEYS = {
                                  "evaluation is `cmrfed evaluate --client`")},
     "compare": {"out": "the study writes STUDY/compare/ and STUDY/report/",
                 "overwrite": "pass --overwrite to `cmrfed study`"},
+    "adapt": {"client": "the sites are [participation] holdout",
+              "data": "a held-out site adapts on its shard of the study's data",
+              "out": "the study writes STUDY/newcomers/",
+              "round": "a site adapts over the round [evaluate] round names, the one it is scored on",
+              "overwrite": "pass --overwrite to `cmrfed study`",
+              "device": "pass --device to `cmrfed study` or set device in [federate]"},
 }
 EVALUATE_KEYS = ("split", "which", "threshold", "n_boot")
 DATA_KEYS = ("prepared",)
 REPORT_KEYS = ("blocks", "rank", "title")
+PARTICIPATION_KEYS = ("holdout",)
+ADAPT_KEYS = ("epochs", "lr")
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,8 @@ class StudyConfig:
     compare: dict[str, Any]  # test, reference, metric
     main_blocks: int | str
     main_rank: int
+    holdout: tuple[str, ...] = ()  # sites each trained without, per method and seed of the main setting
+    adapt: dict[str, Any] = field(default_factory=lambda: {"epochs": 3, "lr": None})  # `cmrfed adapt`'s
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def cell_config(self, data: str, method: str, seed: int, blocks: int | str, rank: int) -> FederateConfig:
@@ -82,6 +93,7 @@ class StudyConfig:
             "grid": {"methods": list(self.methods), "seeds": list(self.seeds),
                      "blocks": list(self.blocks), "ranks": list(self.ranks)},
             "evaluate": dict(self.evaluate), "compare": dict(self.compare),
+            "participation": {"holdout": list(self.holdout), "adapt": dict(self.adapt)},
             "report": {"blocks": self.main_blocks, "rank": self.main_rank},
         }
 
@@ -354,12 +366,47 @@ def parse_study(text: str, source: str, base_dir: Path) -> StudyConfig:
                              f"ranks; allowed: {', '.join(map(str, configs['ranks']))}")
         main_rank = int(report["rank"])
     title = str(report.get("title", Path(source).stem))
+    holdout, adapt = _participation(source, raw)
+    if holdout and base.holdout is not None:
+        raise UsageError(f"{source}: holdout is given both in [federate] and in [participation]; a "
+                         "study's grid trains every site, its [participation] holdout sites are left "
+                         "out one at a time")
     return StudyConfig(
         source=source, title=title, prepared=prepared, prepare=prepare_options, base=base,
         device=device, methods=tuple(configs["methods"]), seeds=tuple(configs["seeds"]),
         blocks=tuple(configs["blocks"]), ranks=tuple(configs["ranks"]),
-        evaluate=evaluate, compare=compare, main_blocks=main_blocks, main_rank=main_rank, raw=raw,
+        evaluate=evaluate, compare=compare, main_blocks=main_blocks, main_rank=main_rank,
+        holdout=holdout, adapt=adapt, raw=raw,
     )
+
+
+def _participation(source: str, raw: Mapping[str, Any]) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """``[participation] holdout`` (the sites to hold out, one at a time) and the ``[adapt]``
+    options each held-out site then adapts with. Site names are checked against the prepared
+    data when the study starts, since a study may prepare its data itself."""
+    participation = raw.get("participation", {})
+    for key in participation:
+        if key not in PARTICIPATION_KEYS:
+            raise UsageError(f"{source}: unknown key {key!r} in [participation]; allowed keys: "
+                             f"{', '.join(PARTICIPATION_KEYS)}")
+    if "adapt" in raw and "holdout" not in participation:
+        raise UsageError(f"{source}: [adapt] configures the held-out sites; name them with "
+                         "[participation] holdout = [\"SITE\", ...]")
+    sites: tuple[str, ...] = ()
+    if "holdout" in participation:
+        values = _as_list(source, "participation", "holdout", participation["holdout"])
+        if not all(isinstance(v, str) and v.strip() for v in values):
+            raise UsageError(f"{_where(source, 'participation', 'holdout')} = {participation['holdout']!r}: "
+                             "takes site names (text), e.g. [\"canon\"]")
+        sites = tuple(values)
+    parsed = _parse_table(source, "adapt", "adapt", raw.get("adapt", {}),
+                          required={"client": "-", "data": "-", "out": "-"}, positional=["-"])
+    if parsed["epochs"] < 1:
+        raise UsageError(f"{_where(source, 'adapt', 'epochs')} = {parsed['epochs']}: at least 1")
+    if parsed["lr"] is not None and not (parsed["lr"] > 0 and math.isfinite(parsed["lr"])):
+        raise UsageError(f"{_where(source, 'adapt', 'lr')} = {parsed['lr']}: a positive number "
+                         "(leave it out for the run's learning rate)")
+    return sites, {k: parsed[k] for k in ADAPT_KEYS}
 
 
 def grid_settings(study: StudyConfig) -> Sequence[tuple[int | str, int]]:

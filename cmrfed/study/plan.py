@@ -9,7 +9,7 @@ hashes, wherever it lies.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,11 @@ class Cell:
     config: FederateConfig
 
     @property
+    def holdout(self) -> str | None:
+        """The site this cell trains without (a participation cell), or None (a grid cell)."""
+        return self.config.holdout
+
+    @property
     def setting(self) -> tuple[int | str, int]:
         """The (blocks, rank) setting the cell belongs to: one comparison per setting."""
         return (self.config.blocks, self.config.rank)
@@ -38,8 +43,9 @@ def config_key(config: dict[str, Any]) -> str:
     return json.dumps(config, sort_keys=True)
 
 
-def cell_name(method: str, blocks: int | str, rank: int, seed: int) -> str:
-    return f"{method}-blocks{blocks}-rank{rank}-seed{seed}"
+def cell_name(method: str, blocks: int | str, rank: int, seed: int, holdout: str | None = None) -> str:
+    name = f"{method}-blocks{blocks}-rank{rank}-seed{seed}"
+    return name if holdout is None else f"{name}-without-{holdout}"
 
 
 def setting_name(blocks: int | str, rank: int) -> str:
@@ -57,3 +63,22 @@ def plan_cells(study: StudyConfig, prepared: Path) -> tuple[Cell, ...]:
                     config = study.cell_config(str(prepared), method, seed, blocks, rank)
                     cells.append(Cell(cell_name(method, blocks, rank, seed), config))
     return tuple(cells)
+
+
+def plan_participation(study: StudyConfig, prepared: Path) -> tuple[Cell, ...]:
+    """The participation cells: the main setting's runs again, each without one ``holdout`` site
+    (leave-one-vendor-out), per method and seed, so the held-out site's zero-shot and adapted
+    scores pair with its score as a member in the grid cell of the same method and seed."""
+    cells = []
+    blocks, rank = study.main_blocks, study.main_rank
+    for site in study.holdout:
+        for seed in study.seeds:
+            for method in study.methods:
+                config = replace(study.cell_config(str(prepared), method, seed, blocks, rank), holdout=site)
+                cells.append(Cell(cell_name(method, blocks, rank, seed, site), config))
+    return tuple(cells)
+
+
+def member_cell(cell: Cell, grid: tuple[Cell, ...]) -> Cell:
+    """The grid cell in which ``cell``'s held-out site trained as a member."""
+    return next(c for c in grid if c.key() == config_key({**cell.config.to_dict(), "holdout": None}))

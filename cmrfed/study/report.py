@@ -10,7 +10,10 @@ is the study's shape:
   the p-value against the reference (the study's test, Holm-corrected), effect size and pair
   count; trainable parameters, bytes per client per round and total bytes;
 - the ablation: the tested metric with its CI against adapted blocks and rank, with the
-  communication and the measured time per round beside it.
+  communication and the measured time per round beside it;
+- the participation gap, when the study holds sites out: per method and held-out site, the
+  tested metric of the site zero-shot, after ``cmrfed adapt`` and as a full member (the grid
+  cell of the same method and seed), mean ± sd over seeds.
 
 The folder is written atomically; report.html embeds its figures as base64 data URIs and loads
 nothing from the network.
@@ -36,13 +39,14 @@ from safetensors import safe_open
 
 from cmrfed import paths
 from cmrfed.atomic import atomic_dir, write_json
-from cmrfed.eval.compare import MethodSummary, MetricSummary, TestRow, summarise_methods
+from cmrfed.eval.compare import MethodSummary, MetricSummary, TestRow, summarise_methods, summarise_values
 from cmrfed.eval.report import FIGURES, ComparisonResult, json_ready
 from cmrfed.eval.tables import load_evaluation
 from cmrfed.faults import fault_point
 from cmrfed.fed.privacy import privacy_markdown, run_privacy
 from cmrfed.provenance import versions
 from cmrfed.study.config import StudyConfig, grid_settings
+from cmrfed.study.newcomers import Newcomer
 from cmrfed.study.plan import Cell, setting_name
 
 REPORT_FORMAT_VERSION = 1
@@ -137,8 +141,60 @@ def _methods_of_setting(study: StudyConfig, runs: Mapping[str, Path], comparison
     return out
 
 
+PARTICIPATION = (("held_out", "held out, zero-shot"), ("adapted", "after adapt"), ("member", "full member"))
+
+
+def _metric_of(path: Path, *keys: str) -> tuple[float, tuple[float, float]]:
+    """A metric and its bootstrap interval from a JSON file of metrics (null read as NaN)."""
+    doc: Any = json.loads(path.read_text(encoding="utf-8"))
+    for key in keys[:-1]:
+        doc = doc[key]
+    metric = keys[-1]
+    ci = doc.get("ci95", {}).get(metric) or [None, None]
+    return _nan(doc.get(metric)), (_nan(ci[0]), _nan(ci[1]))
+
+
+def participation_document(study: StudyConfig, runs: Mapping[str, Path],
+                           newcomers: Sequence[Newcomer]) -> dict[str, Any] | None:
+    """Per method and held-out site, the tested metric over seeds of the site zero-shot, after
+    ``adapt`` and as a member; None when the study holds no site out."""
+    if not newcomers:
+        return None
+    metric = study.compare["metric"]
+    grouped: dict[tuple[str, str], list[Newcomer]] = {}
+    for n in newcomers:
+        grouped.setdefault((n.cell.config.method, n.site), []).append(n)
+    rows = []
+    for method in study.methods:
+        for site in study.holdout:
+            group = sorted(grouped.get((method, site), []), key=lambda n: n.cell.config.seed)
+            if not group:
+                continue
+            values: dict[str, list[tuple[float, tuple[float, float]]]] = {
+                "held_out": [_metric_of(paths.site_eval_record_path(n.held_out), "metrics", metric)
+                             for n in group],
+                "adapted": [_metric_of(paths.site_eval_record_path(n.adapted_eval), "metrics", metric)
+                            for n in group],
+                "member": [_metric_of(paths.metrics_path(runs[n.member.name]), "per_client", site, metric)
+                           for n in group],
+            }
+            seeds = tuple(n.cell.config.seed for n in group)
+            adapt = [json.loads(paths.adapt_record_path(n.adapted).read_text(encoding="utf-8"))
+                     for n in group]
+            rows.append({
+                "method": method, "site": site, "seeds": list(seeds),
+                "cells": [n.cell.name for n in group], "member_cells": [n.member.name for n in group],
+                **{kind: _summary_record(summarise_values(site, seeds, [v for v, _ in vals], metric,
+                                                          vals[0][1])) for kind, vals in values.items()},
+                "adapt_best_epoch": [a["best_epoch"] for a in adapt],
+                "adapt_val_loss": [[a["val_loss"][0], a["val_loss"][a["best_epoch"]]] for a in adapt],
+            })
+    return {"metric": metric, "holdout": list(study.holdout), "adapt": dict(study.adapt), "rows": rows}
+
+
 def study_document(study: StudyConfig, runs: Mapping[str, Path], cells: Sequence[Cell],
-                   comparisons: Mapping[tuple[int | str, int], ComparisonResult]) -> dict[str, Any]:
+                   comparisons: Mapping[tuple[int | str, int], ComparisonResult],
+                   newcomers: Sequence[Newcomer] = ()) -> dict[str, Any]:
     """Every number of the report as one JSON-ready dict (report.json)."""
     settings = []
     for blocks, rank in grid_settings(study):
@@ -167,6 +223,7 @@ def study_document(study: StudyConfig, runs: Mapping[str, Path], cells: Sequence
         "main": {"blocks": main["blocks"], "rank": main["rank"], "methods": main["methods"]},
         "settings": settings,
         "privacy": privacy,
+        "participation": participation_document(study, runs, newcomers),
         "figures": [f"{ABLATION_FIGURE}.png", *(f"{name}.png" for name in FIGURES)],
         "versions": versions(),
     })
@@ -242,6 +299,41 @@ def ablation_table(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def participation_table(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The participation gap as (header, rows) of text; empty when no site was held out."""
+    part = doc.get("participation")
+    if not part:
+        return [], []
+    header = ["method", "held-out site", "seeds", *(f"{label} [95% CI]" for _, label in PARTICIPATION),
+              "member − zero-shot", "member − adapted"]
+    rows = []
+    for row in part["rows"]:
+        member = row["member"]["mean"]
+        rows.append([row["method"], row["site"], str(len(row["seeds"])),
+                     *(_cell(row[kind]) for kind, _ in PARTICIPATION),
+                     _num(_nan(member) - _nan(row["held_out"]["mean"])),
+                     _num(_nan(member) - _nan(row["adapted"]["mean"]))])
+    return header, rows
+
+
+def _participation_lines(doc: Mapping[str, Any]) -> list[str]:
+    part = doc.get("participation")
+    if not part:
+        return []
+    lr = part["adapt"]["lr"]
+    return [
+        "## Participation gap: a site that did not train", "",
+        f"Each held-out site ({', '.join(part['holdout'])}) is left out of a run of the main setting "
+        f"(`federate --holdout`), per method and seed; it is then scored on its own "
+        f"{doc['split']} split zero-shot (the run's shared tensors, its own adapter at its start), "
+        f"after `cmrfed adapt` ({part['adapt']['epochs']} epochs on its own train split, "
+        f"{'the run' + chr(39) + 's learning rate' if lr is None else f'lr {lr:g}'}, the epoch with "
+        f"the lowest val loss kept), and as a full member (the same method and seed with every site "
+        f"training). Metric: {part['metric'].replace('_', ' ')}, mean ± sd over seeds.", "",
+        *_md_table(*participation_table(doc)), "",
+    ]
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             *("| " + " | ".join(row) + " |" for row in rows)]
@@ -273,7 +365,7 @@ def _markdown(doc: Mapping[str, Any]) -> str:
              f"## Main table (blocks {doc['main']['blocks']}, rank {doc['main']['rank']})", "",
              *_md_table(*main_table(doc)), "", "## Per site", "", *_md_table(*site_table(doc)), "",
              "## Ablation: adapted blocks and rank", "", *_md_table(*ablation_table(doc)), "",
-             f"![ablation]({ABLATION_FIGURE}.png)", "", *_privacy_lines(doc), ""]
+             f"![ablation]({ABLATION_FIGURE}.png)", "", *_participation_lines(doc), *_privacy_lines(doc), ""]
     for name in FIGURES:
         lines.append(f"![{name}]({name}.png)")
     warnings = [w for s in doc["settings"] for w in s["warnings"]]
@@ -323,6 +415,19 @@ def _main_csv(doc: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
                          t.get("effect_name", ""), t.get("effect", ""), *(t.get("effect_ci95") or ["", ""]),
                          m["trainable_parameters"], m["bytes_up_per_client_per_round"],
                          m["bytes_down_per_client_per_round"], m["bytes_total"], m["seconds_per_round"]])
+    return header, rows
+
+
+def _participation_csv(doc: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """One row per (method, held-out site, seed, how it took part) with the tested metric."""
+    part = doc["participation"]
+    header = ["method", "site", "seed", "participation", part["metric"], "cell"]
+    rows = []
+    for row in part["rows"]:
+        for index, seed in enumerate(row["seeds"]):
+            for kind, _ in PARTICIPATION:
+                cell = row["member_cells" if kind == "member" else "cells"][index]
+                rows.append([row["method"], row["site"], seed, kind, row[kind]["values"][index], cell])
     return header, rows
 
 
@@ -426,6 +531,14 @@ def _html_table(header: list[str], rows: list[list[str]], reference: str | None 
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def _participation_html(doc: Mapping[str, Any]) -> list[str]:
+    lines = _participation_lines(doc)
+    if not lines:
+        return []
+    return [f"<h2>{html.escape(lines[0].removeprefix('## '))}</h2>",
+            f'<p class="notes">{html.escape(lines[2])}</p>', _html_table(*participation_table(doc))]
+
+
 def _html(doc: Mapping[str, Any], figures: Mapping[str, Path]) -> str:
     reference = doc["reference"]
     parts = [
@@ -439,6 +552,7 @@ def _html(doc: Mapping[str, Any], figures: Mapping[str, Path]) -> str:
         _html_table(*main_table(doc), reference=reference),
         "<h2>Per site</h2>", _html_table(*site_table(doc), reference=reference),
         "<h2>Ablation: adapted blocks and rank</h2>", _html_table(*ablation_table(doc)),
+        *_participation_html(doc),
         '<pre class="privacy">' + html.escape("\n".join(_privacy_lines(doc))) + "</pre>",
     ]
     for name, path in figures.items():
@@ -465,9 +579,10 @@ def _html(doc: Mapping[str, Any], figures: Mapping[str, Path]) -> str:
 
 
 def write_study_report(study: StudyConfig, out: Path, runs: Mapping[str, Path], cells: Sequence[Cell],
-                       comparisons: Mapping[tuple[int | str, int], ComparisonResult]) -> StudyReport:
+                       comparisons: Mapping[tuple[int | str, int], ComparisonResult],
+                       newcomers: Sequence[Newcomer] = ()) -> StudyReport:
     """Write STUDY/report/ (replacing an older one only once the new one is complete)."""
-    doc = study_document(study, runs, cells, comparisons)
+    doc = study_document(study, runs, cells, comparisons, newcomers)
     target = paths.study_report_dir(out)
     main_compare = comparisons[(study.main_blocks, study.main_rank)].out
     with atomic_dir(target, overwrite=True) as tmp:
@@ -476,6 +591,8 @@ def write_study_report(study: StudyConfig, out: Path, runs: Mapping[str, Path], 
         _write_csv(tmp / "main.csv", *_main_csv(doc))
         _write_csv(tmp / "summaries.csv", *_long_rows(doc))
         _write_csv(tmp / "ablation.csv", *_ablation_csv(doc))
+        if doc["participation"]:
+            _write_csv(tmp / "participation.csv", *_participation_csv(doc))
         figures = {ABLATION_FIGURE: paths.report_figure_path(tmp, ABLATION_FIGURE)}
         _plot_ablation(doc, figures[ABLATION_FIGURE])
         fault_point("study.report-write")

@@ -1,5 +1,7 @@
 """``cmrfed study``: every cell of the grid through the same ``federate`` and ``evaluate`` code,
-one ``compare`` per (blocks, rank) setting, then the study report.
+one ``compare`` per (blocks, rank) setting, then the study report. With ``[participation]``, the
+main setting's cells again without each held-out site, whose zero-shot and adapted scores
+(:mod:`cmrfed.study.newcomers`) the report sets beside its score as a member.
 
 State lives in STUDY/study.json (rewritten atomically after every step), but the truth is in
 the run folders: a cell is complete when a run under STUDY/runs/ records the cell's exact
@@ -37,7 +39,8 @@ from cmrfed.lock import folder_lock
 from cmrfed.model.cinema import SIZES, backbone_fingerprint, load_backbone
 from cmrfed.outputs import STUDY, replacing
 from cmrfed.study.config import StudyConfig, grid_settings
-from cmrfed.study.plan import Cell, config_key, plan_cells, setting_name
+from cmrfed.study.newcomers import Newcomer, score_newcomer
+from cmrfed.study.plan import Cell, config_key, member_cell, plan_cells, plan_participation, setting_name
 from cmrfed.study.report import StudyReport, write_study_report
 
 STUDY_FORMAT_VERSION = 1
@@ -251,7 +254,14 @@ def _run_study(study: StudyConfig, out: Path, resume: bool, overwrite: bool, dev
     }
     prepared = _prepare_data(study, out, record, console)
     manifest = load_manifest(prepared)
-    cells = plan_cells(study, prepared.resolve())
+    grid = plan_cells(study, prepared.resolve())
+    for site in study.holdout:
+        if site not in manifest.clients:
+            raise UsageError(f"{study.source}: [participation] holdout = {site!r} is not a site of "
+                             f"{paths.manifest_path(prepared)}; choose among {', '.join(manifest.clients)}")
+    newcomers = {c.name: Newcomer(c, member_cell(c, grid), paths.study_newcomer_dir(out, c.name))
+                 for c in plan_participation(study, prepared.resolve())}
+    cells = grid + tuple(n.cell for n in newcomers.values())
     fingerprints = _fingerprints(cells, tuple(manifest.shape))
     record["inputs"] = {"prepared": str(prepared.resolve()), "manifest_sha256": manifest.sha256}
     index = _run_index(paths.study_runs_dir(out))
@@ -278,6 +288,8 @@ def _run_study(study: StudyConfig, out: Path, resume: bool, overwrite: bool, dev
         for cell in cells:
             where = found[cell.name]
             if where.state == COMPLETE:
+                if cell.name in newcomers:  # its site's scores may be missing or stale
+                    score_newcomer(newcomers[cell.name], where.run, prepared, study, device, console)
                 continue
             progress.current = cell.name
             live.refresh()
@@ -296,6 +308,8 @@ def _run_study(study: StudyConfig, out: Path, resume: bool, overwrite: bool, dev
                 save()
             evaluate_run(where.run, device=device, console=Console(quiet=True), **study.evaluate)
             fault_point("study.cell-evaluated")
+            if cell.name in newcomers:
+                score_newcomer(newcomers[cell.name], where.run, prepared, study, device, console)
             wall = time.monotonic() - started
             where.state = COMPLETE
             cell_records[cell.name].update(state=COMPLETE, wall_s=wall)
@@ -307,14 +321,14 @@ def _run_study(study: StudyConfig, out: Path, resume: bool, overwrite: bool, dev
         live.refresh()
         comparisons = {}
         for blocks, rank in grid_settings(study):
-            runs = [found[c.name].run for c in cells if c.setting == (blocks, rank)]
+            runs = [found[c.name].run for c in grid if c.setting == (blocks, rank)]
             name = setting_name(blocks, rank)
             comparisons[(blocks, rank)] = compare_runs(
                 runs, study.compare["test"], reference=study.compare["reference"],
                 metric=study.compare["metric"], out=paths.study_compare_dir(out, name), overwrite=True,
                 console=Console(quiet=True))
-        report = write_study_report(study, out, {c.name: found[c.name].run for c in cells}, cells,
-                                    comparisons)
+        report = write_study_report(study, out, {c.name: found[c.name].run for c in cells}, grid,
+                                    comparisons, tuple(newcomers.values()))
         progress.current = "done"
     save("complete")
     console.print(f"\nstudy: {len(cells)} cells ({skipped} already complete, {trained} trained now); "

@@ -345,6 +345,9 @@ def compare(runs: tuple[str, ...], test: str, reference: str, metric: str, out: 
 @click.option("--init", default="", help="Backbone to start from (e.g. an MAE output) [seeded random init].")
 @click.option("--layer-decay", default=0.75, show_default=True, type=float,
               help="Layer-wise lr decay of the disease objective (CineMA's fine-tuning).")
+@click.option("--augment", default="cinema", show_default=True, type=click.Choice(["cinema", "none"]),
+              help="CineMA's augmentation of the stage (MAE: its pretraining affine; disease: its "
+                   "fine-tuning gamma, noise and affine), or none.")
 @click.option("--epochs", default=800, show_default=True, type=int)
 @click.option("--warmup-epochs", default=10, show_default=True, type=int)
 @click.option("--batch-size", default=64, show_default=True, type=int)

@@ -30,7 +30,9 @@ Only the ``train`` split of each PREPARED folder is read; for the MAE only its i
 :func:`cmrfed.data.shards.load_images`): labels never enter. The disease stage starts from
 ``--init`` (the MAE's output) and trains the whole encoder and CineMA's head with CineMA's
 fine-tuning loss (cross-entropy, label smoothing 0.1; class-balanced weights as cmrfed's sites
-use), the same optimiser, schedule and augmentation; only the encoder is written. Every random draw (shuffle,
+use), the same optimiser and schedule, and CineMA's fine-tuning augmentation (the sites' ``--augment
+cinema``); only the encoder is written. ``--augment none`` turns a stage's augmentation off. Every
+random draw (shuffle,
 augmentation, masks) comes from a generator derived from (seed, epoch), and a checkpoint
 (model, optimiser, progress) is replaced atomically after every epoch, so ``--resume`` after a
 kill gives the same bytes as an uninterrupted run.
@@ -62,6 +64,7 @@ from torch import nn
 
 from cmrfed import paths
 from cmrfed.atomic import atomic_dir, atomic_file, sha256_file, write_json
+from cmrfed.data.augment import AUGMENT_CHOICES, AugmentSpec, augment_batch
 from cmrfed.data.shards import load_images, load_manifest, load_split, verify_shard
 from cmrfed.errors import DataError, UsageError
 from cmrfed.fed.client import class_weights, derive_seed
@@ -104,6 +107,7 @@ class PretrainConfig:
     grad_clip: float = 5.0
     mask_ratio: float = MASK_RATIO
     layer_decay: float = 0.75  # disease objective only (CineMA's fine-tuning)
+    augment: str = "cinema"  # CineMA's augmentation of the objective's stage, or "none"
     aug_prob: float = 0.5
     scale_range: float = 0.2
     rotate_deg: float = 180.0
@@ -125,6 +129,8 @@ class PretrainConfig:
             raise UsageError(f"--mask-ratio {self.mask_ratio}: must be in [0, 1)")
         if self.dtype not in DTYPES:
             raise UsageError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.augment not in AUGMENT_CHOICES:
+            raise UsageError(f"--augment {self.augment!r}: choose one of {', '.join(AUGMENT_CHOICES)}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -140,6 +146,7 @@ class PretrainConfig:
         start = ["--objective", self.objective] if self.objective != "mae" else []
         start += ["--init", self.init] if self.init else []
         start += ["--layer-decay", repr(self.layer_decay)] if self.objective == "disease" else []
+        start += ["--augment", self.augment] if self.augment != "cinema" else []
         parts = ["cmrfed", "pretrain", *data, *start, "--size", self.size, "--epochs", str(self.epochs),
                  "--warmup-epochs", str(self.warmup_epochs), "--batch-size", str(self.batch_size),
                  "--lr", repr(self.lr), "--mask-ratio", repr(self.mask_ratio), "--seed", str(self.seed),
@@ -225,6 +232,21 @@ def random_affine(images: torch.Tensor, spacing: tuple[float, float, float], cfg
     low = out.amin(dim=(1, 2, 3, 4), keepdim=True)
     high = out.amax(dim=(1, 2, 3, 4), keepdim=True)
     return (out - low) / (high - low).clamp_min(1e-8)
+
+
+def augment_stage(images: torch.Tensor, data: PretrainData, cfg: PretrainConfig,
+                  generator: torch.Generator) -> torch.Tensor:
+    """A training batch under the stage's augmentation, every draw from ``generator``: for the MAE
+    CineMA's pretraining affine (:func:`random_affine`); for the disease objective CineMA's
+    classification fine-tuning augmentation (gamma, noise, in-plane affine: the same
+    :func:`cmrfed.data.augment.augment_batch` the sites' ``--augment cinema`` uses), one seed per
+    sample. ``--augment none`` leaves the images as prepared."""
+    if cfg.augment == "none":
+        return images
+    if cfg.objective == "mae":
+        return random_affine(images, data.spacing, cfg, generator)
+    seeds = torch.randint(0, 2**62, (len(images),), generator=generator).tolist()
+    return augment_batch(images, seeds, AugmentSpec())
 
 
 # --- optimisation ----------------------------------------------------------------------------------
@@ -448,7 +470,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, device: str = "auto", resume:
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(cfg, epoch + step / steps) * group["lr_scale"]
                 index = order[step * batch_size:(step + 1) * batch_size]
-                batch = random_affine(data.images[index], data.spacing, cfg, generator).to(torch_device)
+                batch = augment_stage(data.images[index], data, cfg, generator).to(torch_device)
                 labels = None if data.labels is None else data.labels[index]
                 loss = objective.loss(batch, labels, generator)
                 optimizer.zero_grad(set_to_none=True)

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from cmrfed import paths
 from cmrfed.atomic import sha256_file, write_json
+from cmrfed.data.augment import AugmentSpec, augment_batch
 from cmrfed.errors import UsageError
 from cmrfed.model.cinema import (
     POS_EMBED_KEY,
@@ -32,7 +33,7 @@ from cmrfed.model.cinema import (
     load_backbone,
 )
 from cmrfed.model.mae import build_mae, masked_encode, random_token_mask
-from cmrfed.pretrain import PretrainConfig, pretrain, random_affine
+from cmrfed.pretrain import PretrainConfig, PretrainData, augment_stage, pretrain, random_affine
 
 EPOCHS = 6
 
@@ -100,6 +101,25 @@ def test_augmentation_keeps_shape_and_range_and_is_identity_when_off():
                        torch.Generator().manual_seed(0))
     assert on.shape == images.shape and on.min() >= 0 and on.max() <= 1
     assert not torch.allclose(on, images)
+
+
+def test_each_stage_draws_cinemas_augmentation_of_that_stage():
+    """MAE: CineMA's pretraining affine; disease: the sites' fine-tuning augmentation, one seed per
+    sample from the stage's generator; none: the images as prepared."""
+    images = torch.rand(3, 2, 32, 32, 4)
+    data = PretrainData(images, torch.tensor([0, 1, 0]), (4.0, 4.0, 10.0), (32, 32, 4), [])
+    mae = PretrainConfig(data=("x",), aug_prob=1.0)
+    assert torch.equal(augment_stage(images, data, mae, torch.Generator().manual_seed(1)),
+                       random_affine(images, data.spacing, mae, torch.Generator().manual_seed(1)))
+    disease = PretrainConfig(data=("x",), objective="disease")
+    seeds = torch.randint(0, 2**62, (3,), generator=torch.Generator().manual_seed(1)).tolist()
+    assert torch.equal(augment_stage(images, data, disease, torch.Generator().manual_seed(1)),
+                       augment_batch(images, seeds, AugmentSpec()))
+    for objective in ("mae", "disease"):
+        off = PretrainConfig(data=("x",), objective=objective, augment="none")
+        assert augment_stage(images, data, off, torch.Generator().manual_seed(1)) is images
+    with pytest.raises(UsageError, match="--augment 'gamma'"):
+        PretrainConfig(data=("x",), augment="gamma")
 
 
 def test_pretraining_lowers_the_masked_loss_and_loads_as_backbone(reference: Path):

@@ -33,14 +33,16 @@ def test_demo_runs_every_stage_and_writes_a_readable_report(tmp_path):
     where = demo_paths(out)
     assert (where["cohort"] / "acdc").is_dir() and (where["prepared"] / "manifest.json").exists()
     runs = sorted(p.name for p in where["runs"].iterdir())
-    assert runs == sorted(f"{m}-blocks{b}-rank4-seed{s}" for m in ("duallora", "fedlora", "ffalora")
-                          for b in (1, 2) for s in (0, 1))
+    methods = ("duallora", "fedlora", "ffalora")
+    assert runs == sorted([f"{m}-blocks{b}-rank4-seed{s}" for m in methods for b in (1, 2) for s in (0, 1)]
+                          + [f"{m}-blocks2-rank4-seed{s}-without-ge" for m in methods for s in (0, 1)])
     for run in where["runs"].iterdir():
         assert (run / "eval" / "metrics.json").exists()
     report = json.loads((where["report"] / "report.json").read_text())
     assert (report["test"], report["reference"]) == ("wilcoxon", "duallora")
     assert report["main"]["blocks"] == 2 and [s["blocks"] for s in report["settings"]] == [1, 2]
     assert {m["method"] for m in report["main"]["methods"]} == {"duallora", "fedlora", "ffalora"}
+    assert [(r["method"], r["site"]) for r in report["participation"]["rows"]] == [(m, "ge") for m in methods]
     assert result.report.html == where["report"] / "report.html"
     pngs = sorted(where["report"].glob("*.png"))
     assert len(pngs) == 5
@@ -51,5 +53,5 @@ def test_demo_runs_every_stage_and_writes_a_readable_report(tmp_path):
         run_demo(out, study_text=toy_demo_study(), console=quiet_console())
     prepared_at = (where["prepared"] / "manifest.json").stat().st_mtime_ns
     again = run_demo(out, study_text=toy_demo_study(), resume=True, console=quiet_console())
-    assert (again.trained, again.skipped) == (0, 12)
+    assert (again.trained, again.skipped) == (0, 18)
     assert (where["prepared"] / "manifest.json").stat().st_mtime_ns == prepared_at  # not prepared again

@@ -33,6 +33,7 @@ from cmrfed.study import template_text
 NAME = "probe"
 TITLE = "Linear probe on frozen encoder features"
 FOLDS = 5
+RANDOM_SEEDS = (0, 1, 2, 3, 4)  # the random init's features depend on its draw: show the spread
 
 
 def cohort_spec(quick: bool) -> CohortSpec:
@@ -86,7 +87,7 @@ def run(suite: Suite) -> str:
     prepared = make_cohort(suite.scratch / "probe-cohort", spec)
     images, owners, labels = load_all(prepared)
     suite.console.log(f"{len(labels)} subjects, {int(labels.sum())} positive")
-    encoders = [(TINY_PRETRAINED, 0)] + [("tiny", seed) for seed in (0, 1, 2)]
+    encoders = [(TINY_PRETRAINED, 0)] + [("tiny", seed) for seed in RANDOM_SEEDS]
     rows, per_fold = [], {}
     for name, seed in encoders:
         scores = probe_scores(features(name, seed, images, owners), labels)
@@ -96,8 +97,8 @@ def run(suite: Suite) -> str:
                      " ".join(f"{s:.2f}" for s in scores)])
         suite.console.log(f"{label}: {statistics.mean(scores):.3f}")
     shipped = per_fold[(TINY_PRETRAINED, 0)]
-    random_mean = statistics.mean(statistics.mean(v) for k, v in per_fold.items() if k[0] == "tiny")
-    gaps = [statistics.mean(shipped) - statistics.mean(v) for k, v in per_fold.items() if k[0] == "tiny"]
+    randoms = [statistics.mean(v) for k, v in per_fold.items() if k[0] == "tiny"]
+    gaps = [statistics.mean(shipped) - r for r in randoms]
     columns = ["frozen encoder", "balanced accuracy (mean of 5 folds)", "sd over folds", "per fold"]
     return (
         f"## Linear probe, {spec.describe()}\n\n"
@@ -106,8 +107,9 @@ def run(suite: Suite) -> str:
         f"logistic regression on standardised features, balanced class weights, stratified "
         f"{FOLDS}-fold cross-validation (same folds for every encoder).\n\n"
         + markdown_table(columns, rows)
-        + f"\n\nShipped minus random init: {min(gaps):+.3f} to {max(gaps):+.3f} over the three "
-        f"random seeds (random init mean {random_mean:.3f}).\n"
+        + f"\n\nShipped minus random init: {min(gaps):+.3f} to {max(gaps):+.3f} over the "
+        f"{len(randoms)} random seeds (random init: mean {statistics.mean(randoms):.3f}, best "
+        f"{max(randoms):.3f}).\n"
     )
 
 

@@ -441,7 +441,8 @@ flower_run.params[:0] = [p for p in federate.params
 @click.option("--resume", is_flag=True, help="Continue an interrupted demo.")
 def demo(out: str, overwrite: bool, resume: bool) -> None:
     """The whole pipeline on a synthetic cohort: synth, then the built-in demo study (prepare,
-    federate duallora, fedlora, ffalora x 5 seeds x blocks, evaluate, compare, report)."""
+    federate duallora, fedlora, ffalora x 5 seeds x blocks on the pretrained tiny backbone,
+    evaluate, GE's participation gap, compare, report)."""
     from cmrfed.demo import run_demo
 
     run_demo(out, overwrite=overwrite, resume=resume)

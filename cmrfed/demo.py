@@ -1,8 +1,9 @@
 """``cmrfed demo``: write the synthetic cohort, then run the built-in demo study on it.
 
 The study is the shipped ``demo`` template (``cmrfed study --template demo``): synth -> prepare
--> federate (duallora, fedlora, ffalora x 5 seeds x a small blocks ablation, tiny backbone) ->
-evaluate -> compare --test wilcoxon -> the study report. The sizes are chosen so it finishes in
+-> federate (duallora, fedlora, ffalora x 5 seeds x a small blocks ablation, the shipped
+``tiny-pretrained`` backbone; each method and seed again without GE) -> evaluate -> adapt GE as a
+newcomer -> compare --test wilcoxon -> the study report. The sizes are chosen so it finishes in
 minutes on two CPU cores; the numbers show the pipeline and the statistics working, not CineMA's
 accuracy (that needs the real weights: ``backbone`` in a study's ``[federate]``).
 """

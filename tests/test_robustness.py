@@ -31,6 +31,7 @@ from cmrfed import paths
 from cmrfed.cli import cli
 from cmrfed.data.prepare import PrepareOptions, prepare
 from cmrfed.data.synth import write_synthetic_cohort
+from cmrfed.errors import UsageError
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.inprocess import federate
 from cmrfed.fed.runlog import append_round, has_score, round_line
@@ -145,6 +146,30 @@ def test_failed_overwrite_of_a_finished_run_keeps_it(finished_run, tmp_path):
     assert snapshot(run) == before
     assert not paths.run_staging_dir(run).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "wrong.safetensors"]
+
+
+def test_flower_server_overwrite_refuses_foreign_folders_and_keeps_the_run_on_a_crash(finished_run, tmp_path):
+    """The Flower ServerApp's --overwrite goes through the same RUN folder machinery as federate:
+    a folder it did not make is refused before anything else, and a server that fails after
+    starting (here: no SuperLink to talk to) leaves the finished RUN exactly as it was."""
+    pytest.importorskip("flwr")
+    from cmrfed.fed.flower import run_config_of, serve
+
+    cfg = FederateConfig(data="prepared", method="duallora", rounds=1)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    with pytest.raises(UsageError, match="not a RUN folder"):
+        serve(None, run_config_of(cfg, foreign, sites=4, overwrite=True), console=quiet_console())
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    run = copy_run(finished_run, tmp_path)
+    before = snapshot(run)
+    with pytest.raises(AttributeError):  # the server dies reaching for the grid it was not given
+        serve(None, run_config_of(cfg, run, sites=4, overwrite=True), console=quiet_console())
+    assert snapshot(run) == before and not paths.run_staging_dir(run).exists()
+    with pytest.raises(UsageError, match="already exists"):  # and without --overwrite, never touched
+        serve(None, run_config_of(cfg, run, sites=4), console=quiet_console())
+    assert snapshot(run) == before
 
 
 def test_overwrite_builds_beside_and_swaps_when_done(finished_run, tmp_path):

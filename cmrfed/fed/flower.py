@@ -57,12 +57,12 @@ from cmrfed.fed.runlog import (
     append_round,
     client_round_record,
     has_score,
+    open_run_folder,
     round_line,
     round_record,
     run_record,
     save_tensors,
     selection_score,
-    start_run_folder,
     val_metrics,
     write_result,
 )
@@ -492,10 +492,11 @@ class _Server:
     site); that train message then carries the latest aggregate, which it missed.
     """
 
-    def __init__(self, grid: Grid, cfg: FederateConfig, options: ServerOptions, console: Console) -> None:
+    def __init__(self, grid: Grid, cfg: FederateConfig, options: ServerOptions, out: Path,
+                 console: Console) -> None:
         self.grid, self.cfg, self.options, self.console = grid, cfg, options, console
         self.spec = resolve_method(cfg.method, cfg.head)
-        self.out = options.out
+        self.out = out  # RUN, or the folder beside it an --overwrite is built in
         self.wire = WireLog(self.out)
         nodes = _wait_for_nodes(grid, options.sites, options.node_timeout_s)
         self.names = {node: f"node {node}" for node in nodes}  # until the sites say who they are
@@ -606,6 +607,10 @@ def serve(grid: Grid, run_config: Mapping[str, Any], console: Console | None = N
     Each round asks the sites :func:`participants` draws; FedAvg is over those that answered.
     Fewer answers than ``--min-sites`` (default: every site asked) stop the run: RUN then holds
     the last completed round as its final one, run.json's result says why it stopped.
+
+    RUN is locked while the server runs. ``--overwrite`` of a finished RUN builds the new one
+    beside it and swaps it in when the server is done (:func:`cmrfed.fed.runlog.open_run_folder`,
+    as ``federate`` does), so a server that crashes or is killed leaves the old RUN as it was.
     """
     console = console or Console()
     cfg = federate_config_of(run_config)
@@ -613,10 +618,18 @@ def serve(grid: Grid, run_config: Mapping[str, Any], console: Console | None = N
     if not resolve_method(cfg.method, cfg.head).federated:
         raise UsageError(f"--method {cfg.method} sends nothing to a server; run it with `cmrfed federate`")
     check_min_sites(options.min_sites, options.sites, cfg.sites_per_round)
-    out = options.out
-    start_run_folder(out, options.overwrite)
+    with open_run_folder(options.out, overwrite=options.overwrite, resume=False) as folder:
+        summary = _serve(grid, cfg, options, folder.work, console)
+    console.print(f"wrote {options.out}; each site wrote its private tensors under "
+                  f"<site-dir>/{options.run_name}", highlight=False)
+    return replace(summary, out=options.out)
+
+
+def _serve(grid: Grid, cfg: FederateConfig, options: ServerOptions, out: Path,
+           console: Console) -> RunSummary:
+    """The rounds of :func:`serve`, writing the run into ``out``."""
     paths.rounds_log_path(out).write_text("", encoding="utf-8")
-    run = _Server(grid, cfg, options, console)
+    run = _Server(grid, cfg, options, out, console)
     run.meet()
     strategy = FedAvg()
     by_name = {s.client: s for s in run.sites}
@@ -664,10 +677,8 @@ def serve(grid: Grid, run_config: Mapping[str, Any], console: Console | None = N
     write_result(out, completed, best_round, best_score, total_up, total_down, cfg.select)
     if stopped is not None:
         _mark_stopped(out, completed + 1, stopped)
-        console.print(f"stopped: {stopped}; {out} keeps round {completed}, the last completed one",
+        console.print(f"stopped: {stopped}; {options.out} keeps round {completed}, the last completed one",
                       highlight=False)
-    console.print(f"wrote {out}; each site wrote its private tensors under <site-dir>/{options.run_name}",
-                  highlight=False)
     return RunSummary(out, completed, best_round, best_score, total_up, total_down)
 
 

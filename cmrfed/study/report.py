@@ -145,10 +145,11 @@ PARTICIPATION = (("held_out", "held out, zero-shot"), ("adapted", "after adapt")
 
 
 def _metric_of(path: Path, *keys: str) -> tuple[float, tuple[float, float]]:
-    """A metric and its bootstrap interval from a JSON file of metrics (null read as NaN)."""
+    """A metric and its bootstrap interval from a JSON file of metrics (null read as NaN; NaN too
+    when the site has no metrics, e.g. no subjects in the evaluated split)."""
     doc: Any = json.loads(path.read_text(encoding="utf-8"))
     for key in keys[:-1]:
-        doc = doc[key]
+        doc = doc.get(key) or {}
     metric = keys[-1]
     ci = doc.get("ci95", {}).get(metric) or [None, None]
     return _nan(doc.get(metric)), (_nan(ci[0]), _nan(ci[1]))

@@ -215,6 +215,32 @@ def test_clients_without_test_subjects_are_reported_not_crashed_on(flower_recipe
         assert client in result.output
 
 
+def test_a_study_holding_out_a_site_without_test_subjects_reports_it_undefined(flower_recipe, tmp_path):
+    """The participation gap of a site with nothing to score is undefined ("—", null), not a crash."""
+    from test_study_participation import participation_text
+
+    from cmrfed.study.config import load_study
+    from cmrfed.study.runner import run_study
+
+    counts = json.loads(paths.manifest_path(flower_recipe).read_text())["counts"]
+    site = next(c for c, per in sorted(counts.items())
+                if sum(per["test"].values()) == 0 and sum(per["train"].values()) > 0)
+    file = tmp_path / "gap.toml"
+    file.write_text(participation_text(flower_recipe, holdout=site, seeds="[0]"))
+    result = run_study(load_study(file), tmp_path / "out", console=quiet_console())
+    report = strict_json((paths.study_report_dir(result.out) / "report.json").read_text())
+    row = report["participation"]["rows"][0]
+    assert row["site"] == site
+    for kind in ("held_out", "adapted", "member"):
+        assert row[kind]["values"] == [None] and row[kind]["mean"] is None
+    assert f"| duallora | {site} | 1 | — " in (paths.study_report_dir(result.out) / "report.md").read_text()
+    held_out_run = paths.study_run_dir(result.out, f"duallora-blocks1-rank2-seed0-without-{site}")
+    scored = invoke(["evaluate", held_out_run, "--client", site, "--data", flower_recipe, "--n-boot", "20",
+                     "--out", tmp_path / "sent", "--device", "cpu"])
+    assert scored.exit_code == 0, scored.output
+    assert "no metrics (no subjects in its test split)" in scored.output
+
+
 # ------------------------------------------------------------------------------------- case 3
 
 

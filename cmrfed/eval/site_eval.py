@@ -133,8 +133,11 @@ def evaluate_site(
         write_json(paths.site_eval_record_path(tmp), json_ready(record))
         if not metrics_only:
             write_predictions(paths.site_predictions_path(tmp), site_rows(result, split))
-    print_table(console, f"{info.method} ({participation})", split, {client: result.metrics}, None,
-                {client: result.shared_metrics} if result.shared_metrics else {})
+    if result.absent is None:
+        print_table(console, f"{info.method} ({participation})", split, {client: result.metrics}, None,
+                    {client: result.shared_metrics} if result.shared_metrics else {})
+    else:
+        console.print(f"{client}: no metrics ({result.absent})", highlight=False)
     console.print(f"wrote {target}" + (" (metrics only)" if metrics_only else ""), highlight=False)
     return result
 

@@ -212,13 +212,16 @@ def verify_shard(prepared: Path, manifest: Manifest, client: str) -> Path:
     return path
 
 
-def load_split(prepared: Path, client: str, split: str) -> SplitArrays:
-    """All subjects of ``client`` in ``split``, sorted by subject_id, as model inputs."""
+def _read_split(prepared: Path, client: str, split: str, with_labels: bool,
+                ) -> tuple[list[str], list[np.ndarray], np.ndarray | None, tuple[int, ...]]:
+    """The subject ids of ``client``'s ``split`` (sorted), each subject's model-input windows, their
+    labels only ``with_labels`` (no other attribute than ``split`` is read otherwise), the shape."""
     if split not in SPLITS:
         raise UsageError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     path = shard_path(prepared, client)
     if not path.is_file():
         raise DataError(f"{path}: shard missing; {_RERUN}")
+    labels = None
     try:
         with h5py.File(path, "r") as shard:
             version = shard.attrs.get("format_version")
@@ -231,12 +234,23 @@ def load_split(prepared: Path, client: str, split: str) -> SplitArrays:
             subjects = shard[SUBJECTS_GROUP]
             chosen = sorted(name for name in subjects if subjects[name].attrs["split"] == split)
             windows = [model_input(subjects[name][IMAGE_DATASET][()], shape) for name in chosen]
-            labels = np.array([int(subjects[name].attrs["label"]) for name in chosen], dtype=np.int64)
+            if with_labels:
+                labels = np.array([int(subjects[name].attrs["label"]) for name in chosen], dtype=np.int64)
     except (OSError, KeyError, ValueError, TypeError) as exc:
         raise DataError(f"{path}: unreadable shard ({exc}); {_RERUN}") from exc
-    images = np.concatenate(windows) if windows else np.empty((0, 2, *shape), dtype=np.float32)
+    return chosen, windows, labels, shape
+
+
+def _stack(windows: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    return np.concatenate(windows) if windows else np.empty((0, 2, *shape), dtype=np.float32)
+
+
+def load_split(prepared: Path, client: str, split: str) -> SplitArrays:
+    """All subjects of ``client`` in ``split``, sorted by subject_id, as model inputs."""
+    chosen, windows, labels, shape = _read_split(prepared, client, split, with_labels=True)
+    assert labels is not None
     window_subject = np.repeat(np.arange(len(chosen)), [len(w) for w in windows]).astype(np.int64)
-    return SplitArrays(subject_ids=tuple(chosen), images=images, labels=labels,
+    return SplitArrays(subject_ids=tuple(chosen), images=_stack(windows, shape), labels=labels,
                        window_subject=window_subject)
 
 
@@ -247,21 +261,6 @@ def load_images(prepared: Path, client: str, split: str) -> tuple[tuple[str, ...
     Images only: no label or other subject attribute is read but ``split`` (self-supervised
     pretraining must never see a label).
     """
-    path = shard_path(prepared, client)
-    if not path.is_file():
-        raise DataError(f"{path}: shard missing; {_RERUN}")
-    try:
-        with h5py.File(path, "r") as shard:
-            version = shard.attrs.get("format_version")
-            if version != FORMAT_VERSION:
-                raise DataError(f"{path}: shard format {version} but this cmrfed reads "
-                                f"{FORMAT_VERSION}; {_RERUN}")
-            shape = tuple(int(v) for v in shard.attrs["shape"])
-            subjects = shard[SUBJECTS_GROUP]
-            chosen = sorted(name for name in subjects if subjects[name].attrs["split"] == split)
-            windows = [model_input(subjects[name][IMAGE_DATASET][()], shape) for name in chosen]
-    except (OSError, KeyError, ValueError, TypeError) as exc:
-        raise DataError(f"{path}: unreadable shard ({exc}); {_RERUN}") from exc
-    images = np.concatenate(windows) if windows else np.empty((0, 2, *shape), dtype=np.float32)
+    chosen, windows, _, shape = _read_split(prepared, client, split, with_labels=False)
     ids = tuple(name for name, w in zip(chosen, windows, strict=True) for _ in range(len(w)))
-    return ids, images
+    return ids, _stack(windows, shape)

@@ -146,6 +146,15 @@ def swap_in(new: Path, final: Path) -> None:
         os.replace(new, final)
 
 
+def read_json_or_none(path: str | os.PathLike[str]) -> Any:
+    """A JSON file's content, or None when it is missing or unreadable (a step not done yet, or
+    killed while writing: the caller then redoes that step)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def json_safe(obj: Any) -> Any:
     """``obj`` with NaN / infinities as None, numpy scalars as Python numbers, tuples as lists."""
     if isinstance(obj, Mapping):

@@ -18,7 +18,6 @@ adapting and scoring are seeded, so a resumed study writes the same numbers.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 from rich.console import Console
 
 from cmrfed import paths
+from cmrfed.atomic import read_json_or_none
 from cmrfed.eval.runinfo import load_run
 from cmrfed.eval.site_eval import evaluate_site
 from cmrfed.faults import fault_point
@@ -62,16 +62,10 @@ class Newcomer:
         return self.folder / ADAPTED_EVAL
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
 
 def _scored(folder: Path, identity: dict[str, Any], evaluate: dict[str, Any]) -> bool:
     """A site evaluation of these run tensors with the study's evaluate options."""
-    record = _read_json(paths.site_eval_record_path(folder))
+    record = read_json_or_none(paths.site_eval_record_path(folder))
     return bool(record) and paths.site_predictions_path(folder).exists() and (
         record.get("run"), record.get("split"), record.get("threshold", {}).get("mode"), record.get("n_boot")
     ) == (identity, evaluate["split"], evaluate["threshold"], evaluate["n_boot"])
@@ -79,7 +73,7 @@ def _scored(folder: Path, identity: dict[str, Any], evaluate: dict[str, Any]) ->
 
 def _adapted(folder: Path, identity: dict[str, Any], epochs: int, lr: float) -> bool:
     """An ADAPTED folder of these run tensors with these adapt options."""
-    record = _read_json(paths.adapt_record_path(folder))
+    record = read_json_or_none(paths.adapt_record_path(folder))
     return bool(record) and (record.get("run"), record.get("epochs"), record.get("lr")) == (
         identity, epochs, lr)
 

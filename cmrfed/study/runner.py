@@ -16,7 +16,6 @@ first adapted block) is computed once per (backbone, blocks) and shared by every
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from rich.rule import Rule
 from rich.text import Text
 
 from cmrfed import __version__, paths
-from cmrfed.atomic import write_json
+from cmrfed.atomic import read_json_or_none, write_json
 from cmrfed.data.shards import load_manifest
 from cmrfed.errors import UsageError
 from cmrfed.eval.evaluate import evaluate_run
@@ -101,18 +100,12 @@ def _fingerprints(cells: tuple[Cell, ...], shape: tuple[int, int, int]) -> dict[
 # --- what is on disk ---------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
 
 def _run_index(runs_dir: Path) -> dict[str, list[Path]]:
     """Configuration key -> run folders under STUDY/runs holding a run.json of it."""
     index: dict[str, list[Path]] = {}
     for folder in sorted(runs_dir.iterdir()) if runs_dir.exists() else []:
-        info = _read_json(paths.run_config_path(folder))
+        info = read_json_or_none(paths.run_config_path(folder))
         if info and "config" in info:
             index.setdefault(config_key(info["config"]), []).append(folder)
     return index
@@ -125,7 +118,7 @@ def _inputs_match(info: dict[str, Any], manifest_sha: str, fingerprint: str) -> 
 
 def _evaluated(run: Path, options: dict[str, Any]) -> bool:
     """RUN/eval/metrics.json exists and was made with the study's evaluate options."""
-    metrics = _read_json(paths.metrics_path(run))
+    metrics = read_json_or_none(paths.metrics_path(run))
     if not metrics or not paths.predictions_path(run).exists():
         return False
     return (metrics.get("split"), metrics.get("round"), metrics.get("threshold", {}).get("mode"),
@@ -146,16 +139,16 @@ def _locate(cell: Cell, out: Path, index: dict[str, list[Path]], manifest_sha: s
     default = paths.study_run_dir(out, cell.name)
     candidates = index.get(cell.key(), [])
     for run in candidates:  # a finished run with this configuration and these inputs, anywhere
-        info = _read_json(paths.run_config_path(run)) or {}
+        info = read_json_or_none(paths.run_config_path(run)) or {}
         # run.json gets its result only after every final tensor file is written
         if "result" in info and _inputs_match(info, manifest_sha, fingerprint):
             return _Found(run, COMPLETE if _evaluated(run, evaluate) else TRAINED)
     for run in candidates:  # an interrupted one: continue it
-        info = _read_json(paths.run_config_path(run)) or {}
+        info = read_json_or_none(paths.run_config_path(run)) or {}
         if _inputs_match(info, manifest_sha, fingerprint):
             return _Found(run, TRAINING)
     if default.exists() and any(default.iterdir()):
-        info = _read_json(paths.run_config_path(default))
+        info = read_json_or_none(paths.run_config_path(default))
         if info is None:  # killed before run.json was written: nothing in it is a result
             return _Found(default, PENDING, "restarted (no run.json)")
         if config_key(info.get("config", {})) == cell.key():  # same options, other inputs
@@ -187,7 +180,7 @@ def _start(out: Path, resume: bool, overwrite: bool) -> dict[str, Any]:
         if out.exists() and any(out.iterdir()) and not record_path.exists():
             raise UsageError(f"{out}: no study.json to resume; it is not a study folder (choose "
                              "another --out, or pass --overwrite to replace it)")
-        return _read_json(record_path) or {}
+        return read_json_or_none(record_path) or {}
     if out.exists() and any(out.iterdir()):  # with --overwrite, run_study has set it aside
         raise UsageError(f"{out} already exists; pass --resume to continue the study, --overwrite "
                          "to replace it, or choose another --out")

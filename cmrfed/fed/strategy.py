@@ -17,7 +17,10 @@ import torch
 from cmrfed.errors import DataError, UsageError
 
 TensorState = dict[str, torch.Tensor]
-AGGREGATE_CHOICES = ("weighted", "uniform")
+AGGREGATE_RULES = {  # --aggregate choice -> what it does, as reports say it
+    "weighted": "weighted by each site's train-set size",
+    "uniform": "uniform (every site 1/K)",
+}
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,8 @@ def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequ
 
 def aggregation_weights(num_examples: Sequence[int], rule: str) -> list[float]:
     """Each client's (unnormalised) weight under ``rule``: its train-set size, or 1."""
-    if rule not in AGGREGATE_CHOICES:
-        raise UsageError(f"unknown --aggregate {rule!r}; choose one of {', '.join(AGGREGATE_CHOICES)}")
+    if rule not in AGGREGATE_RULES:
+        raise UsageError(f"unknown --aggregate {rule!r}; choose one of {', '.join(AGGREGATE_RULES)}")
     return [float(n) for n in num_examples] if rule == "weighted" else [1.0] * len(num_examples)
 
 

@@ -43,7 +43,9 @@ from cmrfed.eval.compare import MethodSummary, MetricSummary, TestRow, summarise
 from cmrfed.eval.report import FIGURES, ComparisonResult, json_ready
 from cmrfed.eval.tables import load_evaluation
 from cmrfed.faults import fault_point
+from cmrfed.fed.methods import resolve_method
 from cmrfed.fed.privacy import privacy_markdown, run_privacy
+from cmrfed.fed.strategy import AGGREGATE_RULES
 from cmrfed.provenance import versions
 from cmrfed.study.config import StudyConfig, grid_settings
 from cmrfed.study.newcomers import Newcomer
@@ -221,6 +223,9 @@ def study_document(study: StudyConfig, runs: Mapping[str, Path], cells: Sequence
         "round": any_comparison.round_choice,
         "clients": list(any_comparison.clients),
         "backbone": study.base.backbone,
+        "aggregate": study.base.aggregate,
+        "mixing": {"feddpa_scale": study.base.feddpa_scale, "feddpa_k": study.base.feddpa_k}
+        if any(resolve_method(m, study.base.head).mixing for m in study.methods) else None,
         "main": {"blocks": main["blocks"], "rank": main["rank"], "methods": main["methods"]},
         "settings": settings,
         "privacy": privacy,
@@ -352,7 +357,18 @@ def _notes(doc: Mapping[str, Any]) -> list[str]:
         "p Holm-corrected across the baselines; effect = reference minus baseline.",
         "Trainable params: scalars a client's model trains (its shared plus private tensors). Bytes: "
         "as serialised per client per round, and up + down for the whole run, mean over seeds.",
+        f"Aggregation (--aggregate {doc['aggregate']}): FedAvg {AGGREGATE_RULES[doc['aggregate']]} of "
+        "the shared tensors of the sites that trained in a round.",
+        *_mixing_notes(doc["mixing"]),
     ]
+
+
+def _mixing_notes(mixing: Mapping[str, Any] | None) -> list[str]:
+    if mixing is None:
+        return []
+    return [f"FedDPA's inference mixing: the local adapter weighted by {mixing['feddpa_scale']:g} x the mean "
+            f"cosine similarity to {mixing['feddpa_k']} private reference subjects of the site, the "
+            "global adapter by 1 minus that."]
 
 
 def _privacy_lines(doc: Mapping[str, Any]) -> list[str]:

@@ -53,7 +53,8 @@ def cli_config(tmp_path: Path, *args: str):
 def test_shipped_templates_parse(tmp_path, name):
     study = parse_study(template_text(name), name, tmp_path)
     # the paper's setting adds FedDPA, the closest prior art; the demo keeps to three methods
-    assert set(study.methods) == {"duallora", "fedlora", "ffalora"} | ({"feddpa"} if name == "example" else set())
+    extra = {"feddpa"} if name == "example" else set()
+    assert set(study.methods) == {"duallora", "fedlora", "ffalora"} | extra
     assert study.seeds == (0, 1, 2, 3, 4)
     assert study.compare == {"test": "wilcoxon", "reference": "duallora", "metric": "balanced_accuracy"}
     assert study.prepare is not None and study.prepare["acdc"].startswith(str(tmp_path))

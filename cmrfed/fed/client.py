@@ -227,8 +227,7 @@ class Client:
         return {k: self.state[k] for k in self._model_keys}
 
     def _activate(self, model: nn.Module, groups: frozenset[str]) -> list[nn.Parameter]:
-        """Load this client's tensors and mark exactly ``groups`` trainable."""
-        load_into(model, self._model_state())
+        """Mark exactly ``groups`` trainable; returns their parameters."""
         trainable = []
         for name, param in model.named_parameters():
             train_it = self._groups.get(name) in groups
@@ -266,6 +265,7 @@ class Client:
         DP-SGD: Poisson batches, per-sample clipping and seeded noise (cmrfed/fed/privacy.py),
         each phase a step count of its own in the plan.
         """
+        load_into(model, self._model_state())  # once: a phase trains on from the one before
         total_loss, seen = 0.0, 0
         for number, phase in enumerate(self.spec.phases):
             groups = self.spec.phase_groups(phase)

@@ -9,13 +9,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from conftest import SMALL_SHAPE, quiet_console
 
 from cmrfed import paths
+from cmrfed.cli import cli
 from cmrfed.errors import UsageError
 from cmrfed.fed import inprocess
 from cmrfed.fed.client import Client, SplitTensors, TrainConfig
 from cmrfed.fed.config import FederateConfig
+from cmrfed.fed.flower import federate_config_of, run_config_of
 from cmrfed.fed.methods import GLOBAL, HEAD, LOCAL, METHODS, PRIVATE, REFERENCE, SHARED, resolve_method
 from cmrfed.fed.mixing import SIMILARITY, instance_weight
 from cmrfed.fed.privacy import plan_run
@@ -25,6 +28,7 @@ from cmrfed.fed.wire import decode
 from cmrfed.fed.wire import encode as real_encode
 from cmrfed.model.classifier import param_group
 from cmrfed.model.lora import lora_layers, set_active_adapters
+from cmrfed.study.config import parse_study
 
 CPU = torch.device("cpu")
 LOCAL_GROUPS = {"local.A", "local.B"}
@@ -298,3 +302,15 @@ def test_a_feddpa_run_sends_no_reference_and_averages_uniformly(small_prepared, 
     last = inprocess.read_checkpoint(out)[1]
     for site in sites:
         assert last[f"client:{site}"][REFERENCE].shape[0] == 3
+
+
+def test_the_options_reach_a_study_flower_and_the_command_line(tmp_path):
+    text = ('[data]\nprepared = "p"\n[federate]\naggregate = "uniform"\nfeddpa-scale = 0.25\n'
+            'feddpa-k = 3\n[grid]\nmethods = ["duallora", "feddpa"]\n')
+    base = parse_study(text, "s.toml", tmp_path).base
+    assert (base.aggregate, base.feddpa_scale, base.feddpa_k) == ("uniform", 0.25, 3)
+    cfg = FederateConfig(data="x", method="feddpa", aggregate="uniform", feddpa_scale=0.25, feddpa_k=3)
+    assert federate_config_of(run_config_of(cfg, tmp_path / "RUN", sites=2)) == cfg
+    result = CliRunner().invoke(cli, ["federate", "--data", str(tmp_path), "--method", "feddpa",
+                                      "--feddpa-k", "0", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "--feddpa-k 0: must be at least 1" in result.output

@@ -90,10 +90,12 @@ class LoRAAdapter(nn.Module):
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus named LoRA adapters: ``x W^T + b + sum_active delta_a(x)``.
+    """A frozen linear layer plus named LoRA adapters: ``x W^T + b + sum_active w_a delta_a(x)``.
 
     ``weight`` and ``bias`` are the wrapped layer's own Parameters, registered under the same
-    names, so the state_dict keys of the backbone do not change when LoRA is injected.
+    names, so the state_dict keys of the backbone do not change when LoRA is injected. Which
+    adapters are active, and their weights ``w_a`` (1 unless set; FedDPA mixes its two adapters
+    with per-instance weights), are set for the whole model by :func:`set_active_adapters`.
     """
 
     def __init__(self, base: nn.Linear) -> None:

@@ -68,15 +68,16 @@ def synth(out: str, seed: int, subjects: int, shape: str, frames: int | None,
 
 
 @cli.command(params=[*declared.PREPARE])
-def prepare(acdc: str | None, mnms: str | None, mnms2: str | None, out: str, spacing: str, shape: str,
-            split: str, seed: int, workers: int, skip_invalid: bool, overwrite: bool,
-            tables: str | None) -> None:
-    """Read ACDC / M&Ms-1 / M&Ms-2 as downloaded into per-vendor HDF5 shards + manifest.json."""
+def prepare(acdc: str | None, mnms: str | None, mnms2: str | None, csv: tuple[str, ...], out: str,
+            spacing: str, shape: str, split: str, seed: int, workers: int, skip_invalid: bool,
+            overwrite: bool, tables: str | None) -> None:
+    """Read ACDC / M&Ms-1 / M&Ms-2 as downloaded, and sites listed in CSVs, into per-client HDF5
+    shards + manifest.json."""
 
     from cmrfed.data.prepare import prepare as run_prepare
 
     run_prepare(declared.prepare_options(dict(
-        out=out, acdc=acdc, mnms=mnms, mnms2=mnms2, spacing=spacing, shape=shape, split=split,
+        out=out, acdc=acdc, mnms=mnms, mnms2=mnms2, csv=csv, spacing=spacing, shape=shape, split=split,
         seed=seed, workers=workers, skip_invalid=skip_invalid, overwrite=overwrite, tables=tables,
     )))
 

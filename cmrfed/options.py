@@ -55,6 +55,8 @@ SYNTH: list[click.Parameter] = [
     click.Option(["--shape"], default="96,96,8", show_default=True,
                  help="Nominal matrix x,y,z (each vendor's protocol scales it)."),
     click.Option(["--frames"], default=None, type=int, help="Cine frames for all [per-vendor range]."),
+    click.Option(["--site"], default=None,
+                 help="Write instead a hospital site of this name: a CSV plus DICOM series (prepare --csv)."),
     click.Option(["--overwrite"], is_flag=True, help="Replace an existing OUT folder."),
 ]
 

@@ -32,6 +32,7 @@ import nibabel as nib
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from rich.table import Table
 
 from cmrfed import paths
 from cmrfed.atomic import atomic_dir, write_json
@@ -263,3 +264,14 @@ def _write_csv(path: Path, site: str, subjects: Sequence[SiteSubject], rng: np.r
             frames = (s.ed, s.es) if n % 2 else ("", "")
             writer.writerow((s.subject, site, s.pathology, s.subject, f"{s.subject}_seg.nii.gz", *frames,
                              s.series, s.vendor, int(rng.integers(18, 85))))
+
+
+def site_table(out: Path, site: str, subjects: Sequence[SiteSubject]) -> Table:
+    """Subjects per vendor and label of a written site, for the CLI to print."""
+    table = Table(title=f"synthetic site {site} in {out}: prepare it with --csv {out / CSV_NAME}")
+    for column in ("vendor", "normal", "abnormal"):
+        table.add_column(column, justify="left" if column == "vendor" else "right")
+    for vendor in dict.fromkeys(s.vendor for s in subjects):
+        labels = [s.label for s in subjects if s.vendor == vendor]
+        table.add_row(vendor, str(labels.count(0)), str(labels.count(1)))
+    return table

@@ -69,8 +69,9 @@ def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]],
     if not any(c in header for c in LABEL_COLUMNS):
         missing.append("label or pathology")
     if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(repr(m) for m in missing)}; found"
-                        f" {header}. A site CSV needs subject, site, label or pathology, and image")
+        named = ", ".join(repr(m) for m in missing)
+        raise DataError(f"{path} row 1 (the header): missing column(s) {named}; found {header}. A site"
+                        " CSV needs subject, site, label or pathology, and image")
     return header, rows, raw
 
 

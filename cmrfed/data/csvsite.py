@@ -32,7 +32,7 @@ import re
 from pathlib import Path
 
 from cmrfed.data.layouts import DatasetScan, FrameSource, Invalid, Subject
-from cmrfed.data.tables import SITE_LABELS, Tables
+from cmrfed.data.tables import CLIENT_NAME, CLIENT_NAME_RULE, SITE_LABELS, Tables
 from cmrfed.errors import DataError
 
 DATASET = SITE_LABELS
@@ -41,7 +41,6 @@ LABEL_COLUMNS = ("label", "pathology")
 COLUMNS = ("subject", "site", "label", "pathology", "image", "ed", "es", "seg", "lv_label", "series",
            "vendor")
 DEFAULT_LV_LABEL = 1
-SITE_NAME = re.compile(r"[a-z][a-z0-9_]*")
 SUBJECT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 LABELS = {"0": 0, "1": 1}
 
@@ -108,9 +107,8 @@ def _existing(base: Path, text: str, column: str) -> Path:
 
 def _subject(row: dict[str, str], path: Path, tables: Tables, number: int, where: str) -> Subject:
     site, name = row.get("site", ""), row.get("subject", "")
-    if not SITE_NAME.fullmatch(site):
-        raise DataError(f"site {site!r} is not a lowercase identifier (a-z, 0-9, _; a letter first);"
-                        " it names the client")
+    if not CLIENT_NAME.fullmatch(site):
+        raise DataError(f"site {site!r} is not {CLIENT_NAME_RULE}")
     if not SUBJECT_NAME.fullmatch(name):
         raise DataError(f"subject {name!r} is not a name of letters, digits, '.', '_' or '-'")
     label, pathology = _label(row, tables, path)

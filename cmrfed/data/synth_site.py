@@ -38,6 +38,7 @@ from cmrfed import paths
 from cmrfed.atomic import atomic_dir, write_json
 from cmrfed.data.nifti import read_nifti
 from cmrfed.data.synth import write_synthetic_cohort
+from cmrfed.data.tables import CLIENT_NAME, CLIENT_NAME_RULE
 from cmrfed.errors import UsageError
 from cmrfed.lock import folder_lock
 from cmrfed.outputs import COHORT
@@ -218,21 +219,14 @@ def _export_subject(out: Path, site: str, subject_id: str, cohort_subject: Path,
     return ed, es, series
 
 
-def _check_site(site: str) -> None:
-    from cmrfed.data.csvsite import SITE_NAME
-
-    if not SITE_NAME.fullmatch(site):
-        raise UsageError(f"--site {site!r}: a site name is a lowercase identifier (a-z, 0-9, _; a letter"
-                         " first); it names the client")
-
-
 def write_synthetic_site(out: str | Path, site: str, seed: int = 0, subjects: int = 24,
                          shape: tuple[int, int, int] = (96, 96, 8), frames: int | None = None,
                          overwrite: bool = False) -> list[SiteSubject]:
     """Write a synthetic site ``site`` under ``out``: ``site.csv`` and, per subject, a folder of
     DICOM files (the cine and a survey series) and a 4-D label NIfTI. ``subjects``, ``shape``,
     ``frames`` and ``seed`` are those of the cohort it is drawn from (module docstring)."""
-    _check_site(site)
+    if not CLIENT_NAME.fullmatch(site):
+        raise UsageError(f"--site {site!r}: not {CLIENT_NAME_RULE}")
     out = Path(out)
     with folder_lock(out), atomic_dir(out, overwrite=overwrite, kind=COHORT) as tmp:
         scratch = tmp / ".cohort"

@@ -6,6 +6,7 @@ without touching code. Every lookup failure names the dataset, the value and the
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -16,6 +17,8 @@ from cmrfed.errors import DataError, UsageError
 
 DATASETS: tuple[str, ...] = ("acdc", "mnms", "mnms2")
 SITE_LABELS = "csv"  # the pathology table of sites listed in a CSV (optional in a --tables copy)
+CLIENT_NAME = re.compile(r"[a-z][a-z0-9_]*")
+CLIENT_NAME_RULE = "a lowercase identifier (a-z, 0-9, _; a letter first); it names the client"
 NORMAL_CODE = "NOR"
 _WILDCARD = "*"
 _REQUIRED_LAYOUT_KEYS = {

@@ -225,6 +225,7 @@ BASE_ROW = {"subject": "p01", "site": "hospital_a", "pathology": "NOR", "image":
 BAD = {
     # name: (damage to the series folder, row changes, needle)
     "missing-image": (None, {"image": "nowhere"}, "image 'nowhere'"),
+    "absolute-path": (None, {"image": "/p01"}, "give the path relative to the CSV"),
     "several-series": (_second_series, {}, "holds 2 series"),
     "missing-slice": (_missing_slice, {}, "not evenly spaced"),
     "missing-phase": (lambda f: _by_position(f)[(2, 3)].unlink(), {}, "miss phases"),
@@ -256,6 +257,16 @@ def test_bad_input_names_row_and_subject_and_writes_nothing(case, small_series, 
     assert f"{table} row 3 (subject 'p01')" in text and needle in text, text
     assert "Traceback" not in text
     assert not out.exists() and not list(tmp_path.glob(".prepared*"))
+
+
+def test_series_column_picks_the_cine_beside_other_series(small_series, tmp_path):
+    shutil.copytree(small_series, tmp_path / "p01")
+    uid = str(pydicom.dcmread(next((tmp_path / "p01").iterdir())).SeriesInstanceUID)
+    _second_series(tmp_path / "p01")
+    _edit(tmp_path / "p01" / "survey0", NumberOfFrames=5)  # an enhanced file of the other series: not read
+    table = write_csv(tmp_path / "site.csv", [{**BASE_ROW, "series": uid}])
+    out = run_prepare(tmp_path / "prepared", csv=(table,))
+    assert [s.subject_id for s in load_manifest(out).subjects] == ["hospital_a_p01"]
 
 
 @pytest.mark.parametrize("case", ["duplicate-subject", "missing-columns"])
@@ -355,3 +366,16 @@ def test_fingerprints_of_small_images_of_other_sizes_compare():
     small, other = (rng.integers(0, 255, (2, *shape), dtype=np.uint8) for shape in ((15, 14, 6), (30, 30, 3)))
     assert fingerprint(small).shape == fingerprint(other).shape == (16 * 16 * 4,)
     assert fingerprint(small) @ fingerprint(small) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("given", ['"site_a.csv"', '["site_a.csv", "site_b.csv"]'])
+def test_study_prepare_table_takes_site_csvs(tmp_path, given):
+    from cmrfed.options import prepare_options
+    from cmrfed.study.config import parse_study
+
+    text = f'[prepare]\ncsv = {given}\nacdc = "acdc"\n[grid]\nmethods = ["duallora", "fedlora"]\n'
+    study = parse_study(text, "study.toml", tmp_path)
+    expected = [str(tmp_path / name) for name in ("site_a.csv", "site_b.csv")][: given.count(".csv")]
+    assert list(study.prepare["csv"]) == expected
+    options = prepare_options({**study.prepare, "out": str(tmp_path / "prepared"), "overwrite": False})
+    assert options.csv == tuple(Path(p) for p in expected)

@@ -99,6 +99,8 @@ def _label(row: dict[str, str], tables: Tables, path: Path) -> tuple[int, str]:
 
 
 def _existing(base: Path, text: str, column: str) -> Path:
+    if Path(text).is_absolute():
+        raise DataError(f"{column} {text!r}: give the path relative to the CSV's folder ({base})")
     path = base / text
     if not path.exists():
         raise DataError(f"{column} {text!r}: {path} not found (paths are relative to the CSV)")

@@ -85,9 +85,22 @@ def _optional_number(dataset: Dataset, keyword: str) -> float | None:
         return None
 
 
-def _read_header(path: Path) -> _Image | None:
-    """The file as an image of the series, or None when it is no DICOM image (a DICOMDIR, a
-    text file, a report): exports put such files beside the images."""
+@dataclass(frozen=True)
+class _File:
+    """One DICOM image file of the folder, before its series is chosen."""
+
+    path: Path
+    dataset: Dataset
+    sha256: str
+
+    @property
+    def series(self) -> str:
+        return str(self.dataset.get("SeriesInstanceUID", ""))
+
+
+def _read_file(path: Path) -> _File | None:
+    """The file as an image, or None when it is no DICOM image (a DICOMDIR, a text file, a
+    report): exports put such files beside the images."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -98,9 +111,15 @@ def _read_header(path: Path) -> _Image | None:
         return None
     except (ValueError, TypeError, KeyError, OSError) as exc:
         raise DataError(f"{path}: not a readable DICOM file ({exc}); re-export the series") from exc
-    sop_class = str(dataset.get("SOPClassUID", ""))
-    if sop_class == _DIRECTORY_SOP_CLASS or "PixelData" not in dataset:
+    if str(dataset.get("SOPClassUID", "")) == _DIRECTORY_SOP_CLASS or "PixelData" not in dataset:
         return None
+    return _File(path, dataset, hashlib.sha256(raw).hexdigest())
+
+
+def _image(file: _File) -> _Image:
+    """A file of the chosen series with its place on the grid; enhanced files are refused."""
+    path, dataset = file.path, file.dataset
+    sop_class = str(dataset.get("SOPClassUID", ""))
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     if sop_class in _ENHANCED or frames > 1:
         kind = _ENHANCED.get(sop_class, f"{frames} frames in one file")
@@ -111,7 +130,7 @@ def _read_header(path: Path) -> _Image | None:
         raise DataError(f"{path}: PixelSpacing {list(spacing)} is not two positive numbers")
     instance = _optional_number(dataset, "InstanceNumber")
     return _Image(
-        path=path, dataset=dataset, sha256=hashlib.sha256(raw).hexdigest(),
+        path=path, dataset=dataset, sha256=file.sha256,
         orientation=_float_list(dataset, "ImageOrientationPatient", 6, path),
         position=_float_list(dataset, "ImagePositionPatient", 3, path),
         pixel_spacing=(float(spacing[0]), float(spacing[1])),
@@ -126,28 +145,28 @@ def _series_of(folder: Path, series: str | None) -> list[_Image]:
     if not folder.is_dir():
         raise DataError(f"{folder}: DICOM folder not found")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-    by_series: dict[str, list[_Image]] = {}
+    by_series: dict[str, list[_File]] = {}
     for path in files:
-        image = _read_header(path)
-        if image is not None:
-            by_series.setdefault(str(image.dataset.get("SeriesInstanceUID", "")), []).append(image)
+        file = _read_file(path)
+        if file is not None:
+            by_series.setdefault(file.series, []).append(file)
     if not by_series:
         raise DataError(f"{folder}: holds no DICOM image files; point `image` at the cine's folder")
     if series is not None:
         if series not in by_series:
             raise DataError(f"{folder}: no series {series} here (found {', '.join(sorted(by_series))});"
                             " check the `series` column")
-        return by_series[series]
+        return [_image(file) for file in by_series[series]]
     if len(by_series) > 1:
-        found = "; ".join(f"{uid} ({_description(images)}, {len(images)} files)"
-                          for uid, images in sorted(by_series.items()))
+        found = "; ".join(f"{uid} ({_description(chosen)}, {len(chosen)} files)"
+                          for uid, chosen in sorted(by_series.items()))
         raise DataError(f"{folder}: holds {len(by_series)} series ({found}); put the cine's"
                         " SeriesInstanceUID in the CSV's `series` column")
-    return next(iter(by_series.values()))
+    return [_image(file) for file in next(iter(by_series.values()))]
 
 
-def _description(images: Sequence[_Image]) -> str:
-    return str(images[0].dataset.get("SeriesDescription", "")) or "no description"
+def _description(files: Sequence[_File]) -> str:
+    return str(files[0].dataset.get("SeriesDescription", "")) or "no description"
 
 
 def _check_uniform(folder: Path, images: Sequence[_Image]) -> None:

@@ -221,6 +221,14 @@ def _enhanced(folder: Path) -> None:
     _edit(next(iter(sorted(folder.iterdir()))), NumberOfFrames=5)
 
 
+def _seg_with_one_labelled_frame(folder: Path) -> None:
+    volume = read_dicom_cine(folder)
+    labels = np.zeros(volume.array.shape, np.uint8)
+    labels[5:15, 5:15, :, 0] = 1
+    write_nifti(folder.parent / "seg.nii.gz", labels, DicomGeometry(volume.origin, volume.direction,
+                                                                     volume.spacing))
+
+
 BASE_ROW = {"subject": "p01", "site": "hospital_a", "pathology": "NOR", "image": "p01", "ed": 0, "es": 2}
 BAD = {
     # name: (damage to the series folder, row changes, needle)
@@ -235,6 +243,8 @@ BAD = {
                                             ImageOrientationPatient=["1", "0", "0", "0", "1", "0"]), {},
                             "ImageOrientationPatient changes within the series"),
     "enhanced": (_enhanced, {}, "enhanced multi-frame MR"),
+    "seg-gives-no-es": (_seg_with_one_labelled_frame, {"seg": "seg.nii.gz", "ed": "", "es": ""},
+                        "its label file does not give them (1 labelled frame(s), two needed)"),
     "es-out-of-range": (None, {"es": 9}, "ES index 9 is out of range 0..4"),
     "unknown-pathology": (None, {"pathology": "XYZ"}, "pathology 'XYZ' is not in the csv label table"),
     "site-not-identifier": (None, {"site": "Hospital A"}, "is not a lowercase identifier"),

@@ -355,6 +355,10 @@ def test_synth_site_writes_a_csv_and_dicom_site_that_prepares(tmp_path, monkeypa
     manifest = load_manifest(tmp_path / "prepared")
     assert manifest.clients == ("clinic",) and len(manifest.subjects) == len(rows)
     assert manifest.raw["inputs"]["csv"][0]["extra_columns"] == ["age"]
+    # DICOM read in worker processes gives the same shards
+    code, text = run_cli(monkeypatch, capsys, "prepare", "--csv", str(table), "--out",
+                         str(tmp_path / "prepared-2"), *FAST, "--workers", "2")
+    assert code == 0 and load_manifest(tmp_path / "prepared-2").shard_sha256 == manifest.shard_sha256, text
     # the same seed gives the same files
     code, _ = run_cli(monkeypatch, capsys, "synth", "--out", str(tmp_path / "again"), "--site", "clinic",
                       *args)

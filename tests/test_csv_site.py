@@ -25,6 +25,7 @@ from cmrfed.data.dicom import read_dicom_cine
 from cmrfed.data.prepare import PrepareOptions, prepare
 from cmrfed.data.shards import load_manifest
 from cmrfed.data.synth_site import DicomGeometry, oblique_geometry, write_dicom_cine, write_nifti
+from cmrfed.errors import DataError
 from cmrfed.fed import inprocess
 from cmrfed.fed.config import FederateConfig
 from cmrfed.paths import shard_path
@@ -292,6 +293,24 @@ def test_bad_csv_table(case, small_series, tmp_path, monkeypatch, capsys):
     code, text = run_cli(monkeypatch, capsys, "prepare", "--csv", str(table), "--out", str(out), *FAST)
     assert code == 1 and needle in text, text
     assert not out.exists() and not list(tmp_path.glob(".prepared*"))
+
+
+def test_pathology_codes_extend_with_tables(small_series, tmp_path):
+    shutil.copytree(small_series, tmp_path / "p01")
+    table = write_csv(tmp_path / "site.csv", [{**BASE_ROW, "pathology": "MYOC"}])
+    tables = tmp_path / "tables"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "data_manifests", tables)
+    labels = tables / "labels.toml"
+    labels.write_text(labels.read_text().replace("[csv]\n", "[csv]\nMYOC = 1  # myocarditis\n"))
+    out = run_prepare(tmp_path / "prepared", csv=(table,), tables=tables)
+    assert image_of(out, "hospital_a_p01")[1]["label"] == 1
+    # a tables copy from before site CSVs: codes fail with the fix named, 0/1 labels still work
+    labels.write_text(labels.read_text().split("[csv]")[0])
+    with pytest.raises(DataError, match=r"row 2 \(subject 'p01'\).*has no \[csv\] table"):
+        run_prepare(tmp_path / "again", csv=(table,), tables=tables)
+    write_csv(table, [{**BASE_ROW, "pathology": "", "label": 1}])
+    assert image_of(run_prepare(tmp_path / "labelled", csv=(table,), tables=tables), "hospital_a_p01")[1][
+        "label"] == 1
 
 
 def test_skip_invalid_lists_bad_rows(small_series, tmp_path, monkeypatch, capsys):

@@ -39,7 +39,8 @@ _WHAT = {3: "3-D short-axis volume (x, y, z)", 4: "4-D cine (x, y, z, t)"}
 
 @dataclass(frozen=True)
 class NiftiVolume:
-    """One file's voxels in stored (i, j, k[, t]) order, its spatial spacing in mm and its hash."""
+    """One volume in stored (i, j, k[, t]) order, its spacing in mm and its hash: a NIfTI file, or a
+    DICOM series (:mod:`cmrfed.data.dicom`; ``path`` its folder, ``sha256`` one over its files)."""
 
     path: Path
     array: np.ndarray
@@ -47,7 +48,7 @@ class NiftiVolume:
     sha256: str
     origin: tuple[float, float, float] = (0.0, 0.0, 0.0)  # ITK (LPS) world mm of voxel (0, 0, 0)
     direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)  # ITK, row-major
-    orientation_from: str = "SimpleITK"  # or "nibabel" where SimpleITK refused the header
+    orientation_from: str = "SimpleITK"  # "nibabel" where SimpleITK refused the header; "DICOM"
 
     @property
     def n_frames(self) -> int:

@@ -192,6 +192,7 @@ class SiteSubject:
 
 
 _RESCALE = {"philips": (1.5, -20.0)}  # Philips writes real-valued rescale; the others do not
+_MNMS_LV = 1  # the LV label of the cohort's M&Ms-1 files, the CSV's default lv_label
 _SECOND_SERIES = "localizer"
 
 
@@ -201,7 +202,7 @@ def _export_subject(out: Path, site: str, subject_id: str, cohort_subject: Path,
     cine = read_nifti(cohort_subject / f"{subject_id}_sa.nii.gz", ndim=4)
     labels = read_nifti(cohort_subject / f"{subject_id}_sa_gt.nii.gz", ndim=4, labels=True).array
     labelled = [t for t in range(labels.shape[3]) if labels[..., t].any()]
-    lv = [int((labels[..., t] == 1).sum()) for t in labelled]
+    lv = [int((labels[..., t] == _MNMS_LV).sum()) for t in labelled]
     ed, es = (labelled[0], labelled[1]) if lv[0] >= lv[1] else (labelled[1], labelled[0])
     geometry = oblique_geometry(rng, cine.spacing, cine.array.shape[:3])
     slope, intercept = _RESCALE.get(client, (1.0, 0.0))

@@ -50,12 +50,22 @@ _DIRECTORY_SOP_CLASS = "1.2.840.10008.1.3.10"  # DICOMDIR: an index of the expor
 
 
 @dataclass(frozen=True)
-class _Image:
-    """One single-frame image file: where it sits and what it holds (pixels read later)."""
+class _File:
+    """One DICOM image file of the folder, before its series is chosen."""
 
     path: Path
     dataset: Dataset
     sha256: str
+
+    @property
+    def series(self) -> str:
+        return str(self.dataset.get("SeriesInstanceUID", ""))
+
+
+@dataclass(frozen=True)
+class _Image(_File):
+    """A file of the chosen series with its place on the grid (pixels decoded later)."""
+
     orientation: np.ndarray  # (6,) row cosine then column cosine
     position: np.ndarray  # (3,) ImagePositionPatient, LPS mm
     pixel_spacing: tuple[float, float]  # (between rows, between columns)
@@ -83,19 +93,6 @@ def _optional_number(dataset: Dataset, keyword: str) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
-
-
-@dataclass(frozen=True)
-class _File:
-    """One DICOM image file of the folder, before its series is chosen."""
-
-    path: Path
-    dataset: Dataset
-    sha256: str
-
-    @property
-    def series(self) -> str:
-        return str(self.dataset.get("SeriesInstanceUID", ""))
 
 
 def _read_file(path: Path) -> _File | None:

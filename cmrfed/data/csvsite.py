@@ -127,8 +127,8 @@ def _subject(row: dict[str, str], path: Path, tables: Tables, number: int, where
     if ed is None and seg is None:
         raise DataError("no ed/es and no seg to find them in; give ed and es (0-based frames)")
     lv_text = row.get("lv_label", "")
-    if lv_text and not lv_text.isdigit():
-        raise DataError(f"lv_label {lv_text!r} is not a label value (a non-negative integer)")
+    if lv_text and (not lv_text.isdigit() or int(lv_text) == 0):
+        raise DataError(f"lv_label {lv_text!r} is not a label value (a positive integer; 0 is background)")
     return Subject(
         subject_id=f"{site}_{name}",
         dataset=DATASET,

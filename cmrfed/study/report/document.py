@@ -20,7 +20,7 @@ from cmrfed import paths
 from cmrfed.eval.compare import MethodSummary, MetricSummary, TestRow, summarise_methods, summarise_values
 from cmrfed.eval.report import FIGURES, ComparisonResult, json_ready
 from cmrfed.eval.run_evaluation import load_evaluation
-from cmrfed.fed.methods import resolve_method
+from cmrfed.fed.methods import REFERENCE, resolve_method
 from cmrfed.fed.privacy import run_privacy
 from cmrfed.provenance import versions
 from cmrfed.study.config import StudyConfig, grid_settings
@@ -39,8 +39,11 @@ PARTICIPATION = (("held_out", "held out, zero-shot"), ("adapted", "after adapt")
 
 
 def _numel(path: Path) -> int:
+    """Scalars of the tensors of a file, but a mixing rule's reference representations (kept by
+    the site, not trained: FedDPA's)."""
     with safe_open(str(path), framework="pt") as handle:
-        return int(sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys()))  # noqa: SIM118
+        return int(sum(math.prod(handle.get_slice(k).get_shape())
+                       for k in handle.keys() if k != REFERENCE))  # noqa: SIM118
 
 
 def trainable_parameters(run: Path) -> int:

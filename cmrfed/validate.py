@@ -147,12 +147,9 @@ def _check_path(param: click.Parameter, value: str) -> str | None:
 
 
 def _check_backbone(value: str) -> str | None:
-    from cmrfed.model.cinema import HUB_SCHEME, SIZES
+    from cmrfed.model.cinema import backbone_problem  # the model decides which backbones exist
 
-    if value in SIZES or value.startswith(HUB_SCHEME) or Path(value).expanduser().is_file():
-        return None
-    return (f"--backbone {value!r}: not a size ({', '.join(SIZES)}), a CineMA .safetensors file "
-            "or hf://owner/repo/file")
+    return backbone_problem(value)
 
 
 def _check_method(value: str) -> str | None:

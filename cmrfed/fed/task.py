@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from cmrfed.data.augment import augment_spec
-from cmrfed.data.shards import Manifest, load_split, verify_shard
+from cmrfed.data.shards import SPLITS, Manifest, load_split, verify_shard
 from cmrfed.errors import UsageError
 from cmrfed.fed.cache import CacheKey, ViewsKey, load_or_compute, load_or_compute_views
 from cmrfed.fed.client import Client, SplitTensors, TrainConfig, state_of
@@ -25,8 +25,6 @@ from cmrfed.fed.windows import split_tensors
 from cmrfed.model.cinema import backbone_fingerprint, load_backbone
 from cmrfed.model.classifier import CineMAClassifier, tensor_group
 from cmrfed.model.lora import AdapterSpec, inject_lora
-
-SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -41,8 +39,14 @@ class RunModel:
     fingerprint: str  # of the frozen backbone weights, before injection
 
 
+DEVICES = ("auto", "cpu", "cuda")
+"""What ``--device`` accepts: :func:`resolve_device` turns each into a torch device."""
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present."""
+    if name not in DEVICES:
+        raise UsageError(f"--device {name!r}: choose one of {', '.join(DEVICES)}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

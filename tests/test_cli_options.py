@@ -34,7 +34,6 @@ BAD_TEXT: dict[str, list[str]] = {
     "blocks": ["0", "some"],
     "targets": ["", "q,nope"],
     "backbone": ["huge"],
-    "reference": ["fedprox"],
 }
 """Bad values of text options, by parameter name."""
 

@@ -1,7 +1,13 @@
-"""Shared fixtures: one small synthetic cohort, prepared once per test session.
+"""Shared fixtures: one small synthetic cohort, prepared once per test session; and the test tiers.
 
 Built with the real stages (synth -> prepare) in the real on-disk layouts; small shapes keep the
 whole suite fast on two CPU cores.
+
+Tiers: a test that uses a generated cohort (any fixture in :data:`GENERATED`, directly or through
+another fixture) or runs over Flower is marked ``e2e`` here, so the fast tier
+(``pytest -m "not e2e"``) is what is left; a test that starts a subprocess says
+``@pytest.mark.e2e`` itself. Every ``e2e`` test gets the longer :data:`E2E_TIMEOUT_S` unless it
+names its own ``timeout``.
 """
 
 from __future__ import annotations
@@ -20,6 +26,28 @@ from cmrfed.data.synth import write_synthetic_cohort
 DATA = Path(__file__).parent / "data"
 SMALL_SHAPE = (32, 32, 4)
 SMALL_SPACING = (4.0, 4.0, 10.0)
+
+
+GENERATED = frozenset({
+    "small_prepared",  # this file: the shared cohort, synthesised and prepared
+    "prep_synth",  # tests/test_prepare.py: a synthetic cohort for prepare
+    "cohort",  # tests/test_synth.py (the default cohort) and tests/test_flower.py
+    "flower_recipe",  # tests/test_robustness.py: the Flower recipe's cohort, prepared
+})
+"""Fixtures that build a generated cohort: every test using one is end to end."""
+
+E2E_TIMEOUT_S = 900
+"""Per-test limit of an ``e2e`` test (the fast tier's is ``timeout`` in pyproject.toml): a study
+killed and resumed seven times takes minutes on two busy cores; a hang still fails."""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if GENERATED & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("flower"):
+            item.add_marker(pytest.mark.e2e)
+        if item.get_closest_marker("e2e") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(E2E_TIMEOUT_S))
 
 
 def quiet_console() -> Console:

@@ -75,7 +75,8 @@ def _text_params() -> list[tuple[str, str]]:
 
 
 CASES = [
-    pytest.param(path, param.name, value, id=f"{' '.join(path)} {option_name(param)}={value or repr(value)}")
+    pytest.param(path, param.name, value, id=f"{' '.join(path)} {option_name(param)}={value or repr(value)}",
+                 marks=[pytest.mark.e2e] if value == "{ro}" else [])  # read-only: a subprocess
     for path, command in COMMANDS for param in command.params for value in bad_values(param)
 ]
 

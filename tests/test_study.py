@@ -320,7 +320,7 @@ def _eval(out: Path) -> dict[str, dict]:
     return docs
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_study_killed_at_every_point_resumes_to_the_uninterrupted_result(small_prepared, tmp_path):
     """Every method of the table in the grid; one SIGKILL per point of KILL_CHAIN, each followed by
     `--resume` (which the next point kills again), then a last `--resume` that finishes."""

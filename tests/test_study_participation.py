@@ -167,7 +167,7 @@ def test_participation_keys_are_checked(small_prepared, tmp_path):
     assert not (tmp_path / "out" / "runs").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_study_killed_while_a_newcomer_adapts_resumes_to_the_same_numbers(small_prepared, tmp_path):
     file = tmp_path / "one-seed.toml"
     file.write_text(participation_text(small_prepared, seeds="[0]"))

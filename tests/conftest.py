@@ -22,6 +22,8 @@ from safetensors.torch import save_file
 
 from cmrfed.data.prepare import PrepareOptions, prepare
 from cmrfed.data.synth import write_synthetic_cohort
+from cmrfed.study.config import load_study
+from cmrfed.study.runner import StudyResult, run_study
 
 DATA = Path(__file__).parent / "data"
 SMALL_SHAPE = (32, 32, 4)
@@ -94,3 +96,39 @@ def finetuned_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A file in the layout of a SAX classifier fine-tuned by CineMA's own code."""
     path = tmp_path_factory.mktemp("ckpt") / "finetuned_sax.safetensors"
     return write_random_checkpoint(path, key_table("cinema_finetuned_sax_keys.json"), seed=2)
+
+
+# --- a study at toy size, shared by the study and report tests ---------------------------------
+
+
+def study_text(prepared: Path, methods=("duallora", "fedlora", "ffalora"), blocks="[1, 2]",
+               seeds="[0, 1]", rounds: int = 2) -> str:
+    return f"""
+[data]
+prepared = "{prepared}"
+[federate]
+backbone = "tiny"
+rounds = {rounds}
+local-epochs = 1
+batch-size = 8
+device = "cpu"
+[grid]
+methods = {json.dumps(list(methods))}
+seeds = {seeds}
+blocks = {blocks}
+ranks = [2]
+[evaluate]
+n-boot = 50
+[report]
+title = "toy study"
+"""
+
+
+@pytest.fixture(scope="session")
+def toy_study(small_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, StudyResult]:
+    """A study at toy size (3 methods x 2 seeds x 2 block settings), run once: its files and result."""
+    root = tmp_path_factory.mktemp("study")
+    file = root / "toy.toml"
+    file.write_text(study_text(small_prepared), encoding="utf-8")
+    result = run_study(load_study(file), root / "out", console=quiet_console())
+    return file, result

@@ -11,6 +11,11 @@ see cmrfed/faults.py), one after the other, each time resuming what the previous
 
 The result must equal an uninterrupted run: every tensor file (final and best), every rounds.jsonl
 field except the wall time, and the evaluation's metrics and predictions.
+
+The runs pin CineMA's training recipe (augmented views, warm-up + cosine lr, label smoothing,
+selection on MCC) rather than take the defaults, so resume keeps being proven with the recipe on
+whatever the defaults become (this absorbed the in-process test_resume_recipe.py, whose interrupt
+was weaker than these kills).
 """
 
 from __future__ import annotations
@@ -35,7 +40,10 @@ from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.methods import METHODS
 
 ROUNDS = 3
-OPTIONS = {"rounds": ROUNDS, "local_epochs": 1, "batch_size": 8, "rank": 2, "lr": 5e-3, "seed": 7}
+OPTIONS = {"rounds": ROUNDS, "local_epochs": 1, "batch_size": 8, "rank": 2, "lr": 5e-3, "seed": 7,
+           # CineMA's recipe, pinned
+           "augment": "cinema", "augment_views": 2, "schedule": "cosine", "warmup_rounds": 1.0,
+           "label_smoothing": 0.1, "select": "mcc"}
 
 # (method, head): every method of the table, and the ``--head local`` variant of every federated one
 CASES = [(name, "shared") for name in METHODS] + [
@@ -101,8 +109,14 @@ def test_resume_after_kills_at_every_point_equals_an_uninterrupted_run(small_pre
     for name, tensors in expected.items():
         assert tensors.keys() == got[name].keys(), name
         assert all(torch.equal(tensors[k], got[name][k]) for k in tensors), name
-    assert _rounds_without_time(killed) == _rounds_without_time(reference)
+    records = _rounds_without_time(reference)
+    assert _rounds_without_time(killed) == records
+    assert [r["round"] for r in records] == list(range(1, ROUNDS + 1))
+    assert all(r["select"] == "mcc" and "mean_val_mcc" in r and "mean_val_balanced_accuracy" in r
+               for r in records)
     run_info = [json.loads(paths.run_config_path(r).read_text()) for r in (reference, killed)]
     assert run_info[0]["config"] == run_info[1]["config"]
     assert run_info[0]["result"] == run_info[1]["result"]
+    assert run_info[0]["result"]["selected_by"] == "mcc" and "best_mean_val_balanced_accuracy" in run_info[0][
+        "result"]
     assert _evaluation(killed) == _evaluation(reference)

@@ -7,8 +7,11 @@ the reader would see:
 
 - no Markdown survives in the rendered text (``## heading``, ``| a | b |`` rows, ``|---|``
   rules, ``**bold**``, `` `code` ``, ``[link](url)``): every section is HTML;
-- nothing is wider than the window, and every table either fits its container or scrolls
-  inside it, so no column is cut off.
+- nothing is wider than the window, every table either fits its container or scrolls inside
+  it, so no column is cut off, and at 1400 px the main table fits whole (its bytes columns in
+  sight).
+
+A fast test renders the report's Markdown sections (a DP table included) to HTML without a browser.
 
 Skipped when no Chromium is installed, except where ``CMRFED_REQUIRE_CHROMIUM=1`` (CI, which
 installs Debian's ``chromium``) makes that a failure.
@@ -27,6 +30,8 @@ from pathlib import Path
 import pytest
 
 from cmrfed import paths
+from cmrfed.fed.privacy import privacy_markdown
+from cmrfed.study.report.page import section_html
 
 WIDTH, HEIGHT = 1400, 2400
 CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
@@ -122,6 +127,11 @@ def test_report_reads_as_html_and_no_table_is_cut_off(chromium, toy_study, tmp_p
         assert table["scrolls"] or table["content"] <= table["box"] + 1, (
             f"{where} is {table['content']} px wide in a {table['box']} px box that does not scroll")
 
+    main = found["tables"][0]
+    assert main["content"] <= main["box"] + 1, (
+        f"the main table is {main['content']} px wide in a {main['box']} px page: its last columns "
+        "(the bytes) are out of sight")
+
     shot = tmp_path / "report.png"  # the artefact: the page as the reader sees it
     done = _chromium(f"--screenshot={shot}", page.as_uri(), profile=tmp_path / "profile-shot")
     assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
@@ -133,3 +143,21 @@ def test_report_reads_as_html_and_no_table_is_cut_off(chromium, toy_study, tmp_p
     # not a blank page: text, table rules and the embedded figures' colours are on it
     assert (rgb.min(axis=2) < 0.5).mean() > 0.01
     assert (rgb.std(axis=2) > 0.1).mean() > 0.001  # coloured pixels: the figures' lines and bars
+
+
+def test_markdown_sections_become_html_tables_and_text():
+    """The DP section with DP runs (a pipe table) and the one without: HTML, no Markdown left."""
+    site = {"epsilon": 2.91, "noise_multiplier": 1.12, "sample_rate": 0.25, "steps": 12, "delta": 1e-5}
+    summary = {"target_epsilon": 3.0, "clip": 1.0, "accountant": "rdp", "sites": {"ge": site, "canon": site}}
+    runs = [("duallora", 0, "dp-run"), ("fedlora", 0, "plain-run")]
+    for lines in (privacy_markdown(runs, {"dp-run": summary, "plain-run": None}),
+                  privacy_markdown(runs, {})):
+        page = "\n".join(section_html(lines))
+        assert page.startswith("<h2>Differential privacy (per site, whole run)</h2>")
+        text = unescape(re.sub(r"<[^>]+>", "\n", page))
+        leftovers = {kind: found for kind, pattern in MARKDOWN.items() if (found := pattern.findall(text))}
+        assert not leftovers, leftovers
+    dp = section_html(privacy_markdown(runs, {"dp-run": summary, "plain-run": None}))
+    table = next(part for part in dp if "<table>" in part)
+    assert table.count("<tr") == 3 and "<th>target eps</th>" in table and "<td>not DP</td>" in table
+    assert "---" not in table

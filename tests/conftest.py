@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from cmrfed import paths
 from cmrfed.data.prepare import PrepareOptions, prepare
 from cmrfed.data.synth import write_synthetic_cohort
 from cmrfed.study.config import load_study
@@ -96,6 +97,33 @@ def finetuned_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A file in the layout of a SAX classifier fine-tuned by CineMA's own code."""
     path = tmp_path_factory.mktemp("ckpt") / "finetuned_sax.safetensors"
     return write_random_checkpoint(path, key_table("cinema_finetuned_sax_keys.json"), seed=2)
+
+
+# --- one proof that two runs are the same (resume, kills) ---------------------------------------
+
+
+def tensor_files(root: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every finished tensor file under a RUN (or a STUDY's runs), by path relative to ``root``:
+    final, best and private; no checkpoint, no temporary."""
+    files = sorted(p for p in root.rglob("*.safetensors")
+                   if "checkpoint" not in p.relative_to(root).parts and ".tmp-" not in str(p))
+    return {str(p.relative_to(root)): load_file(str(p)) for p in files}
+
+
+def assert_same_tensors(reference: Path, other: Path) -> None:
+    """The two folders hold the same tensor files, each with the same names and the same bits."""
+    expected, got = tensor_files(reference), tensor_files(other)
+    assert expected and expected.keys() == got.keys()
+    for name, tensors in expected.items():
+        assert tensors.keys() == got[name].keys(), name
+        for key, tensor in tensors.items():
+            assert torch.equal(tensor, got[name][key]), (name, key)
+
+
+def rounds_without_time(run: Path) -> list[dict]:
+    """The run's rounds.jsonl records without the wall time (the one field a resume may change)."""
+    lines = paths.rounds_log_path(run).read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "wall_s"} for line in lines]
 
 
 # --- a study at toy size, shared by the study and report tests ---------------------------------

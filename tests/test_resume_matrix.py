@@ -28,9 +28,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import quiet_console
-from safetensors.torch import load_file
+from conftest import assert_same_tensors, quiet_console, rounds_without_time
 
 from cmrfed import paths
 from cmrfed.eval.evaluate_run import evaluate_run
@@ -66,19 +64,6 @@ def _cli_args(prepared: Path, out: Path, method: str, head: str) -> list[str]:
     return args
 
 
-def _tensor_files(run: Path) -> dict[str, dict[str, torch.Tensor]]:
-    files = sorted(p for p in run.rglob("*.safetensors")
-                   if paths.checkpoint_dir(run) not in p.parents and ".tmp-" not in str(p))
-    return {str(p.relative_to(run)): load_file(str(p)) for p in files}
-
-
-def _rounds_without_time(run: Path) -> list[dict]:
-    records = [json.loads(line) for line in paths.rounds_log_path(run).read_text().splitlines()]
-    for record in records:
-        record.pop("wall_s")
-    return records
-
-
 def _evaluation(run: Path) -> tuple[dict, str]:
     evaluate_run(run, n_boot=20, device="cpu", console=quiet_console())
     eval_dir = run / "eval"
@@ -104,13 +89,9 @@ def test_resume_after_kills_at_every_point_equals_an_uninterrupted_run(small_pre
         )
     inprocess.federate(cfg, killed, device="cpu", resume=True, console=quiet_console())
 
-    expected, got = _tensor_files(reference), _tensor_files(killed)
-    assert expected.keys() == got.keys()
-    for name, tensors in expected.items():
-        assert tensors.keys() == got[name].keys(), name
-        assert all(torch.equal(tensors[k], got[name][k]) for k in tensors), name
-    records = _rounds_without_time(reference)
-    assert _rounds_without_time(killed) == records
+    assert_same_tensors(reference, killed)
+    records = rounds_without_time(reference)
+    assert rounds_without_time(killed) == records
     assert [r["round"] for r in records] == list(range(1, ROUNDS + 1))
     assert all(r["select"] == "mcc" and "mean_val_mcc" in r and "mean_val_balanced_accuracy" in r
                for r in records)

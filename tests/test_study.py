@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import quiet_console, study_text
+from conftest import assert_same_tensors, quiet_console, study_text, tensor_files
 from safetensors.torch import load_file
 from scipy import stats as sps
 
@@ -207,11 +207,6 @@ def test_report_states_the_privacy_of_the_main_setting_runs(toy_study):
 # --- skipping by identity ------------------------------------------------------------------------
 
 
-def _tensor_files(out: Path) -> dict[str, dict]:
-    return {str(p.relative_to(out)): load_file(str(p))
-            for p in sorted(paths.study_runs_dir(out).rglob("*.safetensors")) if "checkpoint" not in p.parts}
-
-
 def test_resume_skips_complete_cells_found_by_what_they_record(toy_study, tmp_path):
     file, first = toy_study
     out = tmp_path / "copy"
@@ -309,12 +304,8 @@ def test_study_killed_at_every_point_resumes_to_the_uninterrupted_result(small_p
     assert finished.returncode == 0, finished.stderr[-3000:]
 
     ref_out, new_out = tmp_path / "reference", out
-    ref_tensors, new_tensors = _tensor_files(ref_out), _tensor_files(new_out)
-    assert ref_tensors.keys() == new_tensors.keys() and len(ref_tensors) > len(METHODS)
-    for name, tensors in ref_tensors.items():
-        assert tensors.keys() == new_tensors[name].keys(), name
-        for key, tensor in tensors.items():
-            assert np.array_equal(tensor.numpy(), new_tensors[name][key].numpy()), (name, key)
+    assert len(tensor_files(paths.study_runs_dir(ref_out))) > len(METHODS)
+    assert_same_tensors(paths.study_runs_dir(ref_out), paths.study_runs_dir(new_out))
     assert _rounds(new_out) == _rounds(ref_out)
     assert _eval(new_out) == _eval(ref_out)
     ref_doc = json.loads((paths.study_report_dir(ref_out) / "report.json").read_text())

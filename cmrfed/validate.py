@@ -154,7 +154,13 @@ def _check_backbone(value: str) -> str | None:
     return backbone_problem(value)
 
 
-NAMED = {"backbone": _check_backbone}
+def _check_site(value: str) -> str | None:
+    from cmrfed.data.tables import CLIENT_NAME, CLIENT_NAME_RULE
+
+    return None if CLIENT_NAME.fullmatch(value) else f"--site {value!r}: not {CLIENT_NAME_RULE}"
+
+
+NAMED = {"backbone": _check_backbone, "site": _check_site}
 """Text parameters checked by name: parameter name -> check of its value (message or None)."""
 
 

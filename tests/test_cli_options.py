@@ -34,6 +34,7 @@ BAD_TEXT: dict[str, list[str]] = {
     "blocks": ["0", "some"],
     "targets": ["", "q,nope"],
     "backbone": ["huge"],
+    "site": ["Hospital A", "1st"],
 }
 """Bad values of text options, by parameter name."""
 

@@ -160,3 +160,32 @@ def toy_study(small_prepared: Path, tmp_path_factory: pytest.TempPathFactory) ->
     file.write_text(study_text(small_prepared), encoding="utf-8")
     result = run_study(load_study(file), root / "out", console=quiet_console())
     return file, result
+
+
+SITE = "canon"
+"""The site a participation study holds out."""
+
+
+def participation_text(prepared: Path, holdout: str = SITE, seeds: str = "[0, 1]",
+                       methods: tuple[str, ...] = ("duallora", "fedlora")) -> str:
+    return f"""
+[data]
+prepared = "{prepared}"
+[federate]
+backbone = "tiny"
+rounds = 2
+local-epochs = 1
+batch-size = 8
+device = "cpu"
+[grid]
+methods = {json.dumps(list(methods))}
+seeds = {seeds}
+blocks = [1]
+ranks = [2]
+[evaluate]
+n-boot = 50
+[participation]
+holdout = ["{holdout}"]
+[adapt]
+epochs = 2
+"""

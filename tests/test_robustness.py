@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import quiet_console
+from conftest import participation_text, quiet_console
 
 from cmrfed import paths
 from cmrfed.cli import cli
@@ -217,8 +217,6 @@ def test_clients_without_test_subjects_are_reported_not_crashed_on(flower_recipe
 
 def test_a_study_holding_out_a_site_without_test_subjects_reports_it_undefined(flower_recipe, tmp_path):
     """The participation gap of a site with nothing to score is undefined ("—", null), not a crash."""
-    from test_study_participation import participation_text
-
     from cmrfed.study.config import load_study
     from cmrfed.study.runner import run_study
 

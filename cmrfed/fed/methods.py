@@ -20,7 +20,9 @@ References:
   (code: github.com/Lydia-yang/FedDPA). FedDPA-T, its iterative variant: each round a site first
   trains its local LoRA with the global one frozen and mixed in at 1/2 each, then the global LoRA
   alone (no local adapter present); the server averages the global one. At inference the two are
-  mixed per instance by similarity to the site's own training data (cmrfed/fed/mixing.py). See
+  mixed per instance by similarity to the site's own training data (cmrfed/fed/mixing.py): the
+  local adapter gets w, the global one 1 - w, as the paper motivates it (the reference code's
+  layer applies them the other way round; mixing.py says why cmrfed follows the paper). See
   docs/feddpa.md for where this follows the reference code and where it does not.
 - Full fine-tuning (``central-full``): what CineMA itself does for disease classification
   (Zhang et al., "CineMA: A Foundation Model for Cine Cardiac MRI", 2025; its

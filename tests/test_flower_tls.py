@@ -4,7 +4,7 @@ A certificate authority signs the SuperLink's certificate; the SuperLink runs wi
 ``--enable-supernode-auth``; the sites' public keys are registered with ``flwr supernode
 register``. A registered SuperNode (started with its private key and the CA certificate, never
 ``--insecure``) completes a ``cmrfed flower run`` submitted over TLS; a SuperNode whose key was
-never registered is refused by the SuperLink and takes no part.
+never registered, and one with no key, are refused by the SuperLink and take no part.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from flower_processes import Processes, free_port, wait_for_port
+from flwr.supercore.error import ApiErrorCode
+from flwr.supercore.exit import ExitCode
 
 from cmrfed import paths
 from cmrfed.data.shards import load_manifest
@@ -126,10 +128,23 @@ def _site_config(client: str, prepared: Path, site_dir: Path, env: dict) -> str:
     return done.stdout.strip()
 
 
-def _supernode(link: str, certs: dict[str, Path], private_key: Path, node_config: str) -> list[str]:
-    return ["flower-supernode", "--superlink", link, "--root-certificates", str(certs["ca.crt"]),
-            "--auth-supernode-private-key", str(private_key), "--host", "127.0.0.1",
-            "--port", str(free_port()), "--node-config", node_config]
+def _supernode(link: str, certs: dict[str, Path], private_key: Path | None, node_config: str) -> list[str]:
+    """A SuperNode over TLS (never --insecure), authenticated by ``private_key`` when given."""
+    key = ["--auth-supernode-private-key", str(private_key)] if private_key else []
+    return ["flower-supernode", "--superlink", link, "--root-certificates", str(certs["ca.crt"]), *key,
+            "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config]
+
+
+def _refused(processes: Processes, name: str, args: list[str], error: ApiErrorCode) -> None:
+    """The SuperNode cannot connect: the SuperLink answers with ``error``, and the SuperNode logs
+    Flower's connection error and exits before it ever pulls a message."""
+    process, log = processes.start(name, args)
+    code = process.wait(timeout=TIMEOUT_S)
+    text = log.read_text()
+    assert code != 0, text
+    assert f"Exit Code: {int(ExitCode.SUPERNODE_CONNECTION_ERROR)}" in text, text
+    assert "Failed to initialize the connection to the SuperLink" in text, text
+    assert f"[code: {error.value}]" in text, text
 
 
 def test_a_registered_supernode_runs_over_tls_and_an_unregistered_one_is_refused(small_prepared, tmp_path):
@@ -153,14 +168,13 @@ def test_a_registered_supernode_runs_over_tls_and_an_unregistered_one_is_refused
         node_ids = {client: _register(keys[client][1], admin, processes.env) for client in sites}
         assert len(set(node_ids.values())) == len(sites)
 
-        # a SuperNode whose key was never registered: refused, it exits
+        # a SuperNode whose key was never registered, and one without a key: both refused
         config = _site_config(intruder, small_prepared, tmp_path / f"site-{intruder}", processes.env)
-        refused, refused_log = processes.start(f"supernode-{intruder}",
-                                               _supernode(link, certs, keys[intruder][0], config))
-        code = refused.wait(timeout=TIMEOUT_S)
-        refusal = refused_log.read_text()
-        assert code != 0, refusal
-        assert "Failed to initialize the connection to the SuperLink" in refusal, refusal
+        _refused(processes, f"supernode-{intruder}", _supernode(link, certs, keys[intruder][0], config),
+                 ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED)
+        assert "No SuperNode found with the given public key" in superlink_log.read_text()
+        _refused(processes, f"supernode-{intruder}-keyless", _supernode(link, certs, None, config),
+                 ApiErrorCode.FLEET_SUPERNODE_REGISTRATION_DISABLED)
 
         # the registered SuperNodes, and a run submitted over TLS
         for client in sites:

@@ -12,10 +12,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +26,7 @@ import pytest
 pytest.importorskip("flwr", reason="Flower is an optional extra: pip install 'cmrfed[flower]'")
 
 import torch
+from flower_processes import START_TIMEOUT_S, Processes, free_port, wait_for_port
 from safetensors.torch import load_file
 
 from cmrfed import paths
@@ -54,7 +53,6 @@ from cmrfed.model.classifier import param_group
 pytestmark = pytest.mark.flower
 
 SHAPE = (32, 32, 4)
-START_TIMEOUT_S = 60.0
 RUN_TIMEOUT_S = 300.0
 ATOL = 1e-5
 
@@ -172,71 +170,6 @@ def _toml(flat: dict) -> str:
     return tomli_w.dumps(flat)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_for_port(port: int, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"SuperLink exited early:\n{log.read_text()[-3000:]}")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"SuperLink did not listen on {port} within {START_TIMEOUT_S} s")
-
-
-class _Processes:
-    """Flower processes this test started, each in its own process group, all stopped at the end."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.started: list[subprocess.Popen] = []
-        bin_dir = str(Path(sys.executable).parent)
-        self.env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
-                        FLWR_TELEMETRY_ENABLED="0", OMP_NUM_THREADS="1")
-
-    def start(self, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
-        log = self.root / f"{name}.log"
-        env = dict(self.env, FLWR_HOME=str(self.root / f"home-{name}"))
-        with log.open("wb") as handle:
-            process = subprocess.Popen(args, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
-        self.started.append(process)
-        return process, log
-
-    def stop(self) -> None:
-        """SIGTERM every started process and its descendants (Flower starts its SuperExec in a
-        session of its own), then SIGKILL whatever is left after a grace period."""
-        family = []
-        for process in self.started:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                family.extend(psutil.Process(process.pid).children(recursive=True))
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for child in family:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.terminate()
-        for process in self.started:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=15)
-        _, alive = psutil.wait_procs(family, timeout=15)
-        for child in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
-
-    def logs(self) -> str:
-        logs = sorted(self.root.glob("*.log"))
-        return "\n".join(f"== {log.name}\n{log.read_text()[-2000:]}" for log in logs)
-
-
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("flower-cohort")
@@ -260,19 +193,19 @@ def runs(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     federate(cfg, root / "inprocess", device="cpu", console=_quiet())
     clients = json.loads(paths.run_config_path(root / "inprocess").read_text())["clients"]
 
-    processes = _Processes(root)
+    processes = Processes(root)
     started = time.perf_counter()
     try:
-        link_port = _free_port()
+        link_port = free_port()
         link, link_log = processes.start("superlink", [
             "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
             "--host", "127.0.0.1", "--port", str(link_port)])
-        _wait_for_port(link_port, link, link_log)
+        wait_for_port(link_port, link, link_log)
         for client in clients:
             node_config = site_node_config(client, cohort, root / f"site-{client}", device="cpu")
             processes.start(f"supernode-{client}", [
                 "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                "--host", "127.0.0.1", "--port", str(_free_port()), "--node-config", node_config,
+                "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config,
                 "--max-wait-time", str(START_TIMEOUT_S)])
         summary = run_flower(cfg, root / "flower", sites=len(clients), superlink=f"127.0.0.1:{link_port}",
                              insecure=True, node_timeout_s=120.0, wait_s=RUN_TIMEOUT_S, console=_quiet())
@@ -387,20 +320,20 @@ def _victims(sites: list[str], per_round: int) -> tuple[int, str, str]:
 def test_a_killed_supernode_is_survived_with_min_sites_and_stops_the_run_below(small_prepared, tmp_path):
     sites = list(load_manifest(small_prepared).clients)
     seed, first, second = _victims(sites, 3)
-    processes = _Processes(tmp_path)
+    processes = Processes(tmp_path)
     out = tmp_path / "run"
     nodes = {}
     try:
-        link_port = _free_port()
+        link_port = free_port()
         link, link_log = processes.start("superlink", [
             "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
             "--host", "127.0.0.1", "--port", str(link_port)])
-        _wait_for_port(link_port, link, link_log)
+        wait_for_port(link_port, link, link_log)
         for client in sites:
             node_config = site_node_config(client, small_prepared, tmp_path / f"site-{client}", device="cpu")
             nodes[client], _ = processes.start(f"supernode-{client}", [
                 "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                "--host", "127.0.0.1", "--port", str(_free_port()), "--node-config", node_config,
+                "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config,
                 "--max-wait-time", str(START_TIMEOUT_S)])
         command = [sys.executable, "-m", "cmrfed.cli", "flower", "run", "--superlink",
                    f"127.0.0.1:{link_port}", "--insecure", "--sites", str(len(sites)), "--data",

@@ -350,7 +350,7 @@ def _write_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Opt
     for index, slots in state["state"].items():
         for slot, value in slots.items():
             tensors[f"optim/{index}/{slot}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    with atomic_dir(folder, overwrite=True) as tmp:
+    with atomic_dir(folder) as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
         write_json(tmp / "config.json", cfg.to_dict())
         write_json(tmp / "progress.json", {**progress, "param_groups": state["param_groups"]})

@@ -26,10 +26,10 @@ from cmrfed import __version__
 from cmrfed.atomic import sha256_file, write_json
 from cmrfed.data.preprocess import model_input
 from cmrfed.errors import DataError, UsageError
+from cmrfed.outputs import MANIFEST_KIND
 from cmrfed.paths import manifest_path, shard_path
 
 FORMAT_VERSION = 2
-MANIFEST_KIND = "cmrfed prepared data"
 SPLITS = ("train", "val", "test")
 SUBJECTS_GROUP = "subjects"
 IMAGE_DATASET = "image"

@@ -129,7 +129,7 @@ def evaluate_site(
         "shared_metrics": result.shared_metrics,
         "versions": versions(),
     }
-    with atomic_dir(target, overwrite=True) as tmp:
+    with atomic_dir(target) as tmp:
         write_json(paths.site_eval_record_path(tmp), json_ready(record))
         if not metrics_only:
             write_predictions(paths.site_predictions_path(tmp), site_rows(result, split))

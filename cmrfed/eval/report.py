@@ -23,12 +23,12 @@ from rich.console import Console
 from rich.table import Table
 
 from cmrfed import paths
-from cmrfed.atomic import atomic_dir, write_json
+from cmrfed.atomic import write_json
 from cmrfed.eval.compare import Comparison, MethodSummary, MetricSummary, TestRow, compare
 from cmrfed.eval.run_evaluation import load_evaluation
 from cmrfed.fed.privacy import privacy_markdown, run_privacy
 from cmrfed.lock import folder_lock
-from cmrfed.outputs import REPORT, check_replaceable
+from cmrfed.outputs import REPORT, check_replaceable, new_output
 from cmrfed.provenance import versions
 
 REPORT_FORMAT_VERSION = 1
@@ -383,7 +383,7 @@ def write_report(comparison: Comparison, out: Path, overwrite: bool = False,
                  privacy: dict[str, Any] | None = None) -> tuple[Path, ...]:
     """Write REPORT/comparison.{json,csv,md} and the PNG figures, atomically as one folder."""
     out = Path(out)
-    with atomic_dir(out, overwrite=overwrite, kind=REPORT) as tmp:
+    with new_output(out, REPORT, overwrite) as tmp:
         write_json(paths.comparison_json_path(tmp), comparison_document(comparison, privacy))
         _write_csv(paths.comparison_csv_path(tmp), comparison)
         paths.comparison_md_path(tmp).write_text(_markdown(comparison, privacy), encoding="utf-8")

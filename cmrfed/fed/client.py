@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,13 +21,12 @@ from cmrfed.data.preprocess import combine_windows
 from cmrfed.errors import DataError
 from cmrfed.faults import fault_point
 from cmrfed.fed.methods import MethodSpec
+from cmrfed.fed.privacy import SitePlan
 from cmrfed.fed.schedule import LrSchedule
 from cmrfed.fed.strategy import FitResult, TensorState
 from cmrfed.fed.views import ViewSource
 from cmrfed.model.classifier import layer_lr_scale, tensor_group
-
-if TYPE_CHECKING:
-    from cmrfed.fed.privacy import SitePlan
+from cmrfed.seeding import derive_seed
 
 
 @dataclass(frozen=True)
@@ -114,12 +112,6 @@ class TrainConfig:
     label_smoothing: float = 0.0
     schedule: LrSchedule | None = None  # None: ``lr`` at every step
     layer_decay: float = 0.75  # CineMA's layer-wise lr decay, when the backbone is trained
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from the run seed and coordinates (round, client, ...), order-independent of
-    everything else, so resuming a run reproduces the same shuffles."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
 def state_of(model: nn.Module, names: Sequence[str]) -> TensorState:

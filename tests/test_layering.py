@@ -26,7 +26,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     # ground floor: plain helpers every stage uses; they import nothing above
     ("cmrfed", "cmrfed.errors", "cmrfed.paths", "cmrfed.atomic", "cmrfed.outputs", "cmrfed.lock",
      "cmrfed.seeding", "cmrfed.faults", "cmrfed.provenance"),
-    ("cmrfed.data", "cmrfed.model"),                   # readers, preprocessing, shards, synth; the network
+    ("cmrfed.data", "cmrfed.model", "cmrfed.metrics"),  # readers, shards, synth; the network; metrics
     ("cmrfed.fed",),                                   # methods, client, strategy, the round loop
     ("cmrfed.eval", "cmrfed.pretrain"),                # evaluation library and commands; pretraining
     ("cmrfed.options", "cmrfed.validate"),             # every command's options, declared once

@@ -34,7 +34,6 @@ import numpy as np
 from scipy import stats as sps
 
 from cmrfed.errors import DataError, UsageError
-from cmrfed.eval.metrics import METRICS, binary_metrics, roc_curve_points
 from cmrfed.eval.run_evaluation import RunEvaluation
 from cmrfed.eval.stats import (
     MCNEMAR_EXACT_BELOW,
@@ -46,6 +45,7 @@ from cmrfed.eval.stats import (
     paired_bootstrap,
     wilcoxon_signed_rank,
 )
+from cmrfed.metrics import METRICS, binary_metrics, roc_curve_points
 
 TESTS: tuple[str, ...] = ("wilcoxon", "mcnemar", "bootstrap", "delong")
 PER_SUBJECT_TESTS: tuple[str, ...] = ("mcnemar", "bootstrap", "delong")

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from cmrfed.errors import DataError, UsageError
-from cmrfed.eval.metrics import METRICS, binary_metrics, bootstrap_ci, youden_threshold
 from cmrfed.fed.client import Client, SplitTensors
+from cmrfed.metrics import METRICS, binary_metrics, bootstrap_ci, youden_threshold
 
 SHARED_MODEL = "shared"
 THRESHOLD_MODES = ("0.5", "youden-val")

@@ -184,9 +184,11 @@ def read_json_or_none(path: str | os.PathLike[str]) -> Any:
 
 
 def json_safe(obj: Any) -> Any:
-    """``obj`` with NaN / infinities as None, numpy scalars as Python numbers, tuples as lists."""
+    """``obj`` as JSON holds it: NaN / infinities (undefined numbers) as None, numpy scalars as
+    Python numbers, tuples as lists, mapping keys as strings. The one scrubber every JSON file
+    and in-memory document goes through; :func:`nan_for_null` is its inverse."""
     if isinstance(obj, Mapping):
-        return {k: json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [json_safe(v) for v in obj]
     if isinstance(obj, bool | np.bool_):
@@ -197,6 +199,20 @@ def json_safe(obj: Any) -> Any:
         value = float(obj)
         return value if math.isfinite(value) else None
     return obj
+
+
+def number(value: Any) -> float:
+    """A number read back from JSON: null (an undefined number, see :func:`json_safe`) is NaN."""
+    return float("nan") if value is None else float(value)
+
+
+def nan_for_null(obj: Any) -> Any:
+    """JSON read back with every null as NaN, so numbers read back equal the ones written."""
+    if isinstance(obj, Mapping):
+        return {k: nan_for_null(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [nan_for_null(v) for v in obj]
+    return float("nan") if obj is None else obj
 
 
 def json_text(obj: Any, indent: int | None = None) -> str:

@@ -25,7 +25,7 @@ ROOT = Path(cmrfed.__file__).resolve().parent
 FLOORS: tuple[tuple[str, ...], ...] = (
     # ground floor: plain helpers every stage uses; they import nothing above
     ("cmrfed", "cmrfed.errors", "cmrfed.paths", "cmrfed.atomic", "cmrfed.outputs", "cmrfed.lock",
-     "cmrfed.seeding", "cmrfed.faults", "cmrfed.provenance"),
+     "cmrfed.seeding", "cmrfed.faults", "cmrfed.provenance", "cmrfed.formatting"),
     ("cmrfed.data", "cmrfed.model", "cmrfed.metrics"),  # readers, shards, synth; the network; metrics
     ("cmrfed.fed",),                                   # methods, client, strategy, the round loop
     ("cmrfed.eval", "cmrfed.pretrain"),                # evaluation library and commands; pretraining

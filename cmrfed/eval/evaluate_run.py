@@ -25,7 +25,6 @@ from cmrfed.eval.scoring import (
     SHARED_MODEL,
     Scores,
     check_threshold,
-    json_ready,
     merge_sites,
     score_site,
     write_predictions,
@@ -70,7 +69,7 @@ def write_eval(info: RunInfo, doc: dict[str, Any], rows: list[tuple]) -> Path:
            "versions": versions()}
     with atomic_dir(paths.eval_dir(info.path)) as tmp:
         write_predictions(tmp / "predictions.csv", rows)
-        write_json(tmp / "metrics.json", json_ready(doc))
+        write_json(tmp / "metrics.json", doc)
     return paths.eval_dir(info.path)
 
 

@@ -62,7 +62,7 @@ class FederateConfig:
     dp_delta: float | None = None
     dp_clip: float | None = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # noqa: C901 (one flat check per option, nothing else)
         spec = resolve_method(self.method, self.head)
         augment_spec(self.augment)
         self.lr_schedule  # noqa: B018 (validates --schedule, --warmup-rounds, --min-lr)

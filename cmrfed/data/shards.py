@@ -1,4 +1,4 @@
-"""The prepared-data contract: HDF5 shards per client and ``manifest.json`` (DESIGN.md).
+"""The prepared-data contract: HDF5 shards per client and ``manifest.json`` (docs/pipeline.md).
 
 ``prepare`` writes them; training and evaluation read them only through ``load_manifest``,
 ``verify_shard`` and ``load_split``, so the on-disk format is known in this one module.

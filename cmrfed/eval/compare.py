@@ -4,7 +4,8 @@
 :class:`Comparison`; it reads and writes no file, so every number in a report can be recomputed
 from the same records in a test.
 
-How runs are paired (methods.md, "Statistical comparison"):
+How runs are paired (docs/pipeline.md, ``cmrfed compare``; Wilcoxon 1945, McNemar 1947,
+DeLong et al. 1988, Holm 1979):
 
 - ``wilcoxon``: one pair per (seed, client): the ``--metric`` of the reference method's run and
   of the baseline's run with the SAME seed, on the same client's test subjects. Two-sided

@@ -49,6 +49,14 @@ def notes(doc: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def report_warnings(doc: Mapping[str, Any]) -> list[str]:
+    """Every setting's and every test's warnings, each once, in order."""
+    warnings = [w for s in doc["settings"] for w in s["warnings"]]
+    warnings += [f"{m['method']} ({s['name']}): {w}" for s in doc["settings"] for m in s["methods"]
+                 if m["test_vs_reference"] for w in m["test_vs_reference"]["warnings"]]
+    return list(dict.fromkeys(warnings))
+
+
 def privacy_lines(doc: Mapping[str, Any]) -> list[str]:
     """The main setting's "Differential privacy" section (the same one every report prints)."""
     runs = [(method, seed, cell) for method, seed, cell in doc["privacy"]["runs"]]
@@ -63,9 +71,6 @@ def markdown(doc: Mapping[str, Any]) -> str:
              f"![ablation]({ABLATION_FIGURE}.png)", "", *participation_lines(doc), *privacy_lines(doc), ""]
     for name in FIGURES:
         lines.append(f"![{name}]({name}.png)")
-    warnings = [w for s in doc["settings"] for w in s["warnings"]]
-    warnings += [f"{m['method']} ({s['name']}): {w}" for s in doc["settings"] for m in s["methods"]
-                 if m["test_vs_reference"] for w in m["test_vs_reference"]["warnings"]]
-    if warnings:
-        lines += ["", "## Warnings", "", *(f"- {w}" for w in dict.fromkeys(warnings))]
+    if warnings := report_warnings(doc):
+        lines += ["", "## Warnings", "", *(f"- {w}" for w in warnings)]
     return "\n".join(lines) + "\n"

@@ -554,6 +554,7 @@ def test_a_replacement_killed_half_way_is_rolled_back_by_the_next_command_on_tha
     """A study / demo --overwrite killed mid-way leaves its half-built folder in place and the old
     one set aside; the next command on that folder puts the old one back (and says which)."""
     from cmrfed.atomic import clean_stale_temporaries
+    from cmrfed.lock import folder_lock
     from cmrfed.outputs import REPORT, replacing
 
     report = tmp_path / "report"
@@ -567,9 +568,11 @@ def test_a_replacement_killed_half_way_is_rolled_back_by_the_next_command_on_tha
     assert clean_stale_temporaries(report) == [aside]
     assert sorted(p.name for p in report.iterdir()) == ["comparison.json"] and live.exists()
     live.rmdir()
-    aside.mkdir()  # killed again, and this time the next command is itself a replacement that fails
+    aside.mkdir()  # killed again; the next command on the folder (any: here a --resume) takes its lock
     (aside / "comparison.json").write_text('{"older": true}')
-    with pytest.raises(RuntimeError), replacing(report, REPORT, overwrite=True):
-        raise RuntimeError("the new study failed")
-    assert (report / "comparison.json").read_text() == '{"older": true}'
+    with folder_lock(report):
+        assert (report / "comparison.json").read_text() == '{"older": true}'
     assert [p.name for p in tmp_path.iterdir()] == ["report"]
+    with pytest.raises(RuntimeError), replacing(report, REPORT, overwrite=True):
+        raise RuntimeError("the new study failed")  # and a replacement that fails puts it back too
+    assert (report / "comparison.json").read_text() == '{"older": true}'

@@ -1,4 +1,4 @@
-"""CineMA's short-axis preprocessing, reproduced rule by rule (README, "Preprocessing").
+"""CineMA's short-axis preprocessing, reproduced rule by rule (docs/pipeline.md, "Your data").
 
 Identical to CineMA's own code (its ``cinema/data/sitk.py``, the ACDC / M&Ms / M&Ms-2
 ``preprocess.py`` scripts and the classification dataset's load transforms) wherever an LV label

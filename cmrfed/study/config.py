@@ -24,6 +24,7 @@ import click
 from cmrfed import options as declared
 from cmrfed.errors import UsageError
 from cmrfed.fed.config import FederateConfig
+from cmrfed.validate import NAMED
 
 TABLES = ("data", "prepare", "federate", "grid", "evaluate", "compare", "participation", "adapt", "report")
 GRID_KEYS = {"methods": "method", "seeds": "seed", "blocks": "blocks", "ranks": "rank"}
@@ -293,6 +294,10 @@ def parse_study(text: str, source: str, base_dir: Path) -> StudyConfig:
         federate_raw["backbone"] = _path(base_dir, backbone)
     parsed = _parse_table(source, "federate", "federate", federate_raw,
                           required={"data": prepared or "-", "out": "-"})
+    for name, check in NAMED.items():  # what the command line checks up front (--backbone: the model)
+        problem = check(str(parsed[name])) if parsed.get(name) is not None else None
+        if problem:
+            raise UsageError(f"{_where(source, 'federate', name)}: {problem}")
     device = str(parsed["device"])
     base = _federate_config(source, "federate", parsed, {}, "(the fixed options)")
 

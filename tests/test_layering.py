@@ -4,13 +4,15 @@ floor imports nothing above it, and the entry points (``cli``, ``demo``) are imp
 nothing in the library.
 
 Every import counts, including one made inside a function (a cycle hidden that way is still a
-cycle: it only moves the failure from import time to run time); imports under
-``if TYPE_CHECKING:`` do not run, so they do not count.
+cycle: it only moves the failure from import time to run time) and a module named in a string
+for ``importlib`` (``"cmrfed.fed.methods:METHODS"``); imports under ``if TYPE_CHECKING:`` do not
+run, so they do not count.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +27,7 @@ ROOT = Path(cmrfed.__file__).resolve().parent
 FLOORS: tuple[tuple[str, ...], ...] = (
     # ground floor: plain helpers every stage uses; they import nothing above
     ("cmrfed", "cmrfed.errors", "cmrfed.paths", "cmrfed.atomic", "cmrfed.outputs", "cmrfed.lock",
-     "cmrfed.seeding", "cmrfed.faults", "cmrfed.provenance", "cmrfed.formatting"),
+     "cmrfed.seeding", "cmrfed.faults", "cmrfed.provenance", "cmrfed.formatting", "cmrfed.templates"),
     ("cmrfed.data", "cmrfed.model", "cmrfed.metrics"),  # readers, shards, synth; the network; metrics
     ("cmrfed.fed",),                                   # methods, client, strategy, the round loop
     ("cmrfed.eval", "cmrfed.pretrain"),                # evaluation library and commands; pretraining
@@ -35,6 +37,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
 )
 ENTRY_POINTS = {"cmrfed.cli", "cmrfed.demo"}
 PACKAGES = ("cmrfed.data", "cmrfed.model", "cmrfed.fed", "cmrfed.eval", "cmrfed.study")
+STRING_REFERENCE = re.compile(r"^(\w+(?:\.\w+)+):\w+$")  # "module:attribute", for importlib
 
 
 # --- reading the imports ----------------------------------------------------------------------
@@ -50,12 +53,15 @@ def _is_type_checking(test: ast.expr) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _import_nodes(tree: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
-    """Every import statement, at any depth, except the body of ``if TYPE_CHECKING:``."""
+def _import_nodes(tree: ast.AST) -> Iterator[ast.Import | ast.ImportFrom | ast.Constant]:
+    """Every import statement and string reference, at any depth, except the body of
+    ``if TYPE_CHECKING:``."""
     stack = [tree]
     while stack:
         node = stack.pop()
         if isinstance(node, ast.Import | ast.ImportFrom):
+            yield node
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
             yield node
         if isinstance(node, ast.If) and _is_type_checking(node.test):
             stack.extend(node.orelse)
@@ -65,13 +71,19 @@ def _import_nodes(tree: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
 
 def import_graph(root: Path) -> dict[str, set[str]]:
     """module -> the package's modules it imports (``from a import b`` is module ``a.b`` when that
-    is a module, else ``a``)."""
+    is a module, else ``a``). A string reference to a module that does not exist is kept as it
+    is, so :func:`unresolved` can name it."""
     files = {module_name(root, p): p for p in sorted(root.rglob("*.py"))}
     graph: dict[str, set[str]] = {}
     for name, path in files.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         targets: set[str] = set()
         for node in _import_nodes(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.Constant):
+                match = STRING_REFERENCE.match(node.value)
+                if match and match[1].split(".")[0] == root.name:
+                    targets.add(f"?{match[1]}")
+                continue
             if isinstance(node, ast.Import):
                 targets.update(a.name for a in node.names)
                 continue
@@ -82,8 +94,15 @@ def import_graph(root: Path) -> dict[str, set[str]]:
             for alias in node.names:
                 sub = f"{base}.{alias.name}"
                 targets.add(sub if sub in files else base)
-        graph[name] = {t for t in targets if t in files and t != name}
+        graph[name] = {t.lstrip("?") if t.lstrip("?") in files else t for t in targets
+                       if (t in files or t.startswith("?")) and t != name}
     return graph
+
+
+def unresolved(graph: dict[str, set[str]]) -> dict[str, list[str]]:
+    """Module -> the modules it names in strings that do not exist (e.g. left behind by a move)."""
+    return {m: sorted(t[1:] for t in ts if t.startswith("?")) for m, ts in graph.items()
+            if any(t.startswith("?") for t in ts)}
 
 
 def unit_of(module: str) -> str:
@@ -151,7 +170,11 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
 
 # --- the package ------------------------------------------------------------------------------
 
-GRAPH = import_graph(ROOT)
+GRAPH = {m: {t for t in ts if not t.startswith("?")} for m, ts in import_graph(ROOT).items()}
+
+
+def test_every_module_named_in_a_string_exists():
+    assert unresolved(import_graph(ROOT)) == {}
 
 
 def test_no_cycle_between_modules():
@@ -202,6 +225,7 @@ def planted(tmp_path: Path) -> Path:
         "sub/__init__.py": "",
         "sub/a.py": "from . import b\nfrom ..low import f\n",
         "sub/b.py": "import pkg.typed\n",
+        "named.py": "LAZY = 'pkg.high:g'\nGONE = 'pkg.moved:h'\n",
     })
 
 
@@ -211,6 +235,12 @@ def test_checker_sees_imports_inside_functions_and_relative_ones(planted):
     assert graph["pkg.sub.a"] == {"pkg.sub.b", "pkg.low"}
     assert graph["pkg.sub.b"] == {"pkg.typed"}
     assert cycles(graph) == [["pkg.high", "pkg.low"]]
+
+
+def test_checker_sees_modules_named_in_strings(planted):
+    graph = import_graph(planted)
+    assert graph["pkg.named"] == {"pkg.high", "?pkg.moved"}
+    assert unresolved(graph) == {"pkg.named": ["pkg.moved"]}
 
 
 def test_checker_ignores_type_checking_imports(planted):

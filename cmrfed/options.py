@@ -163,6 +163,15 @@ FEDERATE: list[click.Parameter] = [
     click.Option(["--dp-delta"], type=float, default=None,
                  help="DP delta of every site [1e-5; must be below 1 / its training subjects]."),
     click.Option(["--dp-clip"], type=float, default=None, help="DP per-sample gradient clipping norm [1.0]."),
+    click.Option(["--aggregate"], default="weighted", show_default=True,
+                 type=click.Choice(["weighted", "uniform"]),
+                 help="FedAvg's client weights: by train-set size, or uniform (FedDPA's code)."),
+    click.Option(["--feddpa-scale"], default=0.5, show_default=True, type=float,
+                 help="FedDPA's inference mixing: the local adapter's weight is this times the mean cosine "
+                      "similarity to the site's k reference subjects, the global's 1 minus it."),
+    click.Option(["--feddpa-k"], default=5, show_default=True, type=int,
+                 help="FedDPA's inference mixing: training subjects each site keeps (privately) to compare "
+                      "test instances with."),
     click.Option(["--sites-per-round"], default=None, type=int,
                  help="Ask K sites per round (seeded by seed and round) [every site]."),
     click.Option(["--holdout"], default=None, help="Leave this site out of training (leave-one-vendor-out)."),

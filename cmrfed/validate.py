@@ -57,7 +57,7 @@ MINIMA: dict[str, Minimum] = {
     "sites_per_round": AT_LEAST_ONE, "min_sites": AT_LEAST_ONE, "epochs": AT_LEAST_ONE,
     # rates and scales
     "lr": POSITIVE, "alpha": POSITIVE, "local_alpha": POSITIVE, "node_timeout": POSITIVE,
-    "layer_decay": POSITIVE,
+    "layer_decay": POSITIVE, "feddpa_scale": POSITIVE, "feddpa_k": AT_LEAST_ONE,
     # a differential-privacy budget and clip are positive (0 would be no data at all)
     "dp_epsilon": POSITIVE, "dp_delta": POSITIVE, "dp_clip": POSITIVE,
 }

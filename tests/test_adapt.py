@@ -24,6 +24,7 @@ from cmrfed.fed.adapt import adapt, newcomer_client, open_site
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.inprocess import federate
 from cmrfed.fed.methods import METHODS, resolve_method
+from cmrfed.fed.mixing import state_group
 from cmrfed.fed.runinfo import load_run, load_shared
 from cmrfed.model.classifier import param_group
 
@@ -84,8 +85,9 @@ def test_adapt_trains_only_the_new_sites_own_tensors_and_lowers_its_val_loss(
     # Assert: the run is untouched; ADAPTED holds exactly the method's adapted groups
     assert {p: sha256_file(p) for p in sorted(run.rglob("*")) if p.is_file()} == before
     adapted = load_file(str(paths.private_tensors_path(tmp_path / "adapted", NEW)))
-    assert adapted and {param_group(k) for k in adapted} == spec.adapted
-    assert spec.private <= spec.adapted
+    # (and a method's kept state, FedDPA's reference representations, drawn afresh by the site)
+    assert adapted and {state_group(k) for k in adapted} == spec.adapted | spec.kept
+    assert spec.private <= spec.adapted | spec.kept
     # the adapted model differs from the zero-shot one in those tensors only
     info = load_run(run)
     run_model, base, _ = open_site(info, NEW, small_prepared, torch.device("cpu"), ("train", "val"))
@@ -93,7 +95,7 @@ def test_adapt_trains_only_the_new_sites_own_tensors_and_lowers_its_val_loss(
     zero_shot = newcomer_client(run_model, shared, base).state
     after = newcomer_client(run_model, shared, base, adapted).state
     changed = {k for k in after if not torch.equal(after[k], zero_shot[k])}
-    assert changed and {param_group(k) for k in changed} <= spec.adapted
+    assert changed and {state_group(k) for k in changed} <= spec.adapted | spec.kept
     for key, tensor in shared.items():  # the run's shared values, unless adapted
         if param_group(key) not in spec.adapted:
             assert torch.equal(after[key], tensor)

@@ -77,7 +77,7 @@ def test_optimizer_groups_follow_cinemas_param_groups():
     state = {n: p.detach().clone() for n, p in model.named_parameters() if tensor_group(n) is not None}
     split = SplitTensors(("a",), torch.zeros(1, dtype=torch.int64), (torch.zeros(1, 2, 32, 32, 4),))
     client = Client("c", 0, METHODS["central-full"], state, split, None, TrainConfig(weight_decay=0.05), 0)
-    params = client._activate(model)
+    params = client._activate(model, client.spec.trained)
     groups = client._param_groups(model, params)
     by_param = {id(p): g for g in groups for p in g["params"]}
     for name, param in model.named_parameters():

@@ -3,15 +3,16 @@
 import pytest
 
 from cmrfed.errors import UsageError
-from cmrfed.fed.methods import HEAD, METHODS, resolve_method
+from cmrfed.fed.methods import HEAD, METHODS, REFERENCE, resolve_method
 
 
 def test_every_method_shares_only_what_it_trains_and_private_is_the_rest():
     for spec in METHODS.values():
         assert spec.shared <= spec.groups
         assert spec.trained <= spec.groups
-        assert spec.private == spec.trained - spec.shared
+        assert spec.private == (spec.trained - spec.shared) | spec.kept
         assert not (spec.private & spec.shared)
+        assert spec.kept == ({REFERENCE} if spec.mixing else set())
 
 
 def test_table_matches_the_definitions():

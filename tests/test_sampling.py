@@ -17,12 +17,12 @@ from cmrfed.fed import inprocess
 from cmrfed.fed.client import Client
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.methods import METHODS
+from cmrfed.fed.mixing import state_group
 from cmrfed.fed.sampling import participants
 from cmrfed.fed.strategy import weighted_average
 from cmrfed.fed.task import build_run_model
 from cmrfed.fed.wire import decode
 from cmrfed.fed.wire import encode as real_encode
-from cmrfed.model.classifier import param_group
 
 SITES = ("siemens", "philips", "ge", "canon")
 FAST = {"local_epochs": 1, "batch_size": 8, "rank": 4, "lr": 5e-3, "sites_per_round": 2}
@@ -105,7 +105,7 @@ def test_fedavg_is_over_those_that_trained_and_the_others_keep_their_state(small
     initial = build_run_model(cfg, SMALL_SHAPE).initial_state
     for site in SITES:
         private = load_file(str(paths.private_tensors_path(tmp_path / "run", site)))
-        assert {param_group(k) for k in private} == set(spec.private) or not spec.private
+        assert {state_group(k) for k in private} == set(spec.private) or not spec.private
         untouched = all(torch.equal(t, initial[k]) for k, t in private.items())
         if private and site not in asked:
             assert untouched

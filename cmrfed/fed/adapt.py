@@ -2,7 +2,9 @@
 
 The run's shared tensors stay frozen; the new site trains, on its own train split and for a few
 epochs, exactly the groups the method table lists as ``adapted`` (:attr:`MethodSpec.newcomer`):
-DualLoRA's local LoRA (what every member has), FedSA's B over the shared A, and for methods
+DualLoRA's local LoRA (what every member has), FedDPA's local LoRA in its local phase (the
+global one frozen and mixed in; with its own mixing reference, drawn after each epoch, so the
+adapted site is scored mixed as the members are), FedSA's B over the shared A, and for methods
 without a private part a private copy of the shared LoRA (FedLoRA, the pooled LoRA of central;
 FFA-LoRA's B only, its A staying the seeded init). A copy starts from the run's values; a group
 the run never shared starts from the seeded init, as it did for the members.
@@ -34,6 +36,7 @@ from cmrfed.atomic import atomic_dir, sha256_file, write_json
 from cmrfed.data.shards import load_manifest
 from cmrfed.errors import DataError, UsageError
 from cmrfed.fed.client import Client, SplitTensors, class_weights
+from cmrfed.fed.methods import REFERENCE
 from cmrfed.fed.runinfo import RunInfo, load_run, load_shared, round_index, shared_path
 from cmrfed.fed.runlog import save_tensors
 from cmrfed.fed.strategy import TensorState
@@ -165,7 +168,7 @@ def adapt(
         "client": client,
         "run": run_identity(info, which),
         "adapted_groups": sorted(run_model.spec.adapted),
-        "adapted_params": int(sum(t.numel() for t in adapted.values())),
+        "adapted_params": int(sum(t.numel() for k, t in adapted.items() if k != REFERENCE)),
         "epochs": epochs,
         "lr": base.config.lr,
         "n_train": len(site.train),

@@ -20,12 +20,14 @@ from torch import nn
 from cmrfed.data.preprocess import combine_windows
 from cmrfed.errors import DataError
 from cmrfed.faults import fault_point
-from cmrfed.fed.methods import MethodSpec
+from cmrfed.fed.methods import REFERENCE, MethodSpec, Phase
+from cmrfed.fed.mixing import DEFAULT_K, DEFAULT_SCALE, MIXING_RULES, REFERENCE_STREAM, state_group
 from cmrfed.fed.privacy import SitePlan
 from cmrfed.fed.schedule import LrSchedule
 from cmrfed.fed.strategy import FitResult, TensorState
 from cmrfed.fed.views import ViewSource
-from cmrfed.model.classifier import layer_lr_scale, tensor_group
+from cmrfed.model.classifier import layer_lr_scale
+from cmrfed.model.lora import set_active_adapters
 from cmrfed.seeding import derive_seed
 
 
@@ -75,6 +77,12 @@ class SplitTensors:
             return model(batch[0])
         return model.forward_from(batch[0], batch[1], self.start_block)
 
+    def features(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The pooled features the head reads, of a batch (as :meth:`forward`, before the head)."""
+        if self.start_block is None:
+            return model.features(batch[0])
+        return model.features_from(batch[0], batch[1], self.start_block)
+
 
 def concat_splits(splits: Sequence[SplitTensors]) -> SplitTensors:
     """Pool several clients' splits into one (the ``central`` reference)."""
@@ -112,6 +120,12 @@ class TrainConfig:
     label_smoothing: float = 0.0
     schedule: LrSchedule | None = None  # None: ``lr`` at every step
     layer_decay: float = 0.75  # CineMA's layer-wise lr decay, when the backbone is trained
+    # the inference mixing of a method that has one (FedDPA): w = scale x mean cosine to k references
+    mixing_scale: float = DEFAULT_SCALE
+    mixing_k: int = DEFAULT_K
+
+
+PHASE_STREAM = 0x9A5  # derive_seed tag of the shuffles and view draws of a round's later phases
 
 
 def state_of(model: nn.Module, names: Sequence[str]) -> TensorState:
@@ -165,7 +179,7 @@ class Client:
         self.config = config
         self.seed = seed
         self.views = views  # augmented training views; None: the plain train split
-        self._groups = {k: tensor_group(k) for k in self.state}
+        self._groups = {k: state_group(k) for k in self.state}
         self.privacy: SitePlan | None = None  # DP-SGD plan of this site (cmrfed/fed/privacy.py)
 
     # --- what leaves the site, and what never does ------------------------------------------
@@ -196,12 +210,19 @@ class Client:
             self.state[key] = tensor.detach().to("cpu", self.state[key].dtype).clone()
 
     # --- local work ------------------------------------------------------------------------
-    def _activate(self, model: nn.Module) -> list[nn.Parameter]:
-        """Load this client's tensors and mark exactly the method's trained groups trainable."""
-        load_into(model, self.state)
+    @property
+    def _model_keys(self) -> list[str]:
+        """Keys of this client's state that are model tensors (all but the mixing reference)."""
+        return [k for k, g in self._groups.items() if g != REFERENCE]
+
+    def _model_state(self) -> TensorState:
+        return {k: self.state[k] for k in self._model_keys}
+
+    def _activate(self, model: nn.Module, groups: frozenset[str]) -> list[nn.Parameter]:
+        """Mark exactly ``groups`` trainable; returns their parameters."""
         trainable = []
         for name, param in model.named_parameters():
-            train_it = self._groups.get(name) in self.spec.trained
+            train_it = self._groups.get(name) in groups
             param.requires_grad_(train_it)
             if train_it:
                 trainable.append(param)
@@ -225,17 +246,40 @@ class Client:
                 for (scale, decay), ps in groups.items()]
 
     def fit(self, model: nn.Module, round_index: int, device: torch.device) -> FitResult:
-        """Train the method's trainable groups for E local epochs with a fresh AdamW.
+        """One round of local training: each of the method's phases in turn (one for most
+        methods; FedDPA's local LoRA, then its global one), then the mixing rule's reference.
 
-        The optimiser is re-created every round (its moments are not part of any shared or
-        private state); shuffling is seeded by (run seed, round, client), each step's view draws
-        by (run seed, round, client, step), and the learning rate is a pure function of
-        (round, step) (:class:`LrSchedule`), so a resumed run repeats an uninterrupted one exactly.
-        With a DP plan (``self.privacy``) the batches are Poisson samples and each step clips
-        per-sample gradients and adds seeded noise (cmrfed/fed/privacy.py).
+        Every phase trains its groups for E local epochs with a fresh AdamW (optimiser moments are
+        not part of any shared or private state); shuffling is seeded by (run seed, round,
+        client, phase), each step's view draws by (run seed, round, client, step, phase), and the
+        learning rate is a pure function of (round, step) (:class:`LrSchedule`), so a resumed run
+        repeats an uninterrupted one exactly. With a DP plan (``self.privacy``) every phase is
+        DP-SGD: Poisson batches, per-sample clipping and seeded noise (cmrfed/fed/privacy.py),
+        each phase a step count of its own in the plan.
         """
+        load_into(model, self._model_state())  # once: a phase trains on from the one before
+        total_loss, seen = 0.0, 0
+        for number, phase in enumerate(self.spec.phases):
+            groups = self.spec.phase_groups(phase)
+            if groups:
+                loss, count = self._fit_phase(model, round_index, number, phase, groups, device)
+                total_loss, seen = total_loss + loss, seen + count
+        model.eval()
+        self.state = {**state_of(model, self._model_keys), **self._reference(model, round_index, device)}
+        set_active_adapters(model, None)
+        return FitResult(
+            client=self.name,
+            shared=self.shared_state(),
+            num_examples=len(self.train),
+            train_loss=total_loss / max(seen, 1),
+        )
+
+    def _fit_phase(self, model: nn.Module, round_index: int, number: int, phase: Phase,
+                   groups: frozenset[str], device: torch.device) -> tuple[float, int]:
+        """E local epochs of one phase; returns (summed loss, samples seen)."""
         cfg = self.config
-        params = self._activate(model)
+        params = self._activate(model, groups)
+        set_active_adapters(model, phase.adapters, dict(phase.mix or ()))
         optimizer = torch.optim.AdamW(
             self._param_groups(model, params), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
         )
@@ -243,11 +287,13 @@ class Client:
         steps_per_round = cfg.local_epochs * math.ceil(len(self.train) / cfg.batch_size)
         labels = self.train.labels
         weight = class_weights(labels).to(device) if cfg.class_balanced else None
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, round_index, self.index))
+        # phase 0 is seeded as a one-phase round always was, so those runs are unchanged
+        tag = () if number == 0 else (PHASE_STREAM, number)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, round_index, self.index, *tag))
         model.train()
         dp = None if self.privacy is None else self.privacy.open_round(
             model, optimizer, seed=self.seed, round_index=round_index, site_index=self.index,
-            device=device)
+            device=device, phase=number)
         total_loss, seen, step = 0.0, 0, 0
         for _ in range(cfg.local_epochs):
             order = torch.randperm(len(self.train), generator=generator)
@@ -262,7 +308,7 @@ class Client:
                     inputs = self.train.batch(index, device)
                 else:
                     draws = torch.Generator().manual_seed(
-                        derive_seed(self.seed, round_index, self.index, step))
+                        derive_seed(self.seed, round_index, self.index, step, *tag))
                     inputs = tuple(t.to(device=device, dtype=torch.float32)
                                    for t in self.views.inputs(index, draws))
                 step += 1
@@ -283,25 +329,35 @@ class Client:
                 optimizer.step()
                 total_loss += float(loss.detach()) * len(batch)
                 seen += len(batch)
-        model.eval()
-        self.state = state_of(model, list(self.state))
-        return FitResult(
-            client=self.name,
-            shared=self.shared_state(),
-            num_examples=len(self.train),
-            train_loss=total_loss / max(seen, 1),
-        )
+        return total_loss, seen
+
+    def _reference(self, model: nn.Module, round_index: int, device: torch.device) -> TensorState:
+        """The mixing rule's reference representations of this round (empty without a rule)."""
+        if self.spec.mixing is None:
+            return {}
+        generator = torch.Generator().manual_seed(
+            derive_seed(self.seed, round_index, self.index, REFERENCE_STREAM))
+        rule = MIXING_RULES[self.spec.mixing]
+        return {REFERENCE: rule.reference(model, self.train, self.config.mixing_k, generator, device)}
 
     @torch.no_grad()
     def predict(self, model: nn.Module, split: SplitTensors, device: torch.device) -> np.ndarray:
         """P(abnormal) for every subject of ``split`` with this client's model (the mean over a
         subject's z windows where it has several, as CineMA evaluates)."""
-        load_into(model, self.state)
+        load_into(model, self._model_state())
         model.eval()
+        reference = self.state.get(REFERENCE)
+        mixing = MIXING_RULES[self.spec.mixing] if reference is not None and len(reference) else None
+        set_active_adapters(model, None)
         probs = []
         for batch in torch.arange(split.rows).split(max(self.config.batch_size, 16)):
-            logits = split.logits(model, batch, device)
+            inputs = split.batch(batch, device)
+            if mixing is None:
+                logits = split.forward(model, inputs)
+            else:  # the method's instance-wise mixing (cmrfed/fed/mixing.py)
+                logits = mixing.logits(model, split, inputs, reference, self.config.mixing_scale)
             probs.append(torch.softmax(logits.float(), dim=-1)[:, 1].cpu())
+        set_active_adapters(model, None)
         out = torch.cat(probs).numpy() if probs else np.zeros(0, dtype=np.float32)
         if split.window_subject is None:
             return out

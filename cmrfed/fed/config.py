@@ -10,7 +10,9 @@ from typing import Any
 from cmrfed.data.augment import augment_spec
 from cmrfed.errors import UsageError
 from cmrfed.fed.methods import resolve_method
+from cmrfed.fed.mixing import DEFAULT_K, DEFAULT_SCALE
 from cmrfed.fed.schedule import LrSchedule
+from cmrfed.fed.strategy import aggregation_weights
 
 DEFAULT_TARGETS: tuple[str, ...] = ("q", "kv", "proj", "fc1", "fc2")
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
@@ -61,6 +63,10 @@ class FederateConfig:
     dp_epsilon: float | None = None
     dp_delta: float | None = None
     dp_clip: float | None = None
+    aggregate: str = "weighted"  # FedAvg's client weights: by train-set size, or uniform
+    # FedDPA's inference mixing (cmrfed/fed/mixing.py); read only by a method with a mixing rule
+    feddpa_scale: float = DEFAULT_SCALE
+    feddpa_k: int = DEFAULT_K
 
     def __post_init__(self) -> None:  # noqa: C901 (one flat check per option, nothing else)
         spec = resolve_method(self.method, self.head)
@@ -85,6 +91,12 @@ class FederateConfig:
                 raise UsageError(f"{option} must be at least 1, got {value}")
         if self.local_rank is not None and self.local_rank < 1:
             raise UsageError("--local-rank must be at least 1")
+        aggregation_weights([], self.aggregate)
+        if not 0 < self.feddpa_scale <= 1:
+            raise UsageError(f"--feddpa-scale must be in (0, 1] (the largest weight an adapter gets), "
+                             f"got {self.feddpa_scale}")
+        if self.feddpa_k < 1:
+            raise UsageError(f"--feddpa-k must be at least 1, got {self.feddpa_k}")
         if self.sites_per_round is not None and self.sites_per_round < 1:
             raise UsageError(f"--sites-per-round must be at least 1, got {self.sites_per_round}")
         if self.sites_per_round is not None and spec.pooled:

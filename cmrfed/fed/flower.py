@@ -631,7 +631,7 @@ def _serve(grid: Grid, cfg: FederateConfig, options: ServerOptions, out: Path,
     paths.rounds_log_path(out).write_text("", encoding="utf-8")
     run = _Server(grid, cfg, options, out, console)
     run.meet()
-    strategy = FedAvg()
+    strategy = FedAvg(cfg.aggregate)
     by_name = {s.client: s for s in run.sites}
     analytic = int(run.sites[0].info["analytic_params"])
 

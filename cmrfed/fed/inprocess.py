@@ -1,7 +1,7 @@
 """The in-process federated engine: rounds, checkpoints, communication accounting.
 
 Each round every client trains from its current state and sends its shared tensors (as real
-safetensors bytes) to the server; the server averages them weighted by train-set size and sends
+safetensors bytes) to the server; the server averages them (FedAvg, as ``--aggregate`` weighs) and sends
 the aggregate back; every client then evaluates its own model (backbone + latest shared tensors +
 its private tensors) on its validation split. The loop is written once for every method: what
 travels is decided by the method table and :meth:`Client.shared_state`.
@@ -206,7 +206,7 @@ def _federate_into(
         pooled = concat_splits([data[c.name]["train"] for c in clients])
         trainers = [Client("central", len(clients), spec, run_model.initial_state, pooled, None,
                            clients[0].config, cfg.seed, views=concat_views([c.views for c in clients]))]
-    strategy = FedAvg()
+    strategy = FedAvg(cfg.aggregate)
     server: TensorState = clients[0].shared_state()
     analytic = analytic_params_per_message(run_model, cfg)
     if spec.federated and analytic != num_params(server):

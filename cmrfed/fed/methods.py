@@ -16,6 +16,14 @@ References:
   ICLR 2025 (A shared, B kept local).
 - Med-DualLoRA: Perramon-Llussà et al., 2026 (a global LoRA aggregated across sites plus a local
   LoRA that never leaves its site, added together).
+- FedDPA: Yang et al., "Dual-Personalizing Adapter for Federated Foundation Models", NeurIPS 2024
+  (code: github.com/Lydia-yang/FedDPA). FedDPA-T, its iterative variant: each round a site first
+  trains its local LoRA with the global one frozen and mixed in at 1/2 each, then the global LoRA
+  alone (no local adapter present); the server averages the global one. At inference the two are
+  mixed per instance by similarity to the site's own training data (cmrfed/fed/mixing.py): the
+  local adapter gets w, the global one 1 - w, as the paper motivates it (the reference code's
+  layer applies them the other way round; mixing.py says why cmrfed follows the paper). See
+  docs/feddpa.md for where this follows the reference code and where it does not.
 - Full fine-tuning (``central-full``): what CineMA itself does for disease classification
   (Zhang et al., "CineMA: A Foundation Model for Cine Cardiac MRI", 2025; its
   cinema/classification/*/config.yaml: ``freeze_pretrained: False``, layer-wise lr decay 0.75),
@@ -32,12 +40,37 @@ GLOBAL = "global"
 LOCAL = "local"
 HEAD = "head"
 BACKBONE = "backbone"
+# not a model tensor: a site's reference representations of some of its own training subjects,
+# which an inference mixing rule (cmrfed/fed/mixing.py) compares each test instance with; kept
+# private like a local adapter, never sent
+REFERENCE = "reference"
+
+# which of a method's trained groups a phase trains
+ALL, PRIVATE, SHARED = "all", "private", "shared"
 
 HEAD_CHOICES = ("shared", "local")
 
 
 def _groups(*adapters: str) -> frozenset[str]:
     return frozenset(f"{name}.{factor}" for name in adapters for factor in ("A", "B"))
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One pass over a site's training data within a round (``local_epochs`` epochs, a fresh
+    optimiser): which of the method's trained groups it trains (``all`` of them, or those it
+    keeps ``private`` / ``shared``; the others stay frozen), and which adapters the forward adds,
+    each with its weight (``mix``; None: every adapter of the method, weight 1)."""
+
+    trains: str = ALL
+    mix: tuple[tuple[str, float], ...] | None = None
+
+    @property
+    def adapters(self) -> tuple[str, ...] | None:
+        return None if self.mix is None else tuple(name for name, _ in self.mix)
+
+
+ONE_PHASE = (Phase(),)
 
 
 @dataclass(frozen=True)
@@ -54,11 +87,30 @@ class MethodSpec:
     adapted: frozenset[str] = frozenset()
     federated: bool = True  # False: no server, nothing travels (local, central)
     pooled: bool = False  # True: one trainer on the pooled train data of every client (central)
+    # the passes of a round, in order (FedDPA: the local LoRA, then the global one)
+    phases: tuple[Phase, ...] = ONE_PHASE
+    # how the adapters are mixed at inference: a rule of cmrfed/fed/mixing.py, None for a plain sum
+    mixing: str | None = None
 
     @property
     def groups(self) -> frozenset[str]:
         """Every tensor group the model of this method holds (the backbone only when trained)."""
-        return _groups(*self.adapters) | {HEAD} | (self.trained & {BACKBONE})
+        return _groups(*self.adapters) | {HEAD} | (self.trained & {BACKBONE}) | self.kept
+
+    @property
+    def kept(self) -> frozenset[str]:
+        """Private state that is not trained by gradient: the mixing rule's reference."""
+        return frozenset({REFERENCE}) if self.mixing is not None else frozenset()
+
+    def phase_groups(self, phase: Phase) -> frozenset[str]:
+        """The groups ``phase`` trains."""
+        side = {ALL: self.trained, PRIVATE: self.trained - self.shared, SHARED: self.trained & self.shared}
+        return side[phase.trains]
+
+    @property
+    def training_phases(self) -> tuple[Phase, ...]:
+        """The phases that train something (a newcomer of FedDPA trains only its local LoRA)."""
+        return tuple(p for p in self.phases if self.phase_groups(p))
 
     @property
     def trains_backbone(self) -> bool:
@@ -67,8 +119,8 @@ class MethodSpec:
 
     @property
     def private(self) -> frozenset[str]:
-        """Trained groups that never leave the client."""
-        return self.trained - self.shared
+        """Groups that never leave the client: trained and not shared, and the kept reference."""
+        return (self.trained - self.shared) | self.kept
 
     @property
     def newcomer(self) -> MethodSpec:
@@ -80,7 +132,7 @@ class MethodSpec:
     @property
     def frozen(self) -> frozenset[str]:
         """Groups that keep their seeded init (identical on every client, rebuilt from the seed)."""
-        return self.groups - self.trained
+        return self.groups - self.trained - self.kept
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -93,6 +145,19 @@ METHODS: dict[str, MethodSpec] = {
             trained=_groups(GLOBAL, LOCAL) | {HEAD},
             shared=_groups(GLOBAL) | {HEAD},
             adapted=_groups(LOCAL),  # its own local LoRA, as every member has
+        ),
+        MethodSpec(
+            name="feddpa",
+            summary="FedDPA-T: per round the private local LoRA (global frozen, mixed in), then the "
+                    "global LoRA alone; the two mixed per instance at inference",
+            adapters=(GLOBAL, LOCAL),
+            trained=_groups(GLOBAL, LOCAL) | {HEAD},
+            shared=_groups(GLOBAL) | {HEAD},
+            adapted=_groups(LOCAL),  # its own local LoRA over the frozen global one (the local phase)
+            # the reference code's FedDPA-T round (fed_utils/client.py: set_local with
+            # local_weight 0.5, then the global adapter trained with the local one removed)
+            phases=(Phase(PRIVATE, mix=((GLOBAL, 0.5), (LOCAL, 0.5))), Phase(SHARED, mix=((GLOBAL, 1.0),))),
+            mixing="similarity",
         ),
         MethodSpec(
             name="fedlora",

@@ -12,10 +12,19 @@ Differential Privacy", CCS 2016) on every tensor it trains:
   added, divided by the expected batch size ``q n``: Opacus's :class:`DPOptimizer` does this clip
   + noise + scale step on the per-sample gradients set here, with a seeded noise generator;
 - ``sigma`` calibrated per site with Opacus's ``get_noise_multiplier`` so that the whole run,
-  ``rounds x local_epochs x ceil(n / batch_size)`` steps, spends at most the target
+  ``rounds x phases x local_epochs x ceil(n / batch_size)`` steps, spends at most the target
   ``(epsilon, delta)`` under Opacus's RDP accountant (Mironov, "Renyi Differential Privacy",
   CSF 2017; Mironov, Talwar and Zhang, "Renyi Differential Privacy of the Sampled Gaussian
   Mechanism", 2019), for add/remove-one-subject neighbouring datasets.
+
+A method whose round has several phases (FedDPA: the local LoRA, then the global one, each a pass
+over the same subjects) runs DP-SGD in every phase, with sampling and noise streams of its own,
+and the accountant counts the steps of all of them: ``phases`` is part of each site's plan. (With
+FedDPA's head shared, the global phase never sees the local adapter, so counting the local phase
+is conservative for what is sent; it is what bounds the local adapter, and with ``--head local``
+the head trained in the local phase feeds the global phase.) FedDPA's inference mixing compares
+test instances with representations of k training subjects that the site keeps; they never
+leave it and are not DP, like the evaluation outputs.
 
 Everything a site sends is computed from its DP-trained tensors, so it is (epsilon, delta)-DP by
 post-processing. The number of training subjects of a site (its FedAvg weight, and what fixes
@@ -98,11 +107,14 @@ def check_dp_options(epsilon: float | None, delta: float | None, clip: float | N
 def check_dp_method(spec: MethodSpec) -> None:
     """DP-SGD here covers LoRA factors and the head: a method training anything else (backbone
     weights, e.g. full fine-tuning) is refused, whatever its name."""
+    from cmrfed.fed.methods import METHODS
+
     beyond = sorted(spec.trained - spec.groups) or (["backbone"] if spec.trains_backbone else [])
     if beyond:
+        lora = ", ".join(name for name, other in METHODS.items() if not other.trains_backbone)
         raise UsageError(f"--dp-epsilon: method {spec.name!r} trains {', '.join(beyond)} (weights "
                          "beyond the LoRA adapters and the head), which cmrfed's DP-SGD does not "
-                         "cover; use a LoRA method (duallora, fedlora, ffalora, fedsa, local, central)")
+                         f"cover; use a LoRA method ({lora})")
 
 
 def check_dp_model(model: nn.Module, method: str) -> None:
@@ -154,6 +166,7 @@ class SitePlan:
     delta: float
     target_epsilon: float
     accountant: str = ACCOUNTANT
+    phases: int = 1  # DP-SGD passes per round (FedDPA: 2); steps_per_round counts them all
 
     @property
     def planned_steps(self) -> int:
@@ -183,12 +196,15 @@ class SitePlan:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> SitePlan:
-        return cls(**{f.name: raw[f.name] for f in fields(cls)})
+        """A recorded plan (one written before ``phases`` existed had one phase per round)."""
+        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name != "phases"},
+                   phases=int(raw.get("phases", 1)))
 
     def open_round(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, seed: int,
-                   round_index: int, site_index: int, device: torch.device) -> PrivateRound:
+                   round_index: int, site_index: int, device: torch.device,
+                   phase: int = 0) -> PrivateRound:
         return PrivateRound(self, model, optimizer, seed=seed, round_index=round_index,
-                            site_index=site_index, device=device)
+                            site_index=site_index, device=device, phase=phase)
 
 
 @functools.lru_cache(maxsize=256)
@@ -204,7 +220,7 @@ def _calibrate(epsilon: float, delta: float, sample_rate: float, steps: int) -> 
 
 
 def plan_site(site: str, n_train: int, *, epsilon: float, delta: float | None, clip: float | None,
-              batch_size: int, local_epochs: int, rounds: int) -> SitePlan:
+              batch_size: int, local_epochs: int, rounds: int, phases: int = 1) -> SitePlan:
     """Calibrate one site's noise so its whole run stays within (epsilon, delta)."""
     if delta is None:  # 1e-5, or 1 / (10 n) for a site of more than 10,000 subjects
         delta = min(DEFAULT_DELTA, 0.1 / n_train)
@@ -214,7 +230,7 @@ def plan_site(site: str, n_train: int, *, epsilon: float, delta: float | None, c
                          "smaller --dp-delta (or leave the default)")
     steps_per_epoch = math.ceil(n_train / batch_size)
     sample_rate = 1.0 / steps_per_epoch
-    steps_per_round = steps_per_epoch * local_epochs
+    steps_per_round = steps_per_epoch * local_epochs * phases
     steps = steps_per_round * rounds
     try:
         sigma = _calibrate(epsilon, delta, sample_rate, steps)
@@ -226,17 +242,22 @@ def plan_site(site: str, n_train: int, *, epsilon: float, delta: float | None, c
                     steps_per_epoch=steps_per_epoch, steps_per_round=steps_per_round,
                     rounds=rounds, noise_multiplier=float(sigma),
                     clip=DEFAULT_CLIP if clip is None else clip, delta=delta,
-                    target_epsilon=epsilon)
+                    target_epsilon=epsilon, phases=phases)
     if plan.epsilon(steps) > epsilon * (1 + BUDGET_RTOL):  # calibration must never overshoot
         raise AssertionError(f"calibrated sigma {sigma} spends {plan.epsilon(steps)} > {epsilon}")
     return plan
 
 
 def plan_run(cfg: Any, sites: Mapping[str, int]) -> dict[str, SitePlan]:
-    """A plan per training site (``sites``: name -> training subjects) of a DP run."""
+    """A plan per training site (``sites``: name -> training subjects) of a DP run, counting every
+    training phase of the method's round."""
+    from cmrfed.fed.methods import resolve_method
+
+    phases = len(resolve_method(cfg.method, cfg.head).training_phases)
     return {
         name: plan_site(name, n, epsilon=cfg.dp_epsilon, delta=cfg.dp_delta, clip=cfg.dp_clip,
-                        batch_size=cfg.batch_size, local_epochs=cfg.local_epochs, rounds=cfg.rounds)
+                        batch_size=cfg.batch_size, local_epochs=cfg.local_epochs, rounds=cfg.rounds,
+                        phases=phases)
         for name, n in sites.items()
     }
 
@@ -379,12 +400,14 @@ def per_sample_grads(model: nn.Module, params: Mapping[str, nn.Parameter], forwa
 
 
 class PrivateRound:
-    """One site's DP-SGD for one round: Poisson batches, per-sample gradients, Opacus's clipping
-    and noise (its :class:`DPOptimizer` around the site's optimiser), all seeded by
-    (run seed, round, site) so a resumed run adds the same noise."""
+    """One site's DP-SGD for one phase of one round: Poisson batches, per-sample gradients,
+    Opacus's clipping and noise (its :class:`DPOptimizer` around the site's optimiser), all seeded
+    by (run seed, round, site, phase) so a resumed run adds the same noise and no two phases share
+    a draw."""
 
     def __init__(self, plan: SitePlan, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                 seed: int, round_index: int, site_index: int, device: torch.device) -> None:
+                 seed: int, round_index: int, site_index: int, device: torch.device,
+                 phase: int = 0) -> None:
         from opacus.optimizers import DPOptimizer
 
         self.plan = plan
@@ -393,10 +416,11 @@ class PrivateRound:
         if ungrouped:
             raise UsageError(f"--dp-epsilon: backbone weights are trained ({ungrouped[0]}, ...), "
                              "which cmrfed's DP-SGD does not cover; use a LoRA method")
+        later = () if phase == 0 else (phase,)  # phase 0 draws as a one-phase round always did
         self.sampler = torch.Generator().manual_seed(
-            derive_seed(seed, round_index, site_index, SAMPLING_STREAM))
+            derive_seed(seed, round_index, site_index, SAMPLING_STREAM, *later))
         noise = torch.Generator(device=device).manual_seed(
-            derive_seed(seed, round_index, site_index, NOISE_STREAM))
+            derive_seed(seed, round_index, site_index, NOISE_STREAM, *later))
         self.optimizer = DPOptimizer(optimizer, noise_multiplier=plan.noise_multiplier,
                                      max_grad_norm=plan.clip,
                                      expected_batch_size=plan.expected_batch_size, generator=noise)

@@ -173,6 +173,9 @@ def method_record(spec: MethodSpec) -> dict[str, Any]:
         "name": spec.name, "summary": spec.summary, "adapters": list(spec.adapters),
         "trained": sorted(spec.trained), "shared": sorted(spec.shared),
         "private": sorted(spec.private), "frozen": sorted(spec.frozen), "adapted": sorted(spec.adapted),
+        "phases": [{"trains": sorted(spec.phase_groups(p)),
+                    "adapters": None if p.mix is None else dict(p.mix)} for p in spec.training_phases],
+        "mixing": spec.mixing,
     }
 
 

@@ -1,7 +1,10 @@
-"""Server-side aggregation: weighted FedAvg of the shared tensors (McMahan et al., 2017).
+"""Server-side aggregation: FedAvg of the shared tensors (McMahan et al., 2017).
 
-The maths are pure functions over tensors (:func:`weighted_average`); :class:`FedAvg` is the
-small strategy both engines (in-process and Flower) call, so aggregation is written once.
+The maths are pure functions (:func:`aggregation_weights`, :func:`weighted_average`);
+:class:`FedAvg` is the small strategy both engines (in-process and Flower) call, so aggregation
+is written once. ``--aggregate`` chooses the client weights: ``weighted`` by train-set size
+(w_k = n_k / sum n, FedAvg's own rule and cmrfed's default) or ``uniform`` (w_k = 1 / K, what
+FedDPA's reference code does: its sample-size weighting is commented out).
 """
 
 from __future__ import annotations
@@ -11,9 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from cmrfed.errors import DataError
+from cmrfed.errors import DataError, UsageError
 
 TensorState = dict[str, torch.Tensor]
+AGGREGATE_RULES = {  # --aggregate choice -> what it does, as reports say it
+    "weighted": "weighted by each site's train-set size",
+    "uniform": "uniform (every site 1/K)",
+}
 
 
 @dataclass(frozen=True)
@@ -52,9 +59,22 @@ def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequ
     return averaged
 
 
+def aggregation_weights(num_examples: Sequence[int], rule: str) -> list[float]:
+    """Each client's (unnormalised) weight under ``rule``: its train-set size, or 1."""
+    if rule not in AGGREGATE_RULES:
+        raise UsageError(f"unknown --aggregate {rule!r}; choose one of {', '.join(AGGREGATE_RULES)}")
+    return [float(n) for n in num_examples] if rule == "weighted" else [1.0] * len(num_examples)
+
+
 class FedAvg:
-    """FedAvg weighted by each client's number of training examples (w_k = n_k / sum n)."""
+    """FedAvg over the clients that answered, weighted as ``weighting`` says (default: by each
+    client's number of training examples, w_k = n_k / sum n; ``uniform``: w_k = 1 / K)."""
+
+    def __init__(self, weighting: str = "weighted") -> None:
+        aggregation_weights([], weighting)  # refuse an unknown rule here, not at the first round
+        self.weighting = weighting
 
     def aggregate(self, results: Sequence[FitResult]) -> TensorState:
         """The new global shared state from one round's client results."""
-        return weighted_average([r.shared for r in results], [r.num_examples for r in results])
+        weights = aggregation_weights([r.num_examples for r in results], self.weighting)
+        return weighted_average([r.shared for r in results], weights)

@@ -17,7 +17,7 @@ from cmrfed.errors import UsageError
 from cmrfed.fed.cache import CacheKey, ViewsKey, load_or_compute, load_or_compute_views
 from cmrfed.fed.client import Client, SplitTensors, TrainConfig, state_of
 from cmrfed.fed.config import FederateConfig
-from cmrfed.fed.methods import GLOBAL, LOCAL, MethodSpec, resolve_method
+from cmrfed.fed.methods import GLOBAL, LOCAL, REFERENCE, MethodSpec, resolve_method
 from cmrfed.fed.sampling import training_sites
 from cmrfed.fed.strategy import TensorState
 from cmrfed.fed.views import CachedViews, OnTheFlyViews, ViewSource, row_ids, view_seeds
@@ -72,10 +72,13 @@ def build_run_model(cfg: FederateConfig, input_shape: tuple[int, int, int]) -> R
         inject_lora(encoder, n_blocks, adapters, seed=cfg.seed, targets=cfg.targets)
     model = CineMAClassifier(encoder, n_classes=2, seed=cfg.seed)
     names = [n for n, _ in model.named_parameters() if tensor_group(n) in spec.groups]
+    initial = state_of(model, names)
+    if REFERENCE in spec.kept:  # no reference yet: the model is not mixed until a site trains
+        initial[REFERENCE] = torch.zeros(0, model.feature_dim)
     return RunModel(
         model=model,
         spec=spec,
-        initial_state=state_of(model, names),
+        initial_state=initial,
         depth=depth,
         start_block=depth - n_blocks,
         fingerprint=fingerprint,
@@ -160,7 +163,7 @@ def train_config(cfg: FederateConfig) -> TrainConfig:
     return TrainConfig(local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                        weight_decay=cfg.weight_decay, class_balanced=cfg.class_balanced,
                        label_smoothing=cfg.label_smoothing, schedule=cfg.lr_schedule,
-                       layer_decay=cfg.layer_decay)
+                       layer_decay=cfg.layer_decay, mixing_scale=cfg.feddpa_scale, mixing_k=cfg.feddpa_k)
 
 
 def build_client(

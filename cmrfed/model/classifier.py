@@ -93,6 +93,26 @@ class CineMAClassifier(nn.Module):
             if adapter_group(name) is None:
                 param.requires_grad_(False)
 
+    @property
+    def feature_dim(self) -> int:
+        """Width of :meth:`pooled`: the cls token and the mean view token side by side."""
+        return 2 * self.backbone.embed_dim
+
+    @staticmethod
+    def pooled(cls: torch.Tensor, view_tokens: torch.Tensor) -> torch.Tensor:
+        """What the head reads, as one vector per instance: [cls token ; mean of the view tokens]
+        (the inputs of ``pred_head_dict.cls`` and ``pred_head_dict.sax``), (B, 2 D)."""
+        return torch.cat([cls, view_tokens.mean(dim=1)], dim=-1)
+
+    def features_from(self, h: torch.Tensor, skips: torch.Tensor, start_block: int) -> torch.Tensor:
+        """:meth:`pooled` features from cached tokens (as :meth:`forward_from` computes logits)."""
+        return self.pooled(*self._fused(h, skips, start_block))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, X, Y, Z) -> :meth:`pooled` features (B, 2 D)."""
+        h, skips = self.backbone.embed(x)
+        return self.features_from(h, skips, 0)
+
     def head(self, cls: torch.Tensor, view_tokens: torch.Tensor) -> torch.Tensor:
         """(cls (B, D), view tokens (B, N, D)) -> logits (B, n_classes)."""
         logits = torch.stack([self.pred_head_dict[VIEW](view_tokens.mean(dim=1)),
@@ -106,8 +126,13 @@ class CineMAClassifier(nn.Module):
 
     def forward_from(self, h: torch.Tensor, skips: torch.Tensor, start_block: int) -> torch.Tensor:
         """Logits from cached tokens: h after ``blocks[:start_block]`` and the stem skips."""
+        return self.head(*self._fused(h, skips, start_block))
+
+    def _fused(self, h: torch.Tensor, skips: torch.Tensor,
+               start_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cls, fused view tokens) from tokens entering block ``start_block``."""
         h = self.backbone.forward_blocks(h, start_block, self.backbone.depth)
-        return self.head(*self.backbone.fuse(h, skips))
+        return self.backbone.fuse(h, skips)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Copies of every trainable tensor by name (the adapters being trained and the head)."""

@@ -20,7 +20,7 @@ and adapting more blocks does not change the A of the others.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -79,10 +79,12 @@ class LoRAAdapter(nn.Module):
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus named LoRA adapters: ``x W^T + b + sum_active delta_a(x)``.
+    """A frozen linear layer plus named LoRA adapters: ``x W^T + b + sum_active w_a delta_a(x)``.
 
     ``weight`` and ``bias`` are the wrapped layer's own Parameters, registered under the same
-    names, so the state_dict keys of the backbone do not change when LoRA is injected.
+    names, so the state_dict keys of the backbone do not change when LoRA is injected. Which
+    adapters are active, and their weights ``w_a`` (1 unless set; FedDPA mixes its two adapters
+    with per-instance weights), are set for the whole model by :func:`set_active_adapters`.
     """
 
     def __init__(self, base: nn.Linear) -> None:
@@ -94,6 +96,8 @@ class LoRALinear(nn.Module):
         self.adapters = nn.ModuleDict()
         # names of the adapters added to the output; None = all of them
         self.active_adapters: tuple[str, ...] | None = None
+        # weight of each active adapter's delta (a number, or one per batch row); absent: 1
+        self.adapter_weights: dict[str, float | torch.Tensor] = {}
 
     def add_adapter(self, spec: AdapterSpec, generator: torch.Generator) -> LoRAAdapter:
         if spec.name in self.adapters:
@@ -109,14 +113,25 @@ class LoRALinear(nn.Module):
         materialised one by one (the LoRA branch dominates a cached training step; this cut it
         by about 12 % at base size, see benchmarks/results/lora.md)."""
         out = F.linear(x, self.weight, self.bias)
-        active = [adapter for name, adapter in self.adapters.items()
+        active = [(name, adapter) for name, adapter in self.adapters.items()
                   if self.active_adapters is None or name in self.active_adapters]
         if not active:
             return out
-        low = torch.cat([F.linear(x, a.A) * a.scaling for a in active], dim=-1)  # (..., sum r)
-        up = torch.cat([a.B for a in active], dim=1)  # (out, sum r)
+        # (..., sum r)
+        low = torch.cat([F.linear(x, a.A) * self._scale(name, a, x) for name, a in active], dim=-1)
+        up = torch.cat([a.B for _, a in active], dim=1)  # (out, sum r)
         flat = torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), up.t())
         return flat.view_as(out)
+
+    def _scale(self, name: str, adapter: LoRAAdapter, x: torch.Tensor) -> float | torch.Tensor:
+        """alpha / r times the adapter's weight; a per-row weight (B,) broadcasts over the rest of
+        ``x`` (tokens), so each instance of a batch can mix the adapters differently (FedDPA)."""
+        weight = self.adapter_weights.get(name)
+        if weight is None:
+            return adapter.scaling
+        if isinstance(weight, torch.Tensor):
+            return (weight.to(x.dtype) * adapter.scaling).reshape(-1, *([1] * (x.dim() - 1)))
+        return adapter.scaling * weight
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -206,14 +221,21 @@ def inject_lora(encoder: nn.Module, blocks: int | str, adapters: Sequence[Adapte
     return adapted
 
 
-def set_active_adapters(model: nn.Module, names: Collection[str] | None) -> None:
-    """Choose which adapters every LoRA layer adds (None: all), e.g. the global part alone."""
+def set_active_adapters(model: nn.Module, names: Collection[str] | None,
+                        weights: Mapping[str, float | torch.Tensor] | None = None) -> None:
+    """Choose which adapters every LoRA layer adds (None: all), e.g. the global part alone, and
+    optionally each one's weight: a number, or a tensor with one weight per batch row (an
+    adapter without a weight counts once)."""
+    extra = set(weights or {}) - set(names or ())
+    if extra:
+        raise UsageError(f"weights given for adapters {sorted(extra)} that are not active")
     for _, layer in lora_layers(model):
         if names is not None:
             unknown = set(names) - set(layer.adapters)
             if unknown:
                 raise UsageError(f"unknown adapters {sorted(unknown)}; present: {list(layer.adapters)}")
         layer.active_adapters = None if names is None else tuple(names)
+        layer.adapter_weights = dict(weights or {})
 
 
 def set_trainable_groups(model: nn.Module, groups: Collection[str],

@@ -21,6 +21,7 @@ from cmrfed.atomic import json_safe, number
 from cmrfed.eval.compare import MethodSummary, MetricSummary, TestRow, summarise_methods, summarise_values
 from cmrfed.eval.report import FIGURES, ComparisonResult
 from cmrfed.eval.run_evaluation import load_evaluation
+from cmrfed.fed.methods import REFERENCE, resolve_method
 from cmrfed.fed.privacy import run_privacy
 from cmrfed.provenance import versions
 from cmrfed.study.config import StudyConfig, grid_settings
@@ -39,8 +40,11 @@ PARTICIPATION = (("held_out", "held out, zero-shot"), ("adapted", "after adapt")
 
 
 def _numel(path: Path) -> int:
+    """Scalars of the tensors of a file, but a mixing rule's reference representations (kept by
+    the site, not trained: FedDPA's)."""
     with safe_open(str(path), framework="pt") as handle:
-        return int(sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys()))  # noqa: SIM118
+        return int(sum(math.prod(handle.get_slice(k).get_shape())
+                       for k in handle.keys() if k != REFERENCE))  # noqa: SIM118
 
 
 def trainable_parameters(run: Path) -> int:
@@ -190,6 +194,9 @@ def study_document(study: StudyConfig, runs: Mapping[str, Path], cells: Sequence
         "round": any_comparison.round_choice,
         "clients": list(any_comparison.clients),
         "backbone": study.base.backbone,
+        "aggregate": study.base.aggregate,
+        "mixing": {"feddpa_scale": study.base.feddpa_scale, "feddpa_k": study.base.feddpa_k}
+        if any(resolve_method(m, study.base.head).mixing for m in study.methods) else None,
         "main": {"blocks": main["blocks"], "rank": main["rank"], "methods": main["methods"]},
         "settings": settings,
         "privacy": privacy,

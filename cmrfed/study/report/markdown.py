@@ -7,6 +7,7 @@ from typing import Any
 
 from cmrfed.eval.report import FIGURES
 from cmrfed.fed.privacy import privacy_markdown
+from cmrfed.fed.strategy import AGGREGATE_RULES
 from cmrfed.study.report.document import ABLATION_FIGURE
 from cmrfed.study.report.rows import ablation_table, main_table, participation_table, site_table
 
@@ -46,6 +47,9 @@ def notes(doc: Mapping[str, Any]) -> list[str]:
         "p Holm-corrected across the baselines; effect = reference minus baseline.",
         "Trainable params: scalars a client's model trains (its shared plus private tensors). Bytes: "
         "as serialised per client per round, and up + down for the whole run, mean over seeds.",
+        f"Aggregation (--aggregate {doc['aggregate']}): FedAvg {AGGREGATE_RULES[doc['aggregate']]} of "
+        "the shared tensors of the sites that trained in a round.",
+        *_mixing_notes(doc["mixing"]),
     ]
 
 
@@ -55,6 +59,14 @@ def report_warnings(doc: Mapping[str, Any]) -> list[str]:
     warnings += [f"{m['method']} ({s['name']}): {w}" for s in doc["settings"] for m in s["methods"]
                  if m["test_vs_reference"] for w in m["test_vs_reference"]["warnings"]]
     return list(dict.fromkeys(warnings))
+
+
+def _mixing_notes(mixing: Mapping[str, Any] | None) -> list[str]:
+    if mixing is None:
+        return []
+    return [f"FedDPA's inference mixing: the local adapter weighted by {mixing['feddpa_scale']:g} x the mean "
+            f"cosine similarity to {mixing['feddpa_k']} private reference subjects of the site, the "
+            "global adapter by 1 minus that."]
 
 
 def privacy_lines(doc: Mapping[str, Any]) -> list[str]:

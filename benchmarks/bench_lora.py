@@ -108,6 +108,14 @@ def micro(suite: Suite, size: str, batch: int = 8, repeats: int = 5) -> str:
         with torch.no_grad():
             model.forward_from(hidden, skips, start)
 
+    return _variants_table(*_measure_variants(grads, step, evaluate, repeats))
+
+
+def _measure_variants(grads: Callable[[], tuple[torch.Tensor, list[torch.Tensor]]], step: Callable[[], None],
+                      evaluate: Callable[[], None], repeats: int,
+                      ) -> tuple[dict[tuple[str, str], list[float]], dict[str, tuple[float, float]]]:
+    """Times of the train step and the validation pass of every LoRA forward variant, and each
+    variant's largest logit and relative gradient difference from the one it replaces."""
     reference = grads()
     times: dict[tuple[str, str], list[float]] = {}
     differences = {}
@@ -127,6 +135,11 @@ def micro(suite: Suite, size: str, batch: int = 8, repeats: int = 5) -> str:
                     begin = time.perf_counter()
                     fn()
                     times.setdefault((variant, label), []).append(time.perf_counter() - begin)
+    return times, differences
+
+
+def _variants_table(times: dict[tuple[str, str], list[float]],
+                    differences: dict[str, tuple[float, float]]) -> str:
     base_train, base_eval = median(times[("before", "train")]), median(times[("before", "eval")])
     rows = []
     for variant in VARIANTS:

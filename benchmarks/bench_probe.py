@@ -28,7 +28,7 @@ from sklearn.preprocessing import StandardScaler
 from cmrfed.data.shards import SPLITS, load_manifest, load_split
 from cmrfed.demo import Cohort
 from cmrfed.model.cinema import TINY_PRETRAINED, load_backbone
-from cmrfed.study import template_text
+from cmrfed.templates import template_text
 
 NAME = "probe"
 TITLE = "Linear probe on frozen encoder features"

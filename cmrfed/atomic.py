@@ -1,11 +1,21 @@
-"""Atomic writes: a crash never leaves a half-written artefact that a later stage would trust.
+"""Atomic writes and the one way a folder is replaced: a crash never leaves a half-written
+artefact that a later stage would trust, nor loses the one it was replacing.
 
-Files and folders are written under a temporary sibling name ``.NAME.tmp-PID-XXXXXXXX`` and
-renamed into place only once complete (``os.replace`` is atomic on one filesystem). The pid in
-the name lets the next writer of the same place remove what a killed process left behind
-(:func:`clean_stale_temporaries`). Files get the modes the umask gives any new file (libraries
-that write through :mod:`tempfile` would otherwise leave 0600), and JSON is always valid JSON:
-NaN and infinities are written as ``null`` (:func:`json_safe`).
+One naming scheme for everything a writer puts beside its target NAME:
+
+- ``.NAME.tmp-PID-XXXXXXXX``: new content being written by process PID; renamed onto NAME only
+  once complete (``os.replace`` is atomic on one filesystem);
+- ``.NAME.old-PID-XXXXXXXX``: the previous NAME, set aside by PID while it is being replaced
+  (:func:`set_aside`); deleted once the replacement is in place, put back if it fails.
+
+The pid in the name lets the next writer of the same place recover what a killed process left
+behind (:func:`clean_stale_temporaries`): a dead writer's new content is removed and a replacement
+it did not finish is rolled back (the old NAME put back). Files get the modes the umask gives any
+new file (libraries that write through :mod:`tempfile` would otherwise leave 0600), and JSON is
+always valid JSON: NaN and infinities are written as ``null`` (:func:`json_safe`).
+
+This module imports nothing else of cmrfed: it is the floor everything else stands on. Which
+folders ``--overwrite`` may replace is :mod:`cmrfed.outputs`' decision.
 """
 
 from __future__ import annotations
@@ -20,20 +30,25 @@ import shutil
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from cmrfed.errors import UsageError
-
-if TYPE_CHECKING:
-    from cmrfed.outputs import OutputKind
-
-_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
+NEW, OLD = "tmp", "old"  # the roles of a sibling: new content being written, the old content set aside
+_SIBLING = re.compile(rf"^\.(?P<name>.+)\.(?P<role>{NEW}|{OLD})-(?P<pid>\d+)-[0-9a-f]{{8}}$")
 
 
-def _tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+def sibling(path: Path, role: str = NEW) -> Path:
+    """A fresh name beside ``path`` for this process, in the one naming scheme (module docstring)."""
+    return path.with_name(f".{path.name}.{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def pid_alive(pid: int) -> bool:
@@ -50,33 +65,33 @@ def pid_alive(pid: int) -> bool:
 
 
 def clean_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
-    """Remove the temporaries of ``path`` (``.NAME.tmp-PID-*`` siblings) whose process is dead.
+    """Recover what dead writers left beside ``path``; return the siblings removed or put back.
 
-    A ``kill -9`` during an atomic write leaves such a sibling; the next write of the same place
-    removes it. Temporaries of live processes (another writer at work) are left alone.
+    A ``kill -9`` during a write leaves a ``.NAME.tmp-PID-*`` sibling: it is removed. A kill during
+    a replacement leaves the old content as ``.NAME.old-PID-*``: the replacement did not finish,
+    so it is rolled back as a failed one would be (whatever stands at ``path`` is removed and the
+    old content put back). Siblings of live processes (another writer at work) are left alone.
     """
     final = Path(path)
-    parent = final.parent
-    removed: list[Path] = []
+    recovered: list[Path] = []
     try:
-        entries = list(os.scandir(parent))
+        entries = sorted(os.scandir(final.parent), key=lambda e: e.name)
     except OSError:
-        return removed
+        return recovered
     for entry in entries:
-        match = _TEMPORARY.match(entry.name)
+        match = _SIBLING.match(entry.name)
         if not match or match["name"] != final.name:
             continue
         pid = int(match["pid"])
         if pid == os.getpid() or pid_alive(pid):
             continue
         target = Path(entry.path)
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(target, ignore_errors=True)
+        if match["role"] == OLD:
+            roll_back(target, final)
         else:
-            with contextlib.suppress(OSError):
-                target.unlink()
-        removed.append(target)
-    return removed
+            _remove(target)
+        recovered.append(target)
+    return recovered
 
 
 _UMASK: int | None = None
@@ -96,7 +111,7 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(final)
+    tmp = sibling(final)
     try:
         yield tmp
         if tmp.is_file():
@@ -108,24 +123,17 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False,
-               kind: OutputKind | None = None) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary folder that becomes ``path`` only if the block succeeds.
 
-    An existing, non-empty ``path`` is refused unless ``overwrite``; with ``kind``, only a folder
-    that is that kind of cmrfed artefact may be replaced (see :mod:`cmrfed.outputs`). The old
-    folder is replaced only after the new one is complete, so a failed run leaves it untouched.
+    Whatever was at ``path`` is replaced only after the new folder is complete (:func:`swap_in`),
+    so a failed run leaves it untouched. Whether it may be replaced at all is the caller's
+    decision (:func:`cmrfed.outputs.check_replaceable` for a command's ``--out``).
     """
     final = Path(path)
-    if kind is not None:
-        from cmrfed.outputs import check_replaceable
-
-        check_replaceable(final, kind, overwrite)
-    elif final.exists() and not overwrite:
-        raise UsageError(f"{final} already exists; choose another --out or pass --overwrite")
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(final)
-    tmp = _tmp_sibling(final)
+    tmp = sibling(final)
     tmp.mkdir()
     try:
         yield tmp
@@ -135,14 +143,34 @@ def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False,
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def set_aside(final: Path) -> Iterator[None]:
+    """Replace ``final`` by what the block puts at its place: the old content waits as
+    ``.NAME.old-PID-*`` and is deleted when the block succeeds, put back when it fails (and, when
+    the process is killed, by the next :func:`clean_stale_temporaries` of the same place)."""
+    aside = sibling(final, OLD) if final.exists() or final.is_symlink() else None
+    if aside is not None:
+        os.replace(final, aside)
+    try:
+        yield
+    except BaseException:
+        if aside is not None:
+            roll_back(aside, final)
+        raise
+    if aside is not None:
+        _remove(aside)
+
+
+def roll_back(aside: Path, final: Path) -> None:
+    """Put the content set aside back at ``final``, removing what a failed replacement left there."""
+    if final.exists() or final.is_symlink():
+        _remove(final)
+    os.replace(aside, final)
+
+
 def swap_in(new: Path, final: Path) -> None:
     """Put the complete folder ``new`` at ``final``, removing what was there only afterwards."""
-    if final.exists():
-        old = _tmp_sibling(final)
-        os.replace(final, old)
-        os.replace(new, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+    with set_aside(final):
         os.replace(new, final)
 
 
@@ -156,9 +184,11 @@ def read_json_or_none(path: str | os.PathLike[str]) -> Any:
 
 
 def json_safe(obj: Any) -> Any:
-    """``obj`` with NaN / infinities as None, numpy scalars as Python numbers, tuples as lists."""
+    """``obj`` as JSON holds it: NaN / infinities (undefined numbers) as None, numpy scalars as
+    Python numbers, tuples as lists, mapping keys as strings. The one scrubber every JSON file
+    and in-memory document goes through; :func:`nan_for_null` is its inverse."""
     if isinstance(obj, Mapping):
-        return {k: json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [json_safe(v) for v in obj]
     if isinstance(obj, bool | np.bool_):
@@ -169,6 +199,20 @@ def json_safe(obj: Any) -> Any:
         value = float(obj)
         return value if math.isfinite(value) else None
     return obj
+
+
+def number(value: Any) -> float:
+    """A number read back from JSON: null (an undefined number, see :func:`json_safe`) is NaN."""
+    return float("nan") if value is None else float(value)
+
+
+def nan_for_null(obj: Any) -> Any:
+    """JSON read back with every null as NaN, so numbers read back equal the ones written."""
+    if isinstance(obj, Mapping):
+        return {k: nan_for_null(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [nan_for_null(v) for v in obj]
+    return float("nan") if obj is None else obj
 
 
 def json_text(obj: Any, indent: int | None = None) -> str:

@@ -221,7 +221,7 @@ def study(study_file: str | None, out: str | None, resume: bool, overwrite: bool
     """Run a declared grid of federated runs (methods x seeds x blocks x ranks), evaluate and
     compare them, and write STUDY/report/ (tables, figures, report.html). Resumable."""
     from cmrfed.errors import UsageError
-    from cmrfed.study import template_text
+    from cmrfed.templates import template_text
 
     if template is not None:
         click.echo(template_text(template), nl=False)

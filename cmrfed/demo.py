@@ -21,9 +21,9 @@ from cmrfed.data.synth import write_synthetic_cohort
 from cmrfed.errors import UsageError
 from cmrfed.lock import folder_lock
 from cmrfed.outputs import DEMO, replacing
-from cmrfed.study import template_text
 from cmrfed.study.config import StudyConfig, parse_study
 from cmrfed.study.runner import StudyResult, run_study
+from cmrfed.templates import template_text
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,10 @@ it also covers a folder that is being swapped in or out). The kernel drops a ``f
 process dies, however it dies, so the lock of a killed process is never stale: the next command
 simply takes it. The file holds the holder's pid for the message and is removed on release; a
 taker checks it still locks the file at that path (not one a releaser just unlinked).
+
+Whoever takes a folder's lock first recovers what a killed writer left beside the folder
+(:func:`cmrfed.atomic.clean_stale_temporaries`: its temporaries removed, a replacement it did not
+finish rolled back), so a killed command's leftovers never outlive the next command on the folder.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from cmrfed.atomic import clean_stale_temporaries
 from cmrfed.errors import UsageError
 
 _held: dict[Path, tuple[int, int]] = {}  # lock file -> (fd, depth): re-entrant within a process
@@ -68,10 +73,12 @@ def _open_locked(path: Path, folder: Path) -> int:
 
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike[str]) -> Iterator[Path]:
-    """Hold the exclusive lock of ``folder`` for the block (re-entrant within one process)."""
+    """Hold the exclusive lock of ``folder`` for the block (re-entrant within one process); on
+    taking it, recover the leftovers of killed writers beside ``folder``."""
     path = lock_path(folder)
     with _guard:
-        if path in _held:
+        taken = path not in _held
+        if not taken:
             fd, depth = _held[path]
             _held[path] = (fd, depth + 1)
         else:
@@ -85,6 +92,8 @@ def folder_lock(folder: str | os.PathLike[str]) -> Iterator[Path]:
             os.write(fd, f"{os.getpid()}\n".encode("ascii"))
             _held[path] = (fd, 1)
     try:
+        if taken:
+            clean_stale_temporaries(Path(folder).expanduser().absolute())
         yield path
     finally:
         with _guard:

@@ -238,7 +238,7 @@ COMPARE: list[click.Parameter] = [
                  type=Owned("cmrfed.fed.methods:METHODS"),
                  help="The method every other method is paired with."),
     click.Option(["--metric"], default="balanced_accuracy", show_default=True,
-                 type=Owned("cmrfed.eval.metrics:METRICS"),
+                 type=Owned("cmrfed.metrics:METRICS"),
                  help="Metric of the tables, Wilcoxon pairs and bootstrap difference."),
     click.Option(["--out"], required=True, type=click.Path(path_type=str), help="REPORT folder to write."),
     click.Option(["--overwrite"], is_flag=True, help="Replace an existing REPORT folder."),
@@ -317,7 +317,7 @@ STUDY: list[click.Parameter] = [
     click.Option(["--device"], default=None, type=Owned("cmrfed.fed.task:DEVICES"),
                  help="Device of every run [the study file's [federate] device, else auto]."),
     click.Option(["--template"], is_flag=False, flag_value="example", default=None,
-                 type=Owned("cmrfed.study:TEMPLATES"),
+                 type=Owned("cmrfed.templates:TEMPLATES"),
                  help="Print a commented study file (the paper's setting), or `--template demo` the demo's."),
 ]
 

@@ -4,21 +4,27 @@ Each output kind is recognised by the file its command writes (a PREPARED folder
 manifest ``prepare`` wrote, a RUN by the run.json ``federate`` wrote, ...). ``--overwrite`` of a
 folder that is not that kind of cmrfed artefact is refused, naming what is in it: a thesis and a
 CSV in a folder passed as ``--out`` by mistake must never be deleted.
+
+How a folder is replaced is :mod:`cmrfed.atomic`'s one mechanism (old content set aside as
+``.NAME.old-PID-*``, new content built as ``.NAME.tmp-PID-*`` or in place); this module only
+decides whether it may be: :func:`new_output` builds beside and swaps, :func:`replacing` builds
+in place.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cmrfed import paths
+from cmrfed.atomic import atomic_dir, clean_stale_temporaries, set_aside
 from cmrfed.errors import UsageError
+
+MANIFEST_KIND = "cmrfed prepared data"  # the "kind" of a PREPARED folder's manifest.json
 
 
 @dataclass(frozen=True)
@@ -39,8 +45,6 @@ def _json(path: Path) -> dict[str, Any] | None:
 
 
 def _is_prepared(folder: Path) -> bool:
-    from cmrfed.data.shards import MANIFEST_KIND
-
     raw = _json(paths.manifest_path(folder))
     return raw is not None and raw.get("kind") == MANIFEST_KIND
 
@@ -117,26 +121,31 @@ def check_replaceable(folder: Path, kind: OutputKind, overwrite: bool, option: s
 
 
 @contextlib.contextmanager
+def new_output(folder: str | Path, kind: OutputKind, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``folder`` (a ``kind``) once the block succeeds.
+
+    ``folder`` is checked first (:func:`check_replaceable`); an old one is replaced only after the
+    new one is complete, so a failed or killed command leaves it untouched.
+    """
+    check_replaceable(Path(folder), kind, overwrite)
+    with atomic_dir(folder) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
 def replacing(folder: Path, kind: OutputKind, overwrite: bool) -> Iterator[None]:
     """Replace ``folder`` (a ``kind``) by what the block builds in its place, never losing it.
 
     For outputs that cannot be built beside and swapped (a study's runs record the absolute path
-    of its prepared data): the old folder is set aside as ``.NAME.replaced-PID``, deleted only
-    when the block succeeds, and put back when it fails. A process killed meanwhile leaves the
-    old folder there, whole, for the user to move back.
+    of its prepared data): the old folder is set aside (:func:`cmrfed.atomic.set_aside`), deleted
+    only when the block succeeds and put back when it fails; when the process is killed, the next
+    command on the same folder puts it back (:func:`cmrfed.atomic.clean_stale_temporaries`).
     """
     folder = Path(folder)
+    clean_stale_temporaries(folder)
     check_replaceable(folder, kind, overwrite)
-    aside = None
-    if folder.exists() and visible_entries(folder):
-        aside = folder.with_name(f".{folder.name}.replaced-{os.getpid()}")
-        os.replace(folder, aside)
-    try:
+    if not (folder.exists() and visible_entries(folder)):
         yield
-    except BaseException:
-        if aside is not None:
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(aside, folder)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+        return
+    with set_aside(folder):
+        yield

@@ -67,7 +67,7 @@ from cmrfed.atomic import atomic_dir, atomic_file, sha256_file, write_json
 from cmrfed.data.augment import AUGMENT_CHOICES, AugmentSpec, augment_batch
 from cmrfed.data.shards import load_images, load_manifest, load_split, verify_shard
 from cmrfed.errors import DataError, UsageError
-from cmrfed.fed.client import class_weights, derive_seed
+from cmrfed.fed.client import class_weights
 from cmrfed.fed.task import resolve_device
 from cmrfed.model.cinema import (
     POS_EMBED_KEY,
@@ -78,9 +78,9 @@ from cmrfed.model.cinema import (
     resolve_checkpoint,
 )
 from cmrfed.model.classifier import CineMAClassifier
-from cmrfed.model.lora import seeded_generator
 from cmrfed.model.mae import MASK_RATIO, build_mae
 from cmrfed.provenance import versions
+from cmrfed.seeding import derive_seed, seeded_generator
 
 OUTPUT_KIND = "cmrfed pretrained backbone"
 OBJECTIVES = ("mae", "disease")
@@ -350,7 +350,7 @@ def _write_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Opt
     for index, slots in state["state"].items():
         for slot, value in slots.items():
             tensors[f"optim/{index}/{slot}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    with atomic_dir(folder, overwrite=True) as tmp:
+    with atomic_dir(folder) as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
         write_json(tmp / "config.json", cfg.to_dict())
         write_json(tmp / "progress.json", {**progress, "param_groups": state["param_groups"]})

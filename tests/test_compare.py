@@ -28,11 +28,11 @@ from cmrfed import paths
 from cmrfed.cli import cli, main
 from cmrfed.errors import DataError, UsageError
 from cmrfed.eval.compare import compare
-from cmrfed.eval.metrics import binary_metrics, bootstrap_ci
 from cmrfed.eval.report import FIGURES, compare_runs
 from cmrfed.eval.run_evaluation import load_evaluation
 from cmrfed.eval.stats import delong_test
 from cmrfed.fed.config import FederateConfig
+from cmrfed.metrics import binary_metrics, bootstrap_ci
 
 CLIENTS = ("ge", "philips", "siemens")
 N_SUBJECTS = 24

@@ -11,7 +11,7 @@ from matplotlib.image import imread
 
 from cmrfed.demo import Cohort, demo_paths, run_demo
 from cmrfed.errors import UsageError
-from cmrfed.study import template_text
+from cmrfed.templates import template_text
 
 pytestmark = pytest.mark.e2e  # every test builds a demo (cohort, study)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from cmrfed.eval.metrics import (
+from cmrfed.metrics import (
     COUNT_KEYS,
     METRICS,
     binary_metrics,
@@ -168,7 +168,7 @@ def test_bootstrap_ci_is_deterministic_per_seed(case_500) -> None:
 
 def test_bootstrap_auc_replicates_equal_sklearn(case_500) -> None:
     """The vectorised AUC of each replicate equals roc_auc_score on that resample."""
-    from cmrfed.eval.metrics import replicate_metrics, stratified_draws
+    from cmrfed.metrics import replicate_metrics, stratified_draws
 
     labels, probs = case_500
     pos_draw, neg_draw = stratified_draws(labels, 5, np.random.default_rng(3))

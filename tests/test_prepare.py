@@ -1,6 +1,6 @@
 """`cmrfed prepare`: dataset layouts and quirks, preprocessing, shards, manifest, bad input.
 
-Small NIfTI trees are written here in each dataset's layout (reference/datasets.md); the
+Small NIfTI trees are written here in each dataset's layout (``data_manifests/layouts.toml``); the
 synthetic cohort of ``cmrfed.data.synth`` drives the end-to-end tests.
 """
 

@@ -24,7 +24,6 @@ from cmrfed.errors import UsageError
 from cmrfed.eval.evaluate_run import evaluate_run
 from cmrfed.eval.report import compare_runs
 from cmrfed.fed import inprocess
-from cmrfed.fed.client import derive_seed
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.flower import run_config_of
 from cmrfed.fed.methods import METHODS
@@ -41,6 +40,7 @@ from cmrfed.fed.privacy import (
 )
 from cmrfed.fed.task import build_run_model
 from cmrfed.model.classifier import param_group
+from cmrfed.seeding import derive_seed
 
 DP = {"rounds": 2, "local_epochs": 1, "batch_size": 4, "rank": 2, "lr": 5e-3,
       "class_balanced": False, "dp_epsilon": 3.0}

@@ -552,3 +552,31 @@ def test_replacing_keeps_the_old_output_until_the_new_one_is_complete(tmp_path):
     with pytest.raises(UsageError, match="not a REPORT folder"), replacing(thesis, REPORT, overwrite=True):
         pass
     assert (thesis / "thesis.tex").read_text() == "years of work"
+
+
+def test_a_replacement_killed_half_way_is_rolled_back_by_the_next_command_on_that_folder(tmp_path):
+    """A study / demo --overwrite killed mid-way leaves its half-built folder in place and the old
+    one set aside; the next command on that folder puts the old one back (and says which)."""
+    from cmrfed.atomic import clean_stale_temporaries
+    from cmrfed.lock import folder_lock
+    from cmrfed.outputs import REPORT, replacing
+
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "half-written").write_text("x")
+    aside = tmp_path / f".report.old-{dead_pid()}-0123abcd"
+    aside.mkdir()
+    (aside / "comparison.json").write_text('{"old": true}')
+    live = tmp_path / f".report.old-{os.getppid()}-89abcdef"  # a live process's: left alone
+    live.mkdir()
+    assert clean_stale_temporaries(report) == [aside]
+    assert sorted(p.name for p in report.iterdir()) == ["comparison.json"] and live.exists()
+    live.rmdir()
+    aside.mkdir()  # killed again; the next command on the folder (any: here a --resume) takes its lock
+    (aside / "comparison.json").write_text('{"older": true}')
+    with folder_lock(report):
+        assert (report / "comparison.json").read_text() == '{"older": true}'
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]
+    with pytest.raises(RuntimeError), replacing(report, REPORT, overwrite=True):
+        raise RuntimeError("the new study failed")  # and a replacement that fails puts it back too
+    assert (report / "comparison.json").read_text() == '{"older": true}'

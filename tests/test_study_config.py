@@ -16,9 +16,9 @@ from cmrfed.errors import UsageError
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.methods import METHODS
 from cmrfed.options import federate_config
-from cmrfed.study import template_text
 from cmrfed.study.config import NOT_STUDY_KEYS, load_study, parse_study
 from cmrfed.study.plan import plan_cells
+from cmrfed.templates import template_text
 
 MINIMAL = """
 [data]

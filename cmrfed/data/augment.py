@@ -30,11 +30,11 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cmrfed.errors import UsageError
+from cmrfed.seeding import derive_seed
 
 AUGMENT_CHOICES = ("none", "cinema")
 _GAMMA_EPS = 1e-7  # MONAI AdjustContrast's epsilon
@@ -71,7 +71,7 @@ def subject_view_seed(seed: int, client: str, subject_id: str, view: int) -> int
     method), so every run of a study can share the cached views."""
     digest = hashlib.sha256(f"{client}/{subject_id}".encode()).digest()
     subject = int.from_bytes(digest[:8], "little") >> 1
-    return int(np.random.SeedSequence([seed, subject, view]).generate_state(2, dtype=np.uint64)[0] >> 1)
+    return derive_seed(seed, subject, view)
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:

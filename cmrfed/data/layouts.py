@@ -3,7 +3,8 @@
 Scanning a dataset (``scan_dataset``) turns its folder and metadata into :class:`Subject` records:
 which files hold ED and ES, the vendor (-> federated client) and pathology (-> label) from the
 declared tables. Reading a subject (``read_subject``) loads the voxels of those frames and applies
-the dataset's quirks (reference/datasets.md): ACDC frame numbers start at 1; M&Ms-1 indexes a 4-D
+the dataset's quirks (as released: ACDC, Bernard et al. 2018; M&Ms-1, Campello et al. 2021;
+M&Ms-2, Martín-Isla et al. 2023): ACDC frame numbers start at 1; M&Ms-1 indexes a 4-D
 file from 0 and its CSV indices are re-derived from the labelled frames where labels exist; M&Ms-2
 codes are un-padded integers in a spreadsheet-padded CSV. Every layout detail comes from
 ``layouts.toml``; the code holds only the logic.

@@ -3,7 +3,7 @@
 Files are read with nibabel from bytes we read ourselves, so that one read gives the provenance
 hash, the gzip check and the voxels. Voxel spacing comes from the header zooms (``pixdim``),
 never from an sform-preferred affine: ACDC files carry an unscaled sform of diag(-1, -1, 1) while
-the qform / zooms hold the real spacing (reference/datasets.md). Image voxels keep the stored
+the qform / zooms hold the real spacing (the ACDC release, Bernard et al. 2018). Image voxels keep the stored
 pixel type (as SimpleITK reads them: a scaled file becomes float32), because CineMA resamples in
 the file's pixel type.
 

@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cmrfed.atomic import atomic_dir, sha256_file
+from cmrfed.atomic import sha256_file
 from cmrfed.data.csvsite import scan_csv
 from cmrfed.data.layouts import DatasetScan, Invalid, Subject, read_subject, scan_dataset
 from cmrfed.data.preprocess import NORMALISATION, fingerprint, preprocess
@@ -39,7 +39,7 @@ from cmrfed.data.shards import SPLITS, ShardEntry, write_image_file, write_manif
 from cmrfed.data.tables import DATASETS, Tables, load_tables
 from cmrfed.errors import DataError, UsageError
 from cmrfed.lock import folder_lock
-from cmrfed.outputs import PREPARED, check_replaceable
+from cmrfed.outputs import PREPARED, check_replaceable, new_output
 from cmrfed.paths import SHARDS_DIR, shard_path
 from cmrfed.provenance import versions
 
@@ -339,7 +339,7 @@ def _prepare(options: PrepareOptions, console: Console | None = None) -> Prepare
     skipped = list(invalid)
     warnings = [w for scan in scans for w in scan.warnings]
 
-    with atomic_dir(options.out, overwrite=options.overwrite, kind=PREPARED) as tmp:
+    with new_output(options.out, PREPARED, options.overwrite) as tmp:
         scratch = tmp / _SCRATCH
         scratch.mkdir()
         work = functools.partial(_process, spacing=options.spacing, shape=options.shape, scratch=scratch)

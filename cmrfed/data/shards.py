@@ -1,4 +1,4 @@
-"""The prepared-data contract: HDF5 shards per client and ``manifest.json`` (DESIGN.md).
+"""The prepared-data contract: HDF5 shards per client and ``manifest.json`` (docs/pipeline.md).
 
 ``prepare`` writes them; training and evaluation read them only through ``load_manifest``,
 ``verify_shard`` and ``load_split``, so the on-disk format is known in this one module.
@@ -26,10 +26,10 @@ from cmrfed import __version__
 from cmrfed.atomic import sha256_file, write_json
 from cmrfed.data.preprocess import model_input
 from cmrfed.errors import DataError, UsageError
+from cmrfed.outputs import MANIFEST_KIND
 from cmrfed.paths import manifest_path, shard_path
 
 FORMAT_VERSION = 2
-MANIFEST_KIND = "cmrfed prepared data"
 SPLITS = ("train", "val", "test")
 EVAL_SPLITS = ("test", "val")
 """The splits a model is scored on (``evaluate --split``); train is what it learnt from."""

@@ -37,10 +37,10 @@ from rich.table import Table
 from scipy import ndimage
 
 from cmrfed import paths
-from cmrfed.atomic import atomic_dir, write_json
+from cmrfed.atomic import write_json
 from cmrfed.errors import DataError, UsageError
 from cmrfed.lock import folder_lock
-from cmrfed.outputs import COHORT
+from cmrfed.outputs import COHORT, new_output
 from cmrfed.provenance import versions
 
 MIN_SUBJECTS = 5
@@ -1030,7 +1030,7 @@ def write_synthetic_cohort(out: str | Path, seed: int = 0, subjects: int = 24,
     planned, duplicate = plan_cohort(seed, subjects)
     summary = SynthSummary(Path(out), seed, subjects, shape,
                            tuple(p.subject for p in planned), duplicate)
-    with folder_lock(out), atomic_dir(out, overwrite=overwrite, kind=COHORT) as tmp:
+    with folder_lock(out), new_output(out, COHORT, overwrite) as tmp:
         # Each subject renders from its own random streams, so the worker order changes nothing.
         with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
             frames_of = list(pool.map(lambda entry: _write_subject(tmp, seed, entry, shape, frames),

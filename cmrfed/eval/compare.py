@@ -4,7 +4,8 @@
 :class:`Comparison`; it reads and writes no file, so every number in a report can be recomputed
 from the same records in a test.
 
-How runs are paired (methods.md, "Statistical comparison"):
+How runs are paired (docs/pipeline.md, ``cmrfed compare``; Wilcoxon 1945, McNemar 1947,
+DeLong et al. 1988, Holm 1979):
 
 - ``wilcoxon``: one pair per (seed, client): the ``--metric`` of the reference method's run and
   of the baseline's run with the SAME seed, on the same client's test subjects. Two-sided
@@ -34,7 +35,6 @@ import numpy as np
 from scipy import stats as sps
 
 from cmrfed.errors import DataError, UsageError
-from cmrfed.eval.metrics import METRICS, binary_metrics, roc_curve_points
 from cmrfed.eval.run_evaluation import RunEvaluation
 from cmrfed.eval.stats import (
     MCNEMAR_EXACT_BELOW,
@@ -46,6 +46,7 @@ from cmrfed.eval.stats import (
     paired_bootstrap,
     wilcoxon_signed_rank,
 )
+from cmrfed.metrics import METRICS, binary_metrics, roc_curve_points
 
 TESTS: tuple[str, ...] = ("wilcoxon", "mcnemar", "bootstrap", "delong")
 PER_SUBJECT_TESTS: tuple[str, ...] = ("mcnemar", "bootstrap", "delong")

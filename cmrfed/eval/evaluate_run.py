@@ -25,7 +25,6 @@ from cmrfed.eval.scoring import (
     SHARED_MODEL,
     Scores,
     check_threshold,
-    json_ready,
     merge_sites,
     score_site,
     write_predictions,
@@ -68,9 +67,9 @@ def write_eval(info: RunInfo, doc: dict[str, Any], rows: list[tuple]) -> Path:
     """RUN/eval/predictions.csv and RUN/eval/metrics.json, replaced together."""
     doc = {**doc, "communication": {k: v for k, v in info.raw["result"].items() if k.startswith("bytes")},
            "versions": versions()}
-    with atomic_dir(paths.eval_dir(info.path), overwrite=True) as tmp:
+    with atomic_dir(paths.eval_dir(info.path)) as tmp:
         write_predictions(tmp / "predictions.csv", rows)
-        write_json(tmp / "metrics.json", json_ready(doc))
+        write_json(tmp / "metrics.json", doc)
     return paths.eval_dir(info.path)
 
 

@@ -24,7 +24,7 @@ from rich.table import Table
 from safetensors.torch import load_file
 
 from cmrfed import paths
-from cmrfed.atomic import atomic_dir, write_json
+from cmrfed.atomic import atomic_dir, nan_for_null, write_json
 from cmrfed.data.shards import EVAL_SPLITS
 from cmrfed.errors import DataError, UsageError
 from cmrfed.eval.evaluate_run import EvalSummary, eval_header, print_table, write_eval
@@ -35,7 +35,6 @@ from cmrfed.eval.scoring import (
     SHARED_MODEL,
     SiteResult,
     check_threshold,
-    json_ready,
     merge_sites,
     read_rows,
     score_site,
@@ -130,8 +129,8 @@ def evaluate_site(
         "shared_metrics": result.shared_metrics,
         "versions": versions(),
     }
-    with atomic_dir(target, overwrite=True) as tmp:
-        write_json(paths.site_eval_record_path(tmp), json_ready(record))
+    with atomic_dir(target) as tmp:
+        write_json(paths.site_eval_record_path(tmp), record)
         if not metrics_only:
             write_predictions(paths.site_predictions_path(tmp), site_rows(result, split))
     if result.absent is None:
@@ -165,8 +164,8 @@ def read_site_eval(folder: Path) -> SiteEvalRecord:
     try:
         raw = json.loads(paths.site_eval_record_path(folder).read_text(encoding="utf-8"))
         client, split = str(raw["client"]), str(raw["split"])
-        metrics = _nan_for_null(raw["metrics"])
-        shared_metrics = _nan_for_null(raw["shared_metrics"]) if raw["shared_metrics"] else None
+        metrics = nan_for_null(raw["metrics"])
+        shared_metrics = nan_for_null(raw["shared_metrics"]) if raw["shared_metrics"] else None
         own_threshold, metrics_only = float(raw["threshold"]["own"]), bool(raw["metrics_only"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{folder}: not a site evaluation of `cmrfed evaluate --client` ({exc})") from exc
@@ -194,15 +193,6 @@ def check_sent(folder: Path) -> None:
     if extra:
         raise DataError(f"{folder} holds {extra}; a site sends only site_eval.json and predictions.csv, "
                         "nothing else is merged")
-
-
-def _nan_for_null(obj: Any) -> Any:
-    """JSON null back to NaN, so merged metrics equal the pooled ones value for value."""
-    if isinstance(obj, dict):
-        return {k: _nan_for_null(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_nan_for_null(v) for v in obj]
-    return float("nan") if obj is None else obj
 
 
 def merge_evaluations(

@@ -23,12 +23,13 @@ from rich.console import Console
 from rich.table import Table
 
 from cmrfed import paths
-from cmrfed.atomic import atomic_dir, write_json
+from cmrfed.atomic import json_safe, write_json
 from cmrfed.eval.compare import Comparison, MethodSummary, MetricSummary, TestRow, compare
 from cmrfed.eval.run_evaluation import load_evaluation
 from cmrfed.fed.privacy import privacy_markdown, run_privacy
+from cmrfed.formatting import ci, num, p_value, size
 from cmrfed.lock import folder_lock
-from cmrfed.outputs import REPORT, check_replaceable
+from cmrfed.outputs import REPORT, check_replaceable, new_output
 from cmrfed.provenance import versions
 
 REPORT_FORMAT_VERSION = 1
@@ -67,47 +68,6 @@ def compare_runs(
         files = write_report(comparison, Path(out), overwrite=overwrite, privacy=privacy)
     print_comparison(console, comparison, Path(out))
     return ComparisonResult(comparison, Path(out), files)
-
-
-# --- numbers as text -------------------------------------------------------------------------
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
-
-
-def _num(value: float, digits: int = 3) -> str:
-    return f"{value:.{digits}f}" if _finite(value) else "—"
-
-
-def _p(value: float) -> str:
-    if not _finite(value):
-        return "—"
-    return "<0.001" if value < 0.001 else f"{value:.3f}"
-
-
-def _ci(low: float, high: float) -> str:
-    return f"[{_num(low)}, {_num(high)}]"
-
-
-def _bytes(value: float) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(value) >= size:
-            return f"{value / size:.2f} {unit}"
-    return f"{value:.0f} B"
-
-
-def json_ready(obj: Any) -> Any:
-    """JSON has no NaN or infinity: undefined numbers are written as null."""
-    if isinstance(obj, dict):
-        return {str(k): json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_ready(v) for v in obj]
-    if isinstance(obj, float | np.floating):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 # --- JSON / CSV ------------------------------------------------------------------------------
@@ -160,7 +120,7 @@ def comparison_document(comparison: Comparison,
                         privacy: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole comparison as a JSON-ready dict (comparison.json); ``privacy``: each run's DP
     spend per site (None for a run without DP), keyed by run folder."""
-    return json_ready({
+    return json_safe({
         "format_version": REPORT_FORMAT_VERSION,
         "created_by": "cmrfed compare",
         "test": comparison.test,
@@ -183,7 +143,7 @@ def comparison_document(comparison: Comparison,
 
 
 def _write_csv(path: Path, comparison: Comparison) -> None:
-    records = [json_ready(_row_record(comparison, row)) for row in comparison.rows]
+    records = [json_safe(_row_record(comparison, row)) for row in comparison.rows]
     extra = sorted({key for record in records for key in record} - set(BASE_COLUMNS))
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=[*BASE_COLUMNS, *extra], restval="")
@@ -205,11 +165,11 @@ def _effect_text(row: TestRow, compact: bool = False) -> str:
     """The effect and its name; with the plain median difference and rank-biserial unless compact."""
     result = row.result
     name = SHORT_EFFECT_NAMES.get(result.effect_name, result.effect_name.replace("_", " "))
-    text = f"{name} {_num(result.effect)}"
+    text = f"{name} {num(result.effect)}"
     extra = dict(result.extra)
     if "rank_biserial" in extra and not compact:
-        text += (f"; median diff {_num(extra['median_difference'])}; "
-                 f"rank-biserial {_num(extra['rank_biserial'])}")
+        text += (f"; median diff {num(extra['median_difference'])}; "
+                 f"rank-biserial {num(extra['rank_biserial'])}")
     return text
 
 
@@ -236,7 +196,7 @@ def _markdown(comparison: Comparison, privacy: dict[str, Any] | None = None) -> 
               "| method | " + " | ".join([*c.clients, "macro"]) + " |",
               "|---|" + "---|" * (len(c.clients) + 1)]
     for m in c.methods:
-        cells = [f"{_num(s.mean)} ± {_num(s.sd)} {_ci(s.ci_low, s.ci_high)}"
+        cells = [f"{num(s.mean)} ± {num(s.sd)} {ci(s.ci_low, s.ci_high)}"
                  for s in (*m.per_client, m.macro)]
         lines.append(f"| {m.method} | " + " | ".join(cells) + " |")
     kinds = sorted({s.ci_kind for m in c.methods for s in m.per_client})
@@ -248,7 +208,7 @@ def _markdown(comparison: Comparison, privacy: dict[str, Any] | None = None) -> 
     for row in c.rows:
         r = row.result
         lines.append(f"| {row.baseline} | {row.scope} | {r.n} | {_effect_text(row)} | "
-                     f"{_ci(r.ci_low, r.ci_high)} | {_p(r.p_value)} | {_p(row.p_holm)} | "
+                     f"{ci(r.ci_low, r.ci_high)} | {p_value(r.p_value)} | {p_value(row.p_holm)} | "
                      f"{'; '.join(row.warnings) or '—'} |")
     notes = [f"- {row.baseline} ({row.scope}): {row.result.note}" for row in c.rows if row.result.note]
     if notes:
@@ -260,14 +220,14 @@ def _markdown(comparison: Comparison, privacy: dict[str, Any] | None = None) -> 
               "down, whole run |", "|---|---:|---:|---:|---:|---:|"]
     for m in c.methods:
         comm = m.communication
-        lines.append(f"| {m.method} | {comm.rounds:g} | {_bytes(comm.bytes_up_per_client_round)} | "
-                     f"{_bytes(comm.bytes_down_per_client_round)} | {_bytes(comm.bytes_up_total)} | "
-                     f"{_bytes(comm.bytes_down_total)} |")
+        lines.append(f"| {m.method} | {comm.rounds:g} | {size(comm.bytes_up_per_client_round)} | "
+                     f"{size(comm.bytes_down_per_client_round)} | {size(comm.bytes_up_total)} | "
+                     f"{size(comm.bytes_down_total)} |")
     lines += ["", "Per client, whole run (up / down):", ""]
     for m in c.methods:
         comm = m.communication
-        per_client = ", ".join(f"{k} {_bytes(comm.bytes_up_per_client[k])} / "
-                               f"{_bytes(comm.bytes_down_per_client[k])}" for k in c.clients)
+        per_client = ", ".join(f"{k} {size(comm.bytes_up_per_client[k])} / "
+                               f"{size(comm.bytes_down_per_client[k])}" for k in c.clients)
         lines.append(f"- {m.method}: {per_client}")
     runs = [(m.method, r.seed, str(r.run)) for m in c.methods for r in m.runs]
     lines += ["", *privacy_markdown(runs, privacy or {})]
@@ -330,7 +290,7 @@ def _plot_roc(c: Comparison, path: Path) -> None:
                 if curve.client == client:
                     # straight segments between ROC vertices: tied scores give diagonal steps
                     ax.plot(curve.fpr, curve.tpr, color=_color(i),
-                            label=f"{method.method} (AUC {_num(curve.auc)})")
+                            label=f"{method.method} (AUC {num(curve.auc)})")
         ax.set_title(client)
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")
@@ -383,7 +343,7 @@ def write_report(comparison: Comparison, out: Path, overwrite: bool = False,
                  privacy: dict[str, Any] | None = None) -> tuple[Path, ...]:
     """Write REPORT/comparison.{json,csv,md} and the PNG figures, atomically as one folder."""
     out = Path(out)
-    with atomic_dir(out, overwrite=overwrite, kind=REPORT) as tmp:
+    with new_output(out, REPORT, overwrite) as tmp:
         write_json(paths.comparison_json_path(tmp), comparison_document(comparison, privacy))
         _write_csv(paths.comparison_csv_path(tmp), comparison)
         paths.comparison_md_path(tmp).write_text(_markdown(comparison, privacy), encoding="utf-8")
@@ -405,7 +365,7 @@ def print_comparison(console: Console, comparison: Comparison, out: Path) -> Non
     for row in c.rows:
         r = row.result
         table.add_row(row.baseline, row.scope, str(r.n), _effect_text(row, compact=True),
-                      _ci(r.ci_low, r.ci_high), _p(r.p_value), _p(row.p_holm),
+                      ci(r.ci_low, r.ci_high), p_value(r.p_value), p_value(row.p_holm),
                       "[yellow]yes[/]" if row.warnings else "",
                       style=None if row.scope == "pooled" else "dim")
     console.print(table)
@@ -414,9 +374,9 @@ def print_comparison(console: Console, comparison: Comparison, out: Path) -> Non
         methods.add_column(column)
     for m in c.methods:
         comm = m.communication
-        methods.add_row(m.method, str(len(m.runs)), f"{_num(m.macro.mean)} ± {_num(m.macro.sd)}",
-                        _bytes(comm.bytes_up_per_client_round),
-                        _bytes(comm.bytes_up_total + comm.bytes_down_total))
+        methods.add_row(m.method, str(len(m.runs)), f"{num(m.macro.mean)} ± {num(m.macro.sd)}",
+                        size(comm.bytes_up_per_client_round),
+                        size(comm.bytes_up_total + comm.bytes_down_total))
     console.print(methods)
     for warning in (*c.warnings, *(f"{row.baseline} ({row.scope}): {w}" for row in c.rows
                                    for w in row.warnings)):

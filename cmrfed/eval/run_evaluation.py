@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cmrfed import paths
-from cmrfed.atomic import sha256_file
+from cmrfed.atomic import number, sha256_file
 from cmrfed.errors import DataError
 from cmrfed.fed.runinfo import load_run
 
@@ -82,10 +82,6 @@ class RunEvaluation:
         return f"{self.run} ({self.method}, seed {self.seed})"
 
 
-def _nan_for_null(value: Any) -> float:
-    return float("nan") if value is None else float(value)
-
-
 def _read_predictions(path: Path, run: Path) -> dict[str, ClientPredictions]:
     """Own-model rows (model == client) of predictions.csv, grouped by client."""
     try:
@@ -125,7 +121,7 @@ def _read_rounds(path: Path) -> tuple[RoundRecord, ...]:
             raw = json.loads(line)
             records.append(RoundRecord(
                 round=int(raw["round"]),
-                mean_val_balanced_accuracy=_nan_for_null(raw.get("mean_val_balanced_accuracy")),
+                mean_val_balanced_accuracy=number(raw.get("mean_val_balanced_accuracy")),
                 bytes_up={c: int(v["bytes_up"]) for c, v in raw["clients"].items()},
                 bytes_down={c: int(v["bytes_down"]) for c, v in raw["clients"].items()},
             ))
@@ -144,12 +140,12 @@ def load_evaluation(run: str | Path) -> RunEvaluation:
     try:
         doc = json.loads(metrics_file.read_text(encoding="utf-8"))
         per_client = {
-            client: {key: (_nan_for_null(value) if not isinstance(value, dict) else value)
+            client: {key: (number(value) if not isinstance(value, dict) else value)
                      for key, value in block.items()}
             for client, block in doc["per_client"].items()
         }
         # ``macro`` also names the clients it covers (``clients``): only metrics are numbers
-        macro = {k: _nan_for_null(v) for k, v in doc["macro"].items() if k != "clients"}
+        macro = {k: number(v) for k, v in doc["macro"].items() if k != "clients"}
         split, round_choice = str(doc["split"]), str(doc["round"])
         round_index, threshold_mode = int(doc["round_index"]), str(doc["threshold"]["mode"])
     except (ValueError, KeyError, TypeError) as exc:

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from cmrfed.errors import DataError, UsageError
-from cmrfed.eval.metrics import METRICS, binary_metrics, bootstrap_ci, youden_threshold
 from cmrfed.fed.client import Client, SplitTensors
+from cmrfed.metrics import METRICS, binary_metrics, bootstrap_ci, youden_threshold
 
 SHARED_MODEL = "shared"
 THRESHOLD_MODES = ("0.5", "youden-val")
@@ -147,19 +147,6 @@ def score_site(
     return SiteResult(name, participation, own_threshold, metrics, shared_metrics, own, shared)
 
 
-def json_ready(obj: Any) -> Any:
-    """JSON has no NaN: undefined metrics are written as null; numpy scalars as Python ones."""
-    if isinstance(obj, dict):
-        return {k: json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_ready(v) for v in obj]
-    if isinstance(obj, float | np.floating):
-        return None if math.isnan(float(obj)) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
 def _nanmean(values: list[float]) -> float:
     """Mean over clients where the metric is defined; NaN (no warning) when it is nowhere."""
     finite = [v for v in values if not math.isnan(v)]
@@ -187,76 +174,30 @@ def merge_sites(
     results in the run's site ``order``. ``cross[model][data]`` (pooled evaluation only) adds
     the cross-site matrix and its rows."""
     check_threshold(threshold)
-    by_name = {r.client: r for r in results}
-    if sorted(by_name) != sorted(order) or len(results) != len(order):
-        raise DataError(f"the per-site results name {sorted(r.client for r in results)}, the run has "
-                        f"{list(order)}; merge exactly one result per site of the run")
-    absent = {r.client: r.absent for r in results if r.absent is not None}
-    if len(absent) == len(order):
-        raise DataError(f"no client has {split} subjects; re-run `cmrfed prepare` with other --split "
-                        "fractions or more subjects")
-    sites = [by_name[c] for c in order]
+    sites, absent = _checked_sites(results, order, split)
     thresholds = {r.client: r.threshold for r in sites}
-    has_shared = any(r.shared is not None or r.shared_metrics is not None for r in sites)
-    if has_shared:
-        if threshold == "0.5":
-            thresholds[SHARED_MODEL] = 0.5
-        else:
-            with_val = [r for r in sites if r.shared is not None]
-            y = np.concatenate([r.shared["val"].labels for r in with_val])  # type: ignore[index]
-            p = np.concatenate([r.shared["val"].probs for r in with_val])  # type: ignore[index]
-            if len(np.unique(y)) < 2:
-                raise DataError(f"--threshold youden-val: the val split of {SHARED_MODEL!r} lacks one class")
-            thresholds[SHARED_MODEL] = float(youden_threshold(y, p))
-
+    shared_threshold = _shared_threshold(sites, threshold)
+    if shared_threshold is not None:
+        thresholds[SHARED_MODEL] = shared_threshold
     rows: list[tuple] = []
-
-    def add_rows(model_name: str, data_client: str, scores: Scores) -> None:
-        t = thresholds[model_name]
-        for sid, label, prob in zip(scores.subject_ids, scores.labels, scores.probs, strict=True):
-            rows.append((sid, data_client, model_name, split, int(label), float(prob), int(prob >= t), t))
-
     per_client, shared_rows = {}, {}
-    for r in sites:
-        if r.absent is not None:
-            continue
+    for r in (r for r in sites if r.absent is None):
         per_client[r.client] = r.metrics
         if r.own is not None:
-            add_rows(r.client, r.client, r.own)
+            rows += _score_rows(r.client, r.client, r.own, split, thresholds[r.client])
         if r.shared is not None:
-            add_rows(SHARED_MODEL, r.client, r.shared[split])
+            rows += _score_rows(SHARED_MODEL, r.client, r.shared[split], split, thresholds[SHARED_MODEL])
             shared_rows[r.client] = binary_metrics(r.shared[split].labels, r.shared[split].probs,
                                                    thresholds[SHARED_MODEL])
         elif r.shared_metrics is not None:
             shared_rows[r.client] = r.shared_metrics
     cross_site = None
     if cross is not None:
-        cross_site = {}
-        for m in order:
-            cross_site[m] = {}
-            for d in (c for c in order if c not in absent):
-                scores = cross[m][d]
-                cross_site[m][d] = binary_metrics(scores.labels, scores.probs, thresholds[m])
-                if m != d:
-                    add_rows(m, d, scores)
-
-    covered = [r for r in sites if r.own is not None]
-    pooled: dict[str, Any] = {"clients": [r.client for r in covered]}
-    if covered:
-        y_all = np.concatenate([r.own.labels for r in covered])  # type: ignore[union-attr]
-        p_all = np.concatenate([r.own.probs for r in covered])  # type: ignore[union-attr]
-        # pooled over subjects: each subject judged by its own site's model and threshold
-        if threshold == "0.5":
-            pooled.update(with_ci(y_all, p_all, 0.5, n_boot, bootstrap_seed(seed)))
-        else:  # thresholds differ per site: only the threshold-free AUC is lost, so drop it
-            predicted = np.concatenate([(r.own.probs >= r.threshold).astype(float)  # type: ignore[union-attr]
-                                        for r in covered])
-            pooled.update({**binary_metrics(y_all, predicted, 0.5), "auc": float("nan"),
-                           "note": "each subject thresholded by its own site's Youden threshold; "
-                                   "AUC not pooled"})
-    if any(r.metrics_only for r in sites):
-        pooled["note_sites"] = ("sites " + ", ".join(r.client for r in sites if r.metrics_only)
-                                + " sent metrics only: pooled covers the others")
+        members = [c for c in order if c not in absent]
+        cross_site = {m: {d: binary_metrics(cross[m][d].labels, cross[m][d].probs, thresholds[m])
+                          for d in members} for m in order}
+        rows += [row for m in order for d in members if m != d
+                 for row in _score_rows(m, d, cross[m][d], split, thresholds[m])]
     macro: dict[str, Any] = {m: _nanmean([per_client[c][m] for c in per_client]) for m in METRICS}
     macro["clients"] = list(per_client)
     fields = {
@@ -264,7 +205,7 @@ def merge_sites(
         "n_boot": n_boot,
         "per_client": per_client,
         "absent": absent,
-        "pooled": pooled,
+        "pooled": _pooled(sites, threshold, n_boot, seed),
         "macro": macro,
         "cross_site": cross_site,
         "shared_only": shared_rows or None,
@@ -273,6 +214,63 @@ def merge_sites(
                     for r in sites},
     }
     return Merged(fields, sorted(rows, key=lambda row: (row[2], row[1], row[0])))
+
+
+def _checked_sites(results: Sequence[SiteResult], order: Sequence[str],
+                   split: str) -> tuple[list[SiteResult], dict[str, str]]:
+    """The results in the run's site order, and the sites without subjects in ``split``; exactly
+    one result per site of the run, and at least one site with subjects."""
+    by_name = {r.client: r for r in results}
+    if sorted(by_name) != sorted(order) or len(results) != len(order):
+        raise DataError(f"the per-site results name {sorted(r.client for r in results)}, the run has "
+                        f"{list(order)}; merge exactly one result per site of the run")
+    absent = {r.client: r.absent for r in results if r.absent is not None}
+    if len(absent) == len(order):
+        raise DataError(f"no client has {split} subjects; re-run `cmrfed prepare` with other --split "
+                        "fractions or more subjects")
+    return [by_name[c] for c in order], absent
+
+
+def _shared_threshold(sites: Sequence[SiteResult], threshold: str) -> float | None:
+    """The shared-only model's threshold (None when no site scored it): 0.5, or Youden's on the
+    val predictions of every site that sent them."""
+    if not any(r.shared is not None or r.shared_metrics is not None for r in sites):
+        return None
+    if threshold == "0.5":
+        return 0.5
+    with_val = [r.shared["val"] for r in sites if r.shared is not None]
+    y = np.concatenate([s.labels for s in with_val])
+    p = np.concatenate([s.probs for s in with_val])
+    if len(np.unique(y)) < 2:
+        raise DataError(f"--threshold youden-val: the val split of {SHARED_MODEL!r} lacks one class")
+    return float(youden_threshold(y, p))
+
+
+def _score_rows(model_name: str, data_client: str, scores: Scores, split: str, t: float) -> list[tuple]:
+    """Prediction rows of ``model_name`` on ``data_client``'s subjects at threshold ``t``."""
+    return [(sid, data_client, model_name, split, int(label), float(prob), int(prob >= t), t)
+            for sid, label, prob in zip(scores.subject_ids, scores.labels, scores.probs, strict=True)]
+
+
+def _pooled(sites: Sequence[SiteResult], threshold: str, n_boot: int, seed: int) -> dict[str, Any]:
+    """Metrics over the subjects of every site that sent predictions, each subject judged by its
+    own site's model and threshold."""
+    covered = [(r, r.own) for r in sites if r.own is not None]
+    pooled: dict[str, Any] = {"clients": [r.client for r, _ in covered]}
+    if covered:
+        y_all = np.concatenate([own.labels for _, own in covered])
+        p_all = np.concatenate([own.probs for _, own in covered])
+        if threshold == "0.5":
+            pooled.update(with_ci(y_all, p_all, 0.5, n_boot, bootstrap_seed(seed)))
+        else:  # thresholds differ per site: only the threshold-free AUC is lost, so drop it
+            predicted = np.concatenate([(own.probs >= r.threshold).astype(float) for r, own in covered])
+            pooled.update({**binary_metrics(y_all, predicted, 0.5), "auc": float("nan"),
+                           "note": "each subject thresholded by its own site's Youden threshold; "
+                                   "AUC not pooled"})
+    if any(r.metrics_only for r in sites):
+        pooled["note_sites"] = ("sites " + ", ".join(r.client for r in sites if r.metrics_only)
+                                + " sent metrics only: pooled covers the others")
+    return pooled
 
 
 # --- a site's result as files: SITE_EVAL/site_eval.json and SITE_EVAL/predictions.csv ------------

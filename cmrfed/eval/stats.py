@@ -23,7 +23,7 @@ from scipy import stats as sps
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 
-from cmrfed.eval.metrics import (
+from cmrfed.metrics import (
     METRICS,
     binary_metrics,
     replicate_metrics,

@@ -179,7 +179,7 @@ def adapt(
         "wall_s": time.perf_counter() - started,
         "versions": versions(),
     }
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out) as tmp:
         save_tensors(paths.private_tensors_path(tmp, client), adapted)
         write_json(paths.adapt_record_path(tmp), record)
     table = Table(title=f"{info.method}: {client} adapts {', '.join(sorted(run_model.spec.adapted))}")

@@ -22,8 +22,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import h5py
 import numpy as np
@@ -38,6 +40,7 @@ from cmrfed.fed.views import row_ids
 from cmrfed.paths import feature_cache_dir
 
 CACHE_FORMAT_VERSION = 1
+T = TypeVar("T")
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -128,74 +131,101 @@ def load_or_compute(
 ) -> dict[str, CachedSplit]:
     """The cached trunk features of ``client``'s ``splits``, computing and storing them if the
     cache has no valid entry (a missing file, another shard checksum, or missing splits)."""
-    path = cache_path(prepared, key, client)
-    cached = _read(path, splits, shard_sha256, key.dtype)
-    if cached is not None:
-        return cached
-    computed: dict[str, CachedSplit] = {}
-    for split in ("train", "val", "test"):
-        arrays = load_split(prepared, client, split)
-        if len(arrays.subject_ids):
-            hidden, skips = compute_trunk(encoder, arrays.images, key.start_block, device, batch_size)
-        else:
-            hidden = skips = torch.zeros(0)
-        computed[split] = CachedSplit(arrays.subject_ids, arrays.labels, hidden, skips,
-                                      arrays.window_subject)
+
+    def compute() -> dict[str, CachedSplit]:
+        computed: dict[str, CachedSplit] = {}
+        for split in ("train", "val", "test"):
+            arrays = load_split(prepared, client, split)
+            if len(arrays.subject_ids):
+                hidden, skips = compute_trunk(encoder, arrays.images, key.start_block, device, batch_size)
+            else:
+                hidden = skips = torch.zeros(0)
+            computed[split] = CachedSplit(arrays.subject_ids, arrays.labels, hidden, skips,
+                                          arrays.window_subject)
+        return computed
+
+    record = {"backbone_fingerprint": key.backbone_fingerprint, "start_block": key.start_block,
+              "input_shape": list(key.input_shape), "dtype": key.dtype}
+    return _cached(CacheFile(cache_path(prepared, key, client), prepared, shard_sha256, record),
+                   lambda handle: _read_splits(handle, splits, key.dtype), compute,
+                   lambda handle, computed: _write_splits(handle, computed, key.dtype))
+
+
+@dataclass(frozen=True)
+class CacheFile:
+    """One cache file: where, the PREPARED folder it belongs to, the shard checksum it was
+    computed from and the key it records."""
+
+    path: Path
+    prepared: Path
+    shard_sha256: str
+    key: dict[str, Any]
+
+
+def _cached(file: CacheFile, read: Callable[[h5py.File], T | None], compute: Callable[[], T],
+            write: Callable[[h5py.File, T], None]) -> T:
+    """The one cache pipeline (plain features and augmented views alike): read the file when it
+    is valid, else compute, write atomically and read back what was written."""
+    stored = _read(file, read)
+    if stored is not None:
+        return stored
+    computed = compute()
     try:
-        _write(path, computed, shard_sha256, key)
+        with atomic_file(file.path) as tmp, h5py.File(tmp, "w") as handle:
+            handle.attrs["format_version"] = CACHE_FORMAT_VERSION
+            handle.attrs["shard_sha256"] = file.shard_sha256
+            handle.attrs["key"] = json.dumps(file.key)
+            write(handle, computed)
     except OSError as exc:
         if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
-        raise DataError(f"cannot write the feature cache {path} ({exc.strerror}): the PREPARED "
-                        f"folder {prepared} is read-only; pass --no-cache, or make it writable") from exc
-    stored = _read(path, splits, shard_sha256, key.dtype)
+        raise DataError(f"cannot write the feature cache {file.path} ({exc.strerror}): the PREPARED "
+                        f"folder {file.prepared} is read-only; pass --no-cache, or make it writable") from exc
+    stored = _read(file, read)
     assert stored is not None  # just written
     return stored
 
 
-def _write(path: Path, splits: dict[str, CachedSplit], shard_sha256: str, key: CacheKey) -> None:
-    with atomic_file(path) as tmp, h5py.File(tmp, "w") as handle:
-        handle.attrs["format_version"] = CACHE_FORMAT_VERSION
-        handle.attrs["shard_sha256"] = shard_sha256
-        handle.attrs["key"] = json.dumps(
-            {"backbone_fingerprint": key.backbone_fingerprint, "start_block": key.start_block,
-             "input_shape": list(key.input_shape), "dtype": key.dtype}
-        )
-        for name, split in splits.items():
-            group = handle.create_group(name)
-            group.create_dataset("subject_ids", data=np.array(split.subject_ids, dtype="S"))
-            group.create_dataset("labels", data=split.labels.astype(np.int64))
-            group.create_dataset("window_subject", data=split.window_subject.astype(np.int64))
-            if len(split.subject_ids):
-                group.create_dataset("hidden", data=_to_storage(split.hidden, key.dtype))
-                group.create_dataset("skips", data=_to_storage(split.skips, key.dtype))
-
-
-def _read(
-    path: Path, splits: tuple[str, ...], shard_sha256: str, dtype: str
-) -> dict[str, CachedSplit] | None:
-    if not path.exists():
+def _read(file: CacheFile, read: Callable[[h5py.File], T | None]) -> T | None:
+    """A valid cache file's content, or None: missing, computed from another shard, or
+    unreadable or incomplete (e.g. truncated by a crash of another process) all mean recompute."""
+    if not file.path.exists():
         return None
     try:
-        with h5py.File(path, "r") as handle:
-            if handle.attrs.get("shard_sha256") != shard_sha256:
+        with h5py.File(file.path, "r") as handle:
+            if handle.attrs.get("shard_sha256") != file.shard_sha256:
                 return None
-            out = {}
-            for name in splits:
-                if name not in handle or "window_subject" not in handle[name]:
-                    return None
-                group = handle[name]
-                ids = tuple(s.decode() for s in group["subject_ids"][()])
-                labels = group["labels"][()]
-                if ids:
-                    hidden = _from_storage(group["hidden"][()], dtype)
-                    skips = _from_storage(group["skips"][()], dtype)
-                else:
-                    hidden = skips = torch.zeros(0)
-                out[name] = CachedSplit(ids, labels, hidden, skips, group["window_subject"][()])
-            return out
-    except OSError:
-        return None  # unreadable (e.g. truncated by a crash of another process): recompute
+            return read(handle)
+    except (OSError, KeyError):
+        return None
+
+
+def _write_splits(handle: h5py.File, splits: dict[str, CachedSplit], dtype: str) -> None:
+    for name, split in splits.items():
+        group = handle.create_group(name)
+        group.create_dataset("subject_ids", data=np.array(split.subject_ids, dtype="S"))
+        group.create_dataset("labels", data=split.labels.astype(np.int64))
+        group.create_dataset("window_subject", data=split.window_subject.astype(np.int64))
+        if len(split.subject_ids):
+            group.create_dataset("hidden", data=_to_storage(split.hidden, dtype))
+            group.create_dataset("skips", data=_to_storage(split.skips, dtype))
+
+
+def _read_splits(handle: h5py.File, splits: tuple[str, ...], dtype: str) -> dict[str, CachedSplit] | None:
+    out = {}
+    for name in splits:
+        if name not in handle or "window_subject" not in handle[name]:
+            return None
+        group = handle[name]
+        ids = tuple(s.decode() for s in group["subject_ids"][()])
+        labels = group["labels"][()]
+        if ids:
+            hidden = _from_storage(group["hidden"][()], dtype)
+            skips = _from_storage(group["skips"][()], dtype)
+        else:
+            hidden = skips = torch.zeros(0)
+        out[name] = CachedSplit(ids, labels, hidden, skips, group["window_subject"][()])
+    return out
 
 
 def views_path(prepared: Path, key: ViewsKey, client: str) -> Path:
@@ -236,38 +266,26 @@ def load_or_compute_views(
     """The K cached trunk views of ``client``'s train split (``subject_ids``: its input rows, as
     :func:`row_ids` names them), computing and storing them when the cache has no valid file
     (missing, another shard checksum, or other rows)."""
-    path = views_path(prepared, key, client)
-    stored = _read_views(path, subject_ids, shard_sha256, key.base.dtype)
-    if stored is not None:
-        return stored
-    arrays = load_split(prepared, client, "train")
-    if row_ids(arrays.subject_ids, arrays.window_subject) != subject_ids:
-        raise ValueError(f"client {client!r}: the train split changed while building its views")
-    hidden, skips = compute_views(encoder, arrays.images, seeds, key.augment, key.base.start_block,
-                                  device, batch_size)
-    with atomic_file(path) as tmp, h5py.File(tmp, "w") as handle:
-        handle.attrs["format_version"] = CACHE_FORMAT_VERSION
-        handle.attrs["shard_sha256"] = shard_sha256
-        handle.attrs["key"] = json.dumps({"base": key.base.digest(), "augment": key.augment.to_dict(),
-                                          "n_views": key.n_views, "augment_seed": key.augment_seed})
+    dtype = key.base.dtype
+
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
+        arrays = load_split(prepared, client, "train")
+        if row_ids(arrays.subject_ids, arrays.window_subject) != subject_ids:
+            raise ValueError(f"client {client!r}: the train split changed while building its views")
+        return compute_views(encoder, arrays.images, seeds, key.augment, key.base.start_block, device,
+                             batch_size)
+
+    def read(handle: h5py.File) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if tuple(s.decode() for s in handle["subject_ids"][()]) != subject_ids:
+            return None
+        return _from_storage(handle["hidden"][()], dtype), _from_storage(handle["skips"][()], dtype)
+
+    def write(handle: h5py.File, views: tuple[torch.Tensor, torch.Tensor]) -> None:
         handle.create_dataset("subject_ids", data=np.array(subject_ids, dtype="S"))
-        handle.create_dataset("hidden", data=_to_storage(hidden, key.base.dtype))
-        handle.create_dataset("skips", data=_to_storage(skips, key.base.dtype))
-    stored = _read_views(path, subject_ids, shard_sha256, key.base.dtype)
-    assert stored is not None  # just written
-    return stored
+        handle.create_dataset("hidden", data=_to_storage(views[0], dtype))
+        handle.create_dataset("skips", data=_to_storage(views[1], dtype))
 
-
-def _read_views(path: Path, subject_ids: tuple[str, ...], shard_sha256: str,
-                dtype: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    if not path.exists():
-        return None
-    try:
-        with h5py.File(path, "r") as handle:
-            if handle.attrs.get("shard_sha256") != shard_sha256:
-                return None
-            if tuple(s.decode() for s in handle["subject_ids"][()]) != subject_ids:
-                return None
-            return (_from_storage(handle["hidden"][()], dtype), _from_storage(handle["skips"][()], dtype))
-    except (OSError, KeyError):
-        return None  # unreadable or incomplete: recompute
+    record = {"base": key.base.digest(), "augment": key.augment.to_dict(), "n_views": key.n_views,
+              "augment_seed": key.augment_seed}
+    return _cached(CacheFile(views_path(prepared, key, client), prepared, shard_sha256, record),
+                   read, compute, write)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,14 +22,13 @@ from cmrfed.errors import DataError
 from cmrfed.faults import fault_point
 from cmrfed.fed.methods import REFERENCE, MethodSpec, Phase
 from cmrfed.fed.mixing import DEFAULT_K, DEFAULT_SCALE, MIXING_RULES, REFERENCE_STREAM, state_group
+from cmrfed.fed.privacy import SitePlan
 from cmrfed.fed.schedule import LrSchedule
 from cmrfed.fed.strategy import FitResult, TensorState
 from cmrfed.fed.views import ViewSource
 from cmrfed.model.classifier import layer_lr_scale
 from cmrfed.model.lora import set_active_adapters
-
-if TYPE_CHECKING:
-    from cmrfed.fed.privacy import SitePlan
+from cmrfed.seeding import derive_seed
 
 
 @dataclass(frozen=True)
@@ -128,12 +126,6 @@ class TrainConfig:
 
 
 PHASE_STREAM = 0x9A5  # derive_seed tag of the shuffles and view draws of a round's later phases
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from the run seed and coordinates (round, client, ...), order-independent of
-    everything else, so resuming a run reproduces the same shuffles."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
 def state_of(model: nn.Module, names: Sequence[str]) -> TensorState:

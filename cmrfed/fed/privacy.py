@@ -56,9 +56,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cmrfed import paths
 from cmrfed.errors import UsageError
-from cmrfed.fed.client import derive_seed
 from cmrfed.fed.methods import MethodSpec
 from cmrfed.model.classifier import param_group
+from cmrfed.seeding import derive_seed
 
 ACCOUNTANT = "rdp"
 # RDP orders: Opacus's default grid (1.1 ... 63) extended upwards, because a small site sampled at

@@ -23,7 +23,6 @@ from safetensors.torch import save_file
 from cmrfed import paths
 from cmrfed.atomic import atomic_file, clean_stale_temporaries, json_text, swap_in, write_json
 from cmrfed.errors import DataError, UsageError
-from cmrfed.eval.metrics import binary_metrics
 from cmrfed.fed.accounting import analytic_shared_params
 from cmrfed.fed.client import Client
 from cmrfed.fed.config import FederateConfig
@@ -31,6 +30,7 @@ from cmrfed.fed.methods import HEAD, MethodSpec
 from cmrfed.fed.strategy import TensorState
 from cmrfed.fed.task import RunModel
 from cmrfed.lock import folder_lock
+from cmrfed.metrics import binary_metrics
 from cmrfed.model.classifier import param_group
 from cmrfed.outputs import RUN, check_replaceable, is_empty_dir
 from cmrfed.provenance import versions

@@ -22,7 +22,8 @@ from torch import nn
 
 from cmrfed.errors import DataError
 from cmrfed.model.cinema import HEAD_PREFIX, HEAD_VIEWS, VIEW, CineMASaxEncoder, init_default_
-from cmrfed.model.lora import adapter_group, seeded_generator, set_trainable_groups
+from cmrfed.model.lora import adapter_group, set_trainable_groups
+from cmrfed.seeding import seeded_generator
 
 HEAD_GROUP = "head"
 BACKBONE_GROUP = "backbone"

@@ -19,7 +19,6 @@ and adapting more blocks does not change the A of the others.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,21 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmrfed.errors import UsageError
+from cmrfed.seeding import seeded_generator
 
 ADAPTERS_ATTR = "adapters"
 FACTORS = ("A", "B")
 DEFAULT_TARGETS: tuple[str, ...] = ("q", "kv", "proj", "fc1", "fc2")
-
-
-def seeded_generator(seed: int, *labels: str) -> torch.Generator:
-    """A CPU generator seeded from ``seed`` and ``labels`` only (a sha256 of both).
-
-    Deriving one stream per labelled use keeps each random draw independent of the order and the
-    number of the others, so e.g. a layer's LoRA A depends only on (seed, layer, adapter).
-    """
-    text = "\x1f".join((str(int(seed)), *labels)).encode("utf-8")
-    derived = int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & ((1 << 63) - 1)
-    return torch.Generator().manual_seed(derived)
 
 
 @dataclass(frozen=True)

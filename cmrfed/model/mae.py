@@ -47,7 +47,7 @@ from cmrfed.model.cinema import (
     patchify,
     sincos_pos_table,
 )
-from cmrfed.model.lora import seeded_generator
+from cmrfed.seeding import seeded_generator
 
 MASK_RATIO = 0.75
 

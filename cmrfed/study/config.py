@@ -285,40 +285,8 @@ def parse_study(text: str, source: str, base_dir: Path) -> StudyConfig:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{source}: not valid TOML ({exc})") from exc
-    for table, value in raw.items():
-        if table not in TABLES:
-            raise UsageError(f"{source}: unknown table or key {table!r}; allowed tables: "
-                             f"{', '.join(f'[{t}]' for t in TABLES)}")
-        if not isinstance(value, dict):
-            raise UsageError(f"{source}: {table!r} must be a table ([{table}]), not a value")
-    data = raw.get("data", {})
-    for key in data:
-        if key not in DATA_KEYS:
-            raise UsageError(f"{source}: unknown key {key!r} in [data]; allowed keys: prepared "
-                             "(or give the raw datasets in [prepare])")
-    if ("prepared" in data) == ("prepare" in raw):
-        raise UsageError(f"{source}: give exactly one of [data] prepared = \"PREPARED\" (a folder "
-                         "written by `cmrfed prepare`) or a [prepare] table with the raw datasets")
-    prepared = _path(base_dir, data["prepared"]) if "prepared" in data else None
-    prepare_options = None
-    if "prepare" in raw:
-        prep_raw = dict(raw["prepare"])
-        for key in ("acdc", "mnms", "mnms2", "tables"):
-            if key in prep_raw and isinstance(prep_raw[key], str):
-                prep_raw[key] = _path(base_dir, prep_raw[key])
-        if "csv" in prep_raw:  # one site CSV or a list of them
-            listed = prep_raw["csv"] if isinstance(prep_raw["csv"], list) else [prep_raw["csv"]]
-            prep_raw["csv"] = [_path(base_dir, path) for path in listed]
-        prepare_options = _parse_table(source, "prepare", "prepare", prep_raw, required={"out": "-"})
-        prepare_options.pop("out")
-        prepare_options.pop("overwrite")
-        if not any(prepare_options[k] for k in ("acdc", "mnms", "mnms2", "csv")):
-            raise UsageError(f"{source}: [prepare] names no dataset; give acdc, mnms, mnms2 and/or csv")
-        try:  # the triples and split are checked by the prepare command's own conversion
-            declared.prepare_options({**prepare_options, "out": "-", "overwrite": False})
-        except (UsageError, click.BadParameter) as exc:
-            message = exc.format_message() if isinstance(exc, click.BadParameter) else str(exc)
-            raise UsageError(f"{source}: [prepare]: {message}") from exc
+    _check_tables(source, raw)
+    prepared, prepare_options = _data_source(source, raw, base_dir)
 
     federate_raw = dict(raw.get("federate", {}))
     backbone = federate_raw.get("backbone")
@@ -355,6 +323,70 @@ def parse_study(text: str, source: str, base_dir: Path) -> StudyConfig:
                          "reference and at least one other")
 
     report = raw.get("report", {})
+    main_blocks, main_rank = _main_setting(source, report, configs, parsed)
+    title = str(report.get("title", Path(source).stem))
+    holdout, adapt = _participation(source, raw)
+    if holdout and base.holdout is not None:
+        raise UsageError(f"{source}: holdout is given both in [federate] and in [participation]; a "
+                         "study's grid trains every site, its [participation] holdout sites are left "
+                         "out one at a time")
+    return StudyConfig(
+        source=source, title=title, prepared=prepared, prepare=prepare_options, base=base,
+        device=device, methods=tuple(configs["methods"]), seeds=tuple(configs["seeds"]),
+        blocks=tuple(configs["blocks"]), ranks=tuple(configs["ranks"]),
+        evaluate=evaluate, compare=compare, main_blocks=main_blocks, main_rank=main_rank,
+        holdout=holdout, adapt=adapt, raw=raw,
+    )
+
+
+def _check_tables(source: str, raw: Mapping[str, Any]) -> None:
+    for table, value in raw.items():
+        if table not in TABLES:
+            raise UsageError(f"{source}: unknown table or key {table!r}; allowed tables: "
+                             f"{', '.join(f'[{t}]' for t in TABLES)}")
+        if not isinstance(value, dict):
+            raise UsageError(f"{source}: {table!r} must be a table ([{table}]), not a value")
+
+
+def _data_source(source: str, raw: Mapping[str, Any],
+                 base_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
+    """``[data] prepared`` (a PREPARED folder) or ``[prepare]`` (the raw datasets, parsed with the
+    prepare command's own options): exactly one of them."""
+    data = raw.get("data", {})
+    for key in data:
+        if key not in DATA_KEYS:
+            raise UsageError(f"{source}: unknown key {key!r} in [data]; allowed keys: prepared "
+                             "(or give the raw datasets in [prepare])")
+    if ("prepared" in data) == ("prepare" in raw):
+        raise UsageError(f"{source}: give exactly one of [data] prepared = \"PREPARED\" (a folder "
+                         "written by `cmrfed prepare`) or a [prepare] table with the raw datasets")
+    prepared = _path(base_dir, data["prepared"]) if "prepared" in data else None
+    prepare_options = None
+    if "prepare" in raw:
+        prep_raw = dict(raw["prepare"])
+        for key in ("acdc", "mnms", "mnms2", "tables"):
+            if key in prep_raw and isinstance(prep_raw[key], str):
+                prep_raw[key] = _path(base_dir, prep_raw[key])
+        if "csv" in prep_raw:  # one site CSV or a list of them
+            listed = prep_raw["csv"] if isinstance(prep_raw["csv"], list) else [prep_raw["csv"]]
+            prep_raw["csv"] = [_path(base_dir, path) for path in listed]
+        prepare_options = _parse_table(source, "prepare", "prepare", prep_raw, required={"out": "-"})
+        prepare_options.pop("out")
+        prepare_options.pop("overwrite")
+        if not any(prepare_options[k] for k in ("acdc", "mnms", "mnms2", "csv")):
+            raise UsageError(f"{source}: [prepare] names no dataset; give acdc, mnms, mnms2 and/or csv")
+        try:  # the triples and split are checked by the prepare command's own conversion
+            declared.prepare_options({**prepare_options, "out": "-", "overwrite": False})
+        except (UsageError, click.BadParameter) as exc:
+            message = exc.format_message() if isinstance(exc, click.BadParameter) else str(exc)
+            raise UsageError(f"{source}: [prepare]: {message}") from exc
+    return prepared, prepare_options
+
+
+def _main_setting(source: str, report: Mapping[str, Any], configs: Mapping[str, list[Any]],
+                  parsed: Mapping[str, Any]) -> tuple[int | str, int]:
+    """The (blocks, rank) of the report's main table: ``[report]`` blocks / rank, each one of the
+    grid's values, else the grid's first."""
     for key in report:
         if key not in REPORT_KEYS:
             raise UsageError(f"{source}: unknown key {key!r} in [report]; allowed keys: "
@@ -372,19 +404,7 @@ def parse_study(text: str, source: str, base_dir: Path) -> StudyConfig:
             raise UsageError(f"{_where(source, 'report', 'rank')} = {report['rank']!r}: not in [grid] "
                              f"ranks; allowed: {', '.join(map(str, configs['ranks']))}")
         main_rank = int(report["rank"])
-    title = str(report.get("title", Path(source).stem))
-    holdout, adapt = _participation(source, raw)
-    if holdout and base.holdout is not None:
-        raise UsageError(f"{source}: holdout is given both in [federate] and in [participation]; a "
-                         "study's grid trains every site, its [participation] holdout sites are left "
-                         "out one at a time")
-    return StudyConfig(
-        source=source, title=title, prepared=prepared, prepare=prepare_options, base=base,
-        device=device, methods=tuple(configs["methods"]), seeds=tuple(configs["seeds"]),
-        blocks=tuple(configs["blocks"]), ranks=tuple(configs["ranks"]),
-        evaluate=evaluate, compare=compare, main_blocks=main_blocks, main_rank=main_rank,
-        holdout=holdout, adapt=adapt, raw=raw,
-    )
+    return main_blocks, main_rank
 
 
 def _participation(source: str, raw: Mapping[str, Any]) -> tuple[tuple[str, ...], dict[str, Any]]:

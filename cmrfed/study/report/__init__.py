@@ -57,7 +57,7 @@ def write_study_report(study: StudyConfig, out: Path, runs: Mapping[str, Path], 
     doc = study_document(study, runs, cells, comparisons, newcomers)
     target = paths.study_report_dir(out)
     main_compare = comparisons[(study.main_blocks, study.main_rank)].out
-    with atomic_dir(target, overwrite=True) as tmp:
+    with atomic_dir(target) as tmp:
         write_json(tmp / "report.json", doc)
         (tmp / "report.md").write_text(markdown(doc), encoding="utf-8")
         write_csv(tmp / "main.csv", *main_csv(doc))

@@ -17,8 +17,9 @@ import numpy as np
 from safetensors import safe_open
 
 from cmrfed import paths
+from cmrfed.atomic import json_safe, number
 from cmrfed.eval.compare import MethodSummary, MetricSummary, TestRow, summarise_methods, summarise_values
-from cmrfed.eval.report import FIGURES, ComparisonResult, json_ready
+from cmrfed.eval.report import FIGURES, ComparisonResult
 from cmrfed.eval.run_evaluation import load_evaluation
 from cmrfed.fed.methods import REFERENCE, resolve_method
 from cmrfed.fed.privacy import run_privacy
@@ -124,7 +125,7 @@ def _metric_of(path: Path, *keys: str) -> tuple[float, tuple[float, float]]:
         doc = doc.get(key) or {}
     metric = keys[-1]
     ci = doc.get("ci95", {}).get(metric) or [None, None]
-    return nan_of(doc.get(metric)), (nan_of(ci[0]), nan_of(ci[1]))
+    return number(doc.get(metric)), (number(ci[0]), number(ci[1]))
 
 
 def participation_document(study: StudyConfig, runs: Mapping[str, Path],
@@ -181,7 +182,7 @@ def study_document(study: StudyConfig, runs: Mapping[str, Path], cells: Sequence
     privacy = {"runs": [[c.config.method, c.config.seed, c.name] for c in main_cells],
                "summaries": {c.name: run_privacy(runs[c.name]) for c in main_cells}}
     any_comparison = comparisons[(study.main_blocks, study.main_rank)].comparison
-    return json_ready({
+    return json_safe({
         "format_version": REPORT_FORMAT_VERSION,
         "created_by": "cmrfed study",
         "title": study.title,
@@ -203,7 +204,3 @@ def study_document(study: StudyConfig, runs: Mapping[str, Path], cells: Sequence
         "figures": [f"{ABLATION_FIGURE}.png", *(f"{name}.png" for name in FIGURES)],
         "versions": versions(),
     })
-
-
-def nan_of(value: Any) -> float:
-    return float("nan") if value is None else float(value)

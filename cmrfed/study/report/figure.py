@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from cmrfed.study.report.document import nan_of
+from cmrfed.atomic import number
 
 
 def plot_ablation(doc: Mapping[str, Any], path: Path) -> None:
@@ -30,16 +30,16 @@ def plot_ablation(doc: Mapping[str, Any], path: Path) -> None:
             if not points:
                 continue
             x = np.array([p[0] for p in points], dtype=float) + 0.06 * (i - (len(methods) - 1) / 2)
-            mean = np.array([nan_of(p[1]["tested_metric"]["mean"]) for p in points])
-            low = np.array([nan_of(p[1]["tested_metric"]["ci95"][0]) for p in points])
-            high = np.array([nan_of(p[1]["tested_metric"]["ci95"][1]) for p in points])
+            mean = np.array([number(p[1]["tested_metric"]["mean"]) for p in points])
+            low = np.array([number(p[1]["tested_metric"]["ci95"][0]) for p in points])
+            high = np.array([number(p[1]["tested_metric"]["ci95"][1]) for p in points])
             label = method if len(ranks) == 1 else f"{method}, rank {rank}"
             style = dict(color=f"C{i % 10}", linestyle=styles[j % len(styles)], marker="o", label=label)
             errors = np.nan_to_num(np.clip(np.vstack([mean - low, high - mean]), 0, None))
             axes[0].errorbar(x, mean, yerr=errors, capsize=3, **style)
             axes[1].plot(x, [p[1]["bytes_up_per_client_per_round"] + p[1]["bytes_down_per_client_per_round"]
                              for p in points], **style)
-            axes[2].plot(x, [nan_of(p[1]["seconds_per_round"]) for p in points], **style)
+            axes[2].plot(x, [number(p[1]["seconds_per_round"]) for p in points], **style)
     metric = doc["tested_metric"].replace("_", " ")
     titles = (f"macro {metric} (mean over seeds, 95% CI)", "bytes per client per round (up + down)",
               "measured seconds per round")

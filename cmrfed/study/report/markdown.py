@@ -53,6 +53,14 @@ def notes(doc: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def report_warnings(doc: Mapping[str, Any]) -> list[str]:
+    """Every setting's and every test's warnings, each once, in order."""
+    warnings = [w for s in doc["settings"] for w in s["warnings"]]
+    warnings += [f"{m['method']} ({s['name']}): {w}" for s in doc["settings"] for m in s["methods"]
+                 if m["test_vs_reference"] for w in m["test_vs_reference"]["warnings"]]
+    return list(dict.fromkeys(warnings))
+
+
 def _mixing_notes(mixing: Mapping[str, Any] | None) -> list[str]:
     if mixing is None:
         return []
@@ -75,9 +83,6 @@ def markdown(doc: Mapping[str, Any]) -> str:
              f"![ablation]({ABLATION_FIGURE}.png)", "", *participation_lines(doc), *privacy_lines(doc), ""]
     for name in FIGURES:
         lines.append(f"![{name}]({name}.png)")
-    warnings = [w for s in doc["settings"] for w in s["warnings"]]
-    warnings += [f"{m['method']} ({s['name']}): {w}" for s in doc["settings"] for m in s["methods"]
-                 if m["test_vs_reference"] for w in m["test_vs_reference"]["warnings"]]
-    if warnings:
-        lines += ["", "## Warnings", "", *(f"- {w}" for w in dict.fromkeys(warnings))]
+    if warnings := report_warnings(doc):
+        lines += ["", "## Warnings", "", *(f"- {w}" for w in warnings)]
     return "\n".join(lines) + "\n"

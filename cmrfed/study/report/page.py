@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cmrfed.study.report.document import ABLATION_FIGURE
-from cmrfed.study.report.markdown import notes, participation_lines, privacy_lines
+from cmrfed.study.report.markdown import notes, participation_lines, privacy_lines, report_warnings
 from cmrfed.study.report.rows import ablation_table, main_table, site_table
 
 _CSS = """
@@ -109,12 +109,9 @@ def html_page(doc: Mapping[str, Any], figures: Mapping[str, Path]) -> str:
         parts.append(f'<figure id="fig-{name}"><img alt="{html.escape(name)}" '
                      f'src="data:image/png;base64,{data}"><figcaption>'
                      f"{html.escape(FIGURE_CAPTIONS.get(name, name))}</figcaption></figure>")
-    warnings = [w for s in doc["settings"] for w in s["warnings"]]
-    warnings += [f"{m['method']} ({s['name']}): {w}" for s in doc["settings"] for m in s["methods"]
-                 if m["test_vs_reference"] for w in m["test_vs_reference"]["warnings"]]
-    if warnings:
+    if warnings := report_warnings(doc):
         parts.append("<h2>Warnings</h2><ul>" + "".join(
-            f'<li class="warn">{html.escape(w)}</li>' for w in dict.fromkeys(warnings)) + "</ul>")
+            f'<li class="warn">{html.escape(w)}</li>' for w in warnings) + "</ul>")
     version = doc["versions"].get("cmrfed", "")
     parts.append(f'<p class="notes">Written by cmrfed study {html.escape(str(version))}; every number is '
                  "in report.json, main.csv, summaries.csv and ablation.csv next to this page.</p>")

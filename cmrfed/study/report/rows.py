@@ -3,34 +3,16 @@
 from __future__ import annotations
 
 import csv
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cmrfed.study.report.document import MAIN_METRICS, PARTICIPATION, nan_of
+from cmrfed.atomic import number
+from cmrfed.formatting import num, p_value, size
+from cmrfed.study.report.document import MAIN_METRICS, PARTICIPATION
 
 SHORT = {"balanced_accuracy": "bal. acc.", "sensitivity": "sens.", "specificity": "spec.", "auc": "AUC",
          "f1": "F1", "mcc": "MCC"}
-
-
-def num(value: Any, digits: int = 3) -> str:
-    return f"{value:.{digits}f}" if isinstance(value, int | float) and math.isfinite(value) else "—"
-
-
-def p_text(value: Any) -> str:
-    if not isinstance(value, int | float) or not math.isfinite(value):
-        return "—"
-    return "<0.001" if value < 0.001 else f"{value:.3f}"
-
-
-def bytes_text(value: Any) -> str:
-    if not isinstance(value, int | float):
-        return "—"
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(value) >= size:
-            return f"{value / size:.2f} {unit}"
-    return f"{value:.0f} B"
 
 
 def summary_cell(summary: Mapping[str, Any]) -> str:
@@ -43,8 +25,8 @@ def _test_cells(method: Mapping[str, Any]) -> list[str]:
     if test is None:
         return ["reference", "—", "—", "—"]
     low, high = test["effect_ci95"]
-    return [p_text(test["p_holm"]), f"{num(test['effect'])} [{num(low)}, {num(high)}]", str(test["n_pairs"]),
-            p_text(test["p_value"])]
+    return [p_value(test["p_holm"]), f"{num(test['effect'])} [{num(low)}, {num(high)}]", str(test["n_pairs"]),
+            p_value(test["p_value"])]
 
 
 def main_table(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -56,8 +38,8 @@ def main_table(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     for m in doc["main"]["methods"]:
         rows.append([m["method"], str(m["n_seeds"]), *(summary_cell(m["macro"][k]) for k in MAIN_METRICS),
                      *_test_cells(m), f"{m['trainable_parameters']:,}",
-                     bytes_text(m["bytes_up_per_client_per_round"]),
-                     bytes_text(m["bytes_down_per_client_per_round"]), bytes_text(m["bytes_total"])])
+                     size(m["bytes_up_per_client_per_round"]),
+                     size(m["bytes_down_per_client_per_round"]), size(m["bytes_total"])])
     return header, rows
 
 
@@ -78,9 +60,9 @@ def ablation_table(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
         for m in s["methods"]:
             test = m["test_vs_reference"]
             rows.append([str(s["blocks"]), str(s["rank"]), m["method"], summary_cell(m["tested_metric"]),
-                         "reference" if test is None else p_text(test["p_holm"]),
-                         f"{m['trainable_parameters']:,}", bytes_text(m["bytes_up_per_client_per_round"]),
-                         bytes_text(m["bytes_total"]), num(m["seconds_per_round"], 2)])
+                         "reference" if test is None else p_value(test["p_holm"]),
+                         f"{m['trainable_parameters']:,}", size(m["bytes_up_per_client_per_round"]),
+                         size(m["bytes_total"]), num(m["seconds_per_round"], 2)])
     return header, rows
 
 
@@ -96,8 +78,8 @@ def participation_table(doc: Mapping[str, Any]) -> tuple[list[str], list[list[st
         member = row["member"]["mean"]
         rows.append([row["method"], row["site"], str(len(row["seeds"])),
                      *(summary_cell(row[kind]) for kind, _ in PARTICIPATION),
-                     num(nan_of(member) - nan_of(row["held_out"]["mean"])),
-                     num(nan_of(member) - nan_of(row["adapted"]["mean"]))])
+                     num(number(member) - number(row["held_out"]["mean"])),
+                     num(number(member) - number(row["adapted"]["mean"]))])
     return header, rows
 
 

@@ -164,7 +164,7 @@ FEDERATE: list[click.Parameter] = [
                  help="DP delta of every site [1e-5; must be below 1 / its training subjects]."),
     click.Option(["--dp-clip"], type=float, default=None, help="DP per-sample gradient clipping norm [1.0]."),
     click.Option(["--aggregate"], default="weighted", show_default=True,
-                 type=click.Choice(["weighted", "uniform"]),
+                 type=Owned("cmrfed.fed.strategy:AGGREGATE_RULES"),
                  help="FedAvg's client weights: by train-set size, or uniform (FedDPA's code)."),
     click.Option(["--feddpa-scale"], default=0.5, show_default=True, type=float,
                  help="FedDPA's inference mixing: the local adapter's weight is this times the mean cosine "

@@ -27,7 +27,8 @@ ROOT = Path(cmrfed.__file__).resolve().parent
 FLOORS: tuple[tuple[str, ...], ...] = (
     # ground floor: plain helpers every stage uses; they import nothing above
     ("cmrfed", "cmrfed.errors", "cmrfed.paths", "cmrfed.atomic", "cmrfed.outputs", "cmrfed.lock",
-     "cmrfed.seeding", "cmrfed.faults", "cmrfed.provenance", "cmrfed.formatting", "cmrfed.templates"),
+     "cmrfed.seeding", "cmrfed.faults", "cmrfed.provenance", "cmrfed.formatting", "cmrfed.templates",
+     "cmrfed.manifests"),  # the installed copy of data_manifests/ (setup.cfg package_dir)
     ("cmrfed.data", "cmrfed.model", "cmrfed.metrics"),  # readers, shards, synth; the network; metrics
     ("cmrfed.fed",),                                   # methods, client, strategy, the round loop
     ("cmrfed.eval", "cmrfed.pretrain"),                # evaluation library and commands; pretraining

@@ -35,13 +35,13 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRIm
 from rich.table import Table
 
 from cmrfed import paths
-from cmrfed.atomic import atomic_dir, write_json
+from cmrfed.atomic import write_json
 from cmrfed.data.nifti import read_nifti
 from cmrfed.data.synth import write_synthetic_cohort
 from cmrfed.data.tables import CLIENT_NAME, CLIENT_NAME_RULE
 from cmrfed.errors import UsageError
 from cmrfed.lock import folder_lock
-from cmrfed.outputs import COHORT
+from cmrfed.outputs import COHORT, new_output
 from cmrfed.provenance import versions
 
 CSV_NAME = "site.csv"
@@ -229,7 +229,7 @@ def write_synthetic_site(out: str | Path, site: str, seed: int = 0, subjects: in
     if not CLIENT_NAME.fullmatch(site):
         raise UsageError(f"--site {site!r}: not {CLIENT_NAME_RULE}")
     out = Path(out)
-    with folder_lock(out), atomic_dir(out, overwrite=overwrite, kind=COHORT) as tmp:
+    with folder_lock(out), new_output(out, COHORT, overwrite) as tmp:
         scratch = tmp / ".cohort"
         summary = write_synthetic_cohort(scratch, seed=seed, subjects=subjects, shape=shape, frames=frames)
         rng = np.random.default_rng([seed, 21])

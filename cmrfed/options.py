@@ -98,7 +98,8 @@ FEDERATE: list[click.Parameter] = [
     click.Option(["--lr"], default=3e-3, show_default=True, type=float),
     click.Option(["--weight-decay"], default=0.05, show_default=True, type=float),
     click.Option(["--class-balanced/--no-class-balanced"], default=True, show_default=True,
-                 help="Weight the loss by inverse class frequency per site."),
+                 help="Weight the loss by inverse class frequency per site (under --dp-epsilon: from "
+                      "label counts released with DP noise, see --dp-count-share)."),
     click.Option(["--seed"], default=0, show_default=True, type=int),
     click.Option(["--backbone"], default="tiny", show_default=True,
                  help="tiny|small|base (seeded random init), tiny-pretrained (shipped) or a CineMA "
@@ -129,10 +130,13 @@ FEDERATE: list[click.Parameter] = [
                  help="Mean client validation metric that picks the best round."),
     click.Option(["--dp-epsilon"], type=float, default=None,
                  help="Differential privacy: DP-SGD at every site, noise calibrated so each site's whole "
-                      "run stays within this epsilon (needs --no-class-balanced)."),
+                      "run stays within this epsilon (label counts for class balancing included)."),
     click.Option(["--dp-delta"], type=float, default=None,
                  help="DP delta of every site [1e-5; must be below 1 / its training subjects]."),
     click.Option(["--dp-clip"], type=float, default=None, help="DP per-sample gradient clipping norm [1.0]."),
+    click.Option(["--dp-count-share"], type=float, default=None,
+                 help="Share of each site's DP budget spent releasing its label counts for class "
+                      "balancing [0.1; needs --dp-epsilon and class balancing]."),
     click.Option(["--sites-per-round"], default=None, type=int,
                  help="Ask K sites per round (seeded by seed and round) [every site]."),
     click.Option(["--holdout"], default=None, help="Leave this site out of training (leave-one-vendor-out)."),

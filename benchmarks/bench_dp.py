@@ -27,7 +27,7 @@ from rich.console import Console
 
 from cmrfed import paths
 from cmrfed.errors import DataError
-from cmrfed.eval.evaluate import evaluate_run
+from cmrfed.eval.evaluate_run import evaluate_run
 from cmrfed.fed.config import FederateConfig
 
 NAME = "dp"

@@ -378,3 +378,102 @@ def test_methods_beyond_lora_and_paths_without_per_sample_grads_are_refused(smal
     cfg = FederateConfig(data=str(small_prepared), **DP)
     with pytest.raises(UsageError, match="in-process engine"):
         run_config_of(cfg, small_prepared, sites=4)
+
+
+# --- DP with the defaults: class balancing by private counts ---------------------------------------
+
+
+@pytest.mark.e2e
+def test_dp_epsilon_alone_balances_classes_with_private_counts_and_records_it(small_prepared, tmp_path):
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["federate", "--data", str(small_prepared), "--out", str(run),
+                                      "--dp-epsilon", "3", "--rounds", "1", "--rank", "2",
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "class balancing with private label counts" in " ".join(result.output.split())
+    record = run_json(run)
+    assert record["config"]["class_balanced"] is True and record["config"]["dp_count_share"] is None
+    balance = record["privacy"]["class_balance"]
+    assert balance["mode"] == "private counts" and balance["count_share"] == 0.1
+    for site, plan in record["privacy"]["sites"].items():
+        counts, weights = balance["sites"][site]["released_counts"], balance["sites"][site]["class_weights"]
+        assert plan["released_counts"] == counts and len(counts) == 2 and min(counts) >= 1
+        assert weights == pytest.approx([min(counts) / c for c in counts]) and max(weights) == 1
+        spent = record["result"]["privacy"][site]
+        assert spent["count_epsilon"] > 0 and spent["epsilon"] <= 3.0
+    assert privacy_summary(record)["class_balance"] == balance
+    # an explicit --no-class-balanced releases nothing and gives DP-SGD the whole budget
+    off = tmp_path / "off"
+    result = CliRunner().invoke(cli, ["federate", "--data", str(small_prepared), "--out", str(off),
+                                      "--dp-epsilon", "3", "--rounds", "1", "--rank", "2",
+                                      "--no-class-balanced", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert run_json(off)["privacy"]["class_balance"]["mode"] == "off"
+    for site, plan in run_json(off)["privacy"]["sites"].items():
+        assert plan["count_noise_multiplier"] is None
+        assert plan["noise_multiplier"] < record["privacy"]["sites"][site]["noise_multiplier"]
+
+
+@pytest.fixture(scope="module")
+def pretrained_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cohort at the grid the shipped tiny-pretrained backbone was trained on (64 x 64 x 8)."""
+    from cmrfed.data.prepare import PrepareOptions, prepare
+    from cmrfed.data.synth import write_synthetic_cohort
+
+    root = tmp_path_factory.mktemp("cohort64")
+    write_synthetic_cohort(root / "raw", seed=0, subjects=40, shape=(64, 64, 8), frames=8)
+    prepare(PrepareOptions(out=root / "prepared", acdc=root / "raw" / "acdc", mnms=root / "raw" / "mnms",
+                           mnms2=root / "raw" / "mnms2", spacing=(2.0, 2.0, 10.0), shape=(64, 64, 8),
+                           seed=0), console=quiet_console())
+    return root / "prepared"
+
+
+@pytest.mark.e2e
+def test_a_dp_run_at_epsilon_8_decides_above_chance_where_it_ranks_above_chance(pretrained_cohort, tmp_path):
+    """The collapse DP-SGD without class balancing shows (every subject called the majority class
+    at 0.5 although the AUC is high) does not happen with the private counts."""
+    cfg = FederateConfig(data=str(pretrained_cohort), method="duallora", backbone="tiny-pretrained",
+                         rounds=4, rank=4, batch_size=8, lr=1e-2, augment="none", dp_epsilon=8.0)
+    inprocess.federate(cfg, tmp_path / "run", device="cpu", console=quiet_console())
+    summary = evaluate_run(tmp_path / "run", n_boot=10, device="cpu", console=quiet_console())
+    per_site = json.loads((summary.out / "metrics.json").read_text())["per_client"]
+    ranked = {site: m for site, m in per_site.items() if m["auc"] is not None and m["auc"] >= 0.75}
+    assert len(ranked) >= 2, per_site
+    for site, metrics in ranked.items():
+        assert metrics["balanced_accuracy"] >= 0.65, (site, metrics)
+    assert summary.macro["balanced_accuracy"] >= 0.65
+
+
+@pytest.mark.e2e
+def test_a_dp_study_reports_each_row_at_its_validation_chosen_threshold(small_prepared, tmp_path):
+    from cmrfed.study.config import load_study
+    from cmrfed.study.runner import run_study
+
+    file = tmp_path / "dp.toml"
+    file.write_text(f"""
+[data]
+prepared = "{small_prepared}"
+[federate]
+rounds = 1
+local-epochs = 1
+batch-size = 4
+dp-epsilon = 8
+device = "cpu"
+[grid]
+methods = ["duallora", "fedlora"]
+seeds = [0]
+blocks = [1]
+ranks = [2]
+[evaluate]
+threshold = "youden-val"
+n-boot = 10
+[report]
+title = "dp study"
+""", encoding="utf-8")
+    result = run_study(load_study(file), tmp_path / "out", console=quiet_console())
+    doc = result.report.document
+    assert [m["threshold"] for m in doc["main"]["methods"]] == ["youden-val", "youden-val"]
+    markdown = (result.report.out / "report.md").read_text()
+    rows = [line for line in markdown.splitlines() if line.startswith(("| duallora |", "| fedlora |"))]
+    assert rows and all("youden-val (per site, on val)" in row for row in rows[:2])
+    assert "private counts, share 0.1" in markdown  # the privacy section: how classes were balanced

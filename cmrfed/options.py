@@ -267,6 +267,10 @@ DEMO: list[click.Parameter] = [
                  help="Folder for the cohort, prepared data, runs and report."),
     click.Option(["--overwrite"], is_flag=True, help="Replace an existing --out folder."),
     click.Option(["--resume"], is_flag=True, help="Continue an interrupted demo."),
+    click.Option(["--dp-epsilon"], type=float, default=None,
+                 help="Run the demo under differential privacy at this epsilon per site (class "
+                      "balancing with private label counts), scored at each site's Youden threshold "
+                      "on its val split."),
 ]
 
 STUDY: list[click.Parameter] = [

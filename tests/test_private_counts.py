@@ -155,3 +155,15 @@ def test_the_default_under_dp_is_class_balancing_with_private_counts():
     assert off.noise_multiplier < default.noise_multiplier < shared.noise_multiplier
     for plan in (shared, default, off):
         assert composed_epsilon(plan.history(plan.planned_steps), plan.delta) <= 3.0
+
+
+def test_the_dp_demo_is_the_demo_study_under_dp_scored_at_the_val_chosen_threshold(tmp_path):
+    from cmrfed.demo import demo_study, dp_demo_text
+    from cmrfed.study import template_text
+
+    plain = demo_study(tmp_path)
+    private = demo_study(tmp_path, dp_demo_text(template_text("demo"), 3))
+    assert plain.base.dp_epsilon is None and plain.evaluate["threshold"] == "0.5"
+    assert private.base.dp_epsilon == 3.0 and private.base.class_balanced
+    assert private.evaluate["threshold"] == "youden-val"
+    assert private.methods == plain.methods and private.base.rounds == plain.base.rounds

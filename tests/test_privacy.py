@@ -433,7 +433,8 @@ def test_a_dp_run_at_epsilon_8_decides_above_chance_where_it_ranks_above_chance(
     """The collapse DP-SGD without class balancing shows (every subject called the majority class
     at 0.5 although the AUC is high) does not happen with the private counts."""
     cfg = FederateConfig(data=str(pretrained_cohort), method="duallora", backbone="tiny-pretrained",
-                         rounds=4, rank=4, batch_size=8, lr=1e-2, augment="none", dp_epsilon=8.0)
+                         blocks=1, rounds=3, rank=4, batch_size=8, lr=1e-2, augment="none",
+                         dp_epsilon=8.0)
     inprocess.federate(cfg, tmp_path / "run", device="cpu", console=quiet_console())
     summary = evaluate_run(tmp_path / "run", n_boot=10, device="cpu", console=quiet_console())
     per_site = json.loads((summary.out / "metrics.json").read_text())["per_client"]

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from cmrfed import paths
 from cmrfed.atomic import atomic_dir, write_json
-from cmrfed.data.shards import load_manifest
+from cmrfed.data.shards import EVAL_SPLITS, load_manifest
 from cmrfed.errors import DataError, UsageError
 from cmrfed.eval.scoring import (
     PREDICTION_COLUMNS,
@@ -111,8 +111,8 @@ def _prepared_of(run_path: Path, recorded: Path, data: str | Path | None) -> Pat
 
 def _evaluate(run: str | Path, split: str, which: str, threshold: str, n_boot: int, device: str,
               console: Console, prepared: str | Path | None) -> EvalSummary:
-    if split not in ("test", "val"):
-        raise UsageError(f"--split must be test or val, not {split!r}")
+    if split not in EVAL_SPLITS:
+        raise UsageError(f"--split must be one of {', '.join(EVAL_SPLITS)}, not {split!r}")
     check_threshold(threshold)
     info = load_run(run)
     prepared = _prepared_of(info.path, info.prepared, prepared)

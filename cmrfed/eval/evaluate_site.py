@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from cmrfed import paths
 from cmrfed.atomic import atomic_dir, write_json
+from cmrfed.data.shards import EVAL_SPLITS
 from cmrfed.errors import DataError, UsageError
 from cmrfed.eval.evaluate_run import EvalSummary, eval_header, print_table, write_eval
 from cmrfed.eval.scoring import (
@@ -83,8 +84,8 @@ def evaluate_site(
 ) -> SiteResult:
     """Score one site's own model and the shared-only model on its own data; write SITE_EVAL."""
     console = console or Console()
-    if split not in ("test", "val"):
-        raise UsageError(f"--split must be test or val, not {split!r}")
+    if split not in EVAL_SPLITS:
+        raise UsageError(f"--split must be one of {', '.join(EVAL_SPLITS)}, not {split!r}")
     check_threshold(threshold, metrics_only)
     info = load_run(run)
     torch_device = resolve_device(device)

@@ -46,7 +46,7 @@ class FederateConfig:
     backbone: str = "tiny"
     cache: bool = True
     cache_dtype: str = "float32"
-    # the training recipe of CineMA's disease-classification fine-tuning (see README)
+    # the training recipe of CineMA's disease-classification fine-tuning (docs/training.md)
     augment: str = "cinema"
     augment_views: int = 8
     augment_seed: int = 0

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from cmrfed.data.augment import augment_spec
-from cmrfed.data.shards import Manifest, load_split, verify_shard
+from cmrfed.data.shards import SPLITS, Manifest, load_split, verify_shard
 from cmrfed.errors import UsageError
 from cmrfed.fed.cache import CacheKey, ViewsKey, load_or_compute, load_or_compute_views
 from cmrfed.fed.client import Client, SplitTensors, TrainConfig, state_of
@@ -26,8 +26,6 @@ from cmrfed.model.cinema import backbone_fingerprint, load_backbone
 from cmrfed.model.classifier import CineMAClassifier, tensor_group
 from cmrfed.model.lora import AdapterSpec, inject_lora
 
-SPLITS = ("train", "val", "test")
-
 
 @dataclass
 class RunModel:
@@ -39,6 +37,10 @@ class RunModel:
     depth: int
     start_block: int  # index of the first adapted block
     fingerprint: str  # of the frozen backbone weights, before injection
+
+
+DEVICES = ("auto", "cpu", "cuda")
+"""What ``--device`` accepts: :func:`resolve_device` turns each into a torch device."""
 
 
 def resolve_device(name: str) -> torch.device:

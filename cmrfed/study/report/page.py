@@ -5,23 +5,26 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from cmrfed.study.report.document import ABLATION_FIGURE
 from cmrfed.study.report.markdown import notes, participation_lines, privacy_lines
-from cmrfed.study.report.rows import ablation_table, main_table, participation_table, site_table
+from cmrfed.study.report.rows import ablation_table, main_table, site_table
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;
 max-width:1400px;padding:0 1em;color:#1d2430;line-height:1.4}
 h1{font-size:1.6em;margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px solid #d8dde6}
-table{border-collapse:collapse;font-size:.82em;margin:.6em 0;display:block;overflow-x:auto}
-th,td{border:1px solid #d8dde6;padding:.3em .55em;text-align:right;white-space:pre}
+div.table{overflow-x:auto;max-width:100%;margin:.6em 0}
+table{border-collapse:collapse;font-size:.8em}
+th,td{border:1px solid #d8dde6;padding:.25em .4em;text-align:right;white-space:pre}
 th{white-space:normal;min-width:4em}
 th{background:#eef1f6}td:first-child,th:first-child{text-align:left}
-tr.reference td{background:#f6f9ee}ul.notes{font-size:.9em;color:#3b4556}
+tr.reference td{background:#f6f9ee}ul.notes,p.notes{font-size:.9em;color:#3b4556}
+code{font-size:.95em;background:#f1f3f7;padding:0 .2em;border-radius:3px}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #e4e7ee}
 figcaption{font-size:.85em;color:#556}.warn{color:#8a5a00}
 """
@@ -38,6 +41,8 @@ FIGURE_CAPTIONS = {
 
 
 def _html_table(header: list[str], rows: list[list[str]], reference: str | None = None) -> str:
+    """A table in a box of the page's width that scrolls sideways when the table is wider, so no
+    column is ever cut off."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = []
     for row in rows:
@@ -45,15 +50,40 @@ def _html_table(header: list[str], rows: list[list[str]], reference: str | None 
         # a summary's CI goes on its own line so the wide tables fit a page
         body.append(f"<tr{css}>" + "".join(f"<td>{html.escape(c.replace(' [', chr(10) + '['))}</td>"
                                            for c in row) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return (f'<div class="table"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody>'
+            "</table></div>")
 
 
-def _participation_html(doc: Mapping[str, Any]) -> list[str]:
-    lines = participation_lines(doc)
-    if not lines:
-        return []
-    return [f"<h2>{html.escape(lines[0].removeprefix('## '))}</h2>",
-            f'<p class="notes">{html.escape(lines[2])}</p>', _html_table(*participation_table(doc))]
+_CODE = re.compile(r"`([^`]+)`")
+
+
+def _inline(text: str) -> str:
+    """A line of the report's Markdown as HTML text: escaped, its `code` spans as <code>."""
+    return _CODE.sub(r"<code>\1</code>", html.escape(text))
+
+
+def _is_rule(cells: list[str]) -> bool:
+    return all(cell and set(cell) <= set("-:") for cell in cells)
+
+
+def section_html(lines: list[str]) -> list[str]:
+    """A section as the Markdown writers produce it (a ``## heading``, paragraphs, pipe tables),
+    as HTML: the page says what report.md says, and shows no Markdown."""
+    parts: list[str] = []
+    table: list[list[str]] = []
+    for line in [*lines, ""]:
+        if line.startswith("|"):
+            table.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+            continue
+        if table:
+            header, *rows = table
+            parts.append(_html_table(header, [row for row in rows if not _is_rule(row)]))
+            table = []
+        if line.startswith("## "):
+            parts.append(f"<h2>{_inline(line.removeprefix('## '))}</h2>")
+        elif line.strip():
+            parts.append(f'<p class="notes">{_inline(line)}</p>')
+    return parts
 
 
 def html_page(doc: Mapping[str, Any], figures: Mapping[str, Path]) -> str:
@@ -63,14 +93,14 @@ def html_page(doc: Mapping[str, Any], figures: Mapping[str, Path]) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{html.escape(doc['title'])}</title><style>{_CSS}</style></head><body>",
         f"<h1>{html.escape(doc['title'])}</h1>",
-        '<ul class="notes">' + "".join(f"<li>{html.escape(n)}</li>" for n in notes(doc)) + "</ul>",
+        '<ul class="notes">' + "".join(f"<li>{_inline(n)}</li>" for n in notes(doc)) + "</ul>",
         f"<h2>Main table (blocks {html.escape(str(doc['main']['blocks']))}, rank "
         f"{html.escape(str(doc['main']['rank']))})</h2>",
         _html_table(*main_table(doc), reference=reference),
         "<h2>Per site</h2>", _html_table(*site_table(doc), reference=reference),
         "<h2>Ablation: adapted blocks and rank</h2>", _html_table(*ablation_table(doc)),
-        *_participation_html(doc),
-        '<pre class="privacy">' + html.escape("\n".join(privacy_lines(doc))) + "</pre>",
+        *section_html(participation_lines(doc)),
+        *section_html(privacy_lines(doc)),
     ]
     for name, path in figures.items():
         if name == "metric_by_client":

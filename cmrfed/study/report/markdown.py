@@ -46,6 +46,8 @@ def notes(doc: Mapping[str, Any]) -> list[str]:
         "p Holm-corrected across the baselines; effect = reference minus baseline.",
         "Trainable params: scalars a client's model trains (its shared plus private tensors). Bytes: "
         "as serialised per client per round, and up + down for the whole run, mean over seeds.",
+        "Threshold: the decision threshold of every metric but AUC, per row: `0.5`, or `youden-val` "
+        "(each site's model at its Youden threshold on its own val split).",
     ]
 
 

@@ -206,13 +206,15 @@ def flower_run(**options: object) -> None:
 
 
 @cli.command(params=[*declared.DEMO])
-def demo(out: str, overwrite: bool, resume: bool) -> None:
+def demo(out: str, overwrite: bool, resume: bool, dp_epsilon: float | None) -> None:
     """The whole pipeline on a synthetic cohort: synth, then the built-in demo study (prepare,
     federate duallora, fedlora, ffalora x 5 seeds x blocks on the pretrained tiny backbone,
     evaluate, GE's participation gap, compare, report)."""
-    from cmrfed.demo import run_demo
+    from cmrfed.demo import dp_demo_text, run_demo
+    from cmrfed.templates import template_text
 
-    run_demo(out, overwrite=overwrite, resume=resume)
+    text = None if dp_epsilon is None else dp_demo_text(template_text("demo"), dp_epsilon)
+    run_demo(out, study_text=text, overwrite=overwrite, resume=resume)
 
 
 @cli.command(params=[*declared.STUDY])

@@ -49,6 +49,18 @@ def demo_study(out: Path, text: str | None = None) -> StudyConfig:
                        Path(out).resolve())
 
 
+def dp_demo_text(text: str, epsilon: float) -> str:
+    """The demo study under differential privacy: every run at ``--dp-epsilon`` (class balancing
+    with privately released label counts, the default under DP), scored at each site's Youden
+    threshold on its own val split, since a DP model can rank subjects well with its scores on
+    one side of 0.5; the report says which threshold each row uses."""
+    text = text.replace("[federate]\n", f"[federate]\ndp-epsilon = {float(epsilon)!r}\n", 1)
+    threshold = 'threshold = "youden-val"\n'
+    if "[evaluate]\n" in text:
+        return text.replace("[evaluate]\n", f"[evaluate]\n{threshold}", 1)
+    return f"{text}\n[evaluate]\n{threshold}"
+
+
 def run_demo(out: str | Path, cohort: Cohort | None = None, study_text: str | None = None,
              overwrite: bool = False, resume: bool = False, console: Console | None = None) -> StudyResult:
     """Write the cohort into OUT/cohort and run the demo study into OUT/study.

@@ -127,7 +127,8 @@ FEDERATE: list[click.Parameter] = [
     click.Option(["--lr"], default=3e-3, show_default=True, type=float),
     click.Option(["--weight-decay"], default=0.05, show_default=True, type=float),
     click.Option(["--class-balanced/--no-class-balanced"], default=True, show_default=True,
-                 help="Weight the loss by inverse class frequency per site."),
+                 help="Weight the loss by inverse class frequency per site (under --dp-epsilon: from "
+                      "label counts released with DP noise, see --dp-count-share)."),
     click.Option(["--seed"], default=0, show_default=True, type=int),
     click.Option(["--backbone"], default="tiny", show_default=True,
                  help="tiny|small|base (seeded random init), tiny-pretrained (shipped) or a CineMA "
@@ -159,7 +160,7 @@ FEDERATE: list[click.Parameter] = [
                  help="Mean client validation metric that picks the best round."),
     click.Option(["--dp-epsilon"], type=float, default=None,
                  help="Differential privacy: DP-SGD at every site, noise calibrated so each site's whole "
-                      "run stays within this epsilon (needs --no-class-balanced)."),
+                      "run stays within this epsilon (label counts for class balancing included)."),
     click.Option(["--dp-delta"], type=float, default=None,
                  help="DP delta of every site [1e-5; must be below 1 / its training subjects]."),
     click.Option(["--dp-clip"], type=float, default=None, help="DP per-sample gradient clipping norm [1.0]."),
@@ -172,6 +173,9 @@ FEDERATE: list[click.Parameter] = [
     click.Option(["--feddpa-k"], default=5, show_default=True, type=int,
                  help="FedDPA's inference mixing: training subjects each site keeps (privately) to compare "
                       "test instances with."),
+    click.Option(["--dp-count-share"], type=float, default=None,
+                 help="Share of each site's DP budget spent releasing its label counts for class "
+                      "balancing [0.1; needs --dp-epsilon and class balancing]."),
     click.Option(["--sites-per-round"], default=None, type=int,
                  help="Ask K sites per round (seeded by seed and round) [every site]."),
     click.Option(["--holdout"], default=None, help="Leave this site out of training (leave-one-vendor-out)."),
@@ -307,6 +311,10 @@ DEMO: list[click.Parameter] = [
                  help="Folder for the cohort, prepared data, runs and report."),
     click.Option(["--overwrite"], is_flag=True, help="Replace an existing --out folder."),
     click.Option(["--resume"], is_flag=True, help="Continue an interrupted demo."),
+    click.Option(["--dp-epsilon"], type=float, default=None,
+                 help="Run the demo under differential privacy at this epsilon per site (class "
+                      "balancing with private label counts), scored at each site's Youden threshold "
+                      "on its val split."),
 ]
 
 STUDY: list[click.Parameter] = [

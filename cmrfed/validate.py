@@ -59,7 +59,7 @@ MINIMA: dict[str, Minimum] = {
     "lr": POSITIVE, "alpha": POSITIVE, "local_alpha": POSITIVE, "node_timeout": POSITIVE,
     "layer_decay": POSITIVE, "feddpa_scale": POSITIVE, "feddpa_k": AT_LEAST_ONE,
     # a differential-privacy budget and clip are positive (0 would be no data at all)
-    "dp_epsilon": POSITIVE, "dp_delta": POSITIVE, "dp_clip": POSITIVE,
+    "dp_epsilon": POSITIVE, "dp_delta": POSITIVE, "dp_clip": POSITIVE, "dp_count_share": POSITIVE,
 }
 """Minimum of a numeric parameter, by parameter name; absent names must be non-negative."""
 

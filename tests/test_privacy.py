@@ -33,6 +33,7 @@ from cmrfed.fed.privacy import (
     SitePlan,
     check_dp_method,
     check_dp_model,
+    composed_epsilon,
     epsilon_spent,
     per_sample_grads,
     plan_site,
@@ -42,8 +43,8 @@ from cmrfed.fed.task import build_run_model
 from cmrfed.model.classifier import param_group
 from cmrfed.seeding import derive_seed
 
-DP = {"rounds": 2, "local_epochs": 1, "batch_size": 4, "rank": 2, "lr": 5e-3,
-      "class_balanced": False, "dp_epsilon": 3.0}
+# class balancing is on (the default): under DP, with privately released label counts
+DP = {"rounds": 2, "local_epochs": 1, "batch_size": 4, "rank": 2, "lr": 5e-3, "dp_epsilon": 3.0}
 
 
 def federate(prepared: Path, out: Path, **options) -> Path:
@@ -62,7 +63,7 @@ def rounds_of(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def dp_run(small_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished DP duallora run (2 rounds, epsilon 3)."""
+    """A finished DP duallora run (2 rounds, epsilon 3, class balancing with private counts)."""
     return federate(small_prepared, tmp_path_factory.mktemp("dp") / "run")
 
 
@@ -111,7 +112,8 @@ def test_per_sample_grads_equal_one_at_a_time_gradients(method, path):
             torch.testing.assert_close(grads[name][i], param.grad, rtol=1e-9, atol=1e-11)
 
 
-def test_a_private_step_is_the_clipped_sum_plus_seeded_noise_over_the_expected_batch():
+@pytest.mark.parametrize("class_weights", [None, torch.tensor([0.25, 1.0])])
+def test_a_private_step_is_the_clipped_sum_plus_seeded_noise_over_the_expected_batch(class_weights):
     cfg = FederateConfig(data="", method="duallora", blocks=1, rank=2, class_balanced=False)
     run_model = build_run_model(cfg, SMALL_SHAPE)
     model = run_model.model
@@ -131,11 +133,13 @@ def test_a_private_step_is_the_clipped_sum_plus_seeded_noise_over_the_expected_b
         return m(batch[0])
 
     grads, _ = per_sample_grads(model, params, forward, (images,), target, F.cross_entropy)
-    dp.step(model, forward, (images,), target, F.cross_entropy)
+    dp.step(model, forward, (images,), target, F.cross_entropy, class_weights=class_weights)
 
     norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()]).norm(dim=0)
     assert (norms > plan.clip).all()  # every sample is clipped, jointly over all tensors
     factor = (plan.clip / (norms + 1e-6)).clamp(max=1.0)
+    if class_weights is not None:  # the class weight multiplies the clipped gradient
+        factor = factor * class_weights[target]
     noise = torch.Generator().manual_seed(derive_seed(4, 3, 1, NOISE_STREAM))
     for name, param in params.items():  # Opacus draws one tensor of noise per parameter, in order
         drawn = torch.normal(0.0, plan.noise_multiplier * plan.clip, size=param.shape,
@@ -161,11 +165,20 @@ def sampled_gaussian_rdp(q: float, sigma: float, order: float) -> float:
     return float(log_a / (order - 1))
 
 
-def independent_epsilon(q: float, sigma: float, steps: int, delta: float) -> float:
-    """(epsilon, delta) from RDP by the conversion of Balle et al. 2020 (Prop. 12), min over orders."""
+def gaussian_rdp(sigma: float, order: float) -> float:
+    """RDP of one Gaussian mechanism of L2 sensitivity 1 (Mironov 2017, closed form)."""
+    return order / (2 * sigma**2)
+
+
+def independent_epsilon(q: float, sigma: float, steps: int, delta: float,
+                        count_sigma: float | None = None) -> float:
+    """(epsilon, delta) from RDP by the conversion of Balle et al. 2020 (Prop. 12), min over orders;
+    with ``count_sigma``, composed with one Gaussian release of the label counts (RDP summed)."""
     best = math.inf
     for order in RDP_ORDERS:
         rdp = steps * sampled_gaussian_rdp(q, sigma, order)
+        if count_sigma is not None:
+            rdp += gaussian_rdp(count_sigma, order)
         eps = rdp + math.log1p(-1 / order) - (math.log(delta) + math.log(order)) / (order - 1)
         best = min(best, eps)
     return best
@@ -178,11 +191,16 @@ def test_recorded_epsilon_equals_an_independent_computation(dp_run):
     for site, s in spent.items():
         plan = record["privacy"]["sites"][site]
         assert s["steps"] == plan["steps_per_round"] * 2 == plan["planned_steps"]
+        assert s["count_noise_multiplier"] == plan["count_noise_multiplier"] > 0  # the default
         expected = independent_epsilon(s["sample_rate"], s["noise_multiplier"], s["steps"],
-                                       s["delta"])
+                                       s["delta"], s["count_noise_multiplier"])
         assert s["epsilon"] == pytest.approx(expected, rel=2e-3), site
+        assert s["count_epsilon"] == pytest.approx(
+            independent_epsilon(1.0, s["count_noise_multiplier"], 0, s["delta"], s["count_noise_multiplier"]),
+            rel=1e-9), site
         # and a different Opacus accountant (PRV, near-exact) can only find less privacy loss
-        prv = epsilon_spent(s["noise_multiplier"], s["sample_rate"], s["steps"], s["delta"], "prv")
+        prv = composed_epsilon(((s["count_noise_multiplier"], 1.0, 1),
+                                (s["noise_multiplier"], s["sample_rate"], s["steps"])), s["delta"], "prv")
         assert 0 < prv <= s["epsilon"] * 1.01, site
         assert s["delta"] < 1 / record["clients"][site]["n_train"]
 
@@ -220,7 +238,8 @@ def test_a_run_stops_cleanly_rather_than_overspend(dp_run, small_prepared, tmp_p
     record = run_json(run)
     for site, raw in record["privacy"]["sites"].items():
         one = plan_site(site, raw["n_train"], epsilon=DP["dp_epsilon"], delta=None, clip=None,
-                        batch_size=DP["batch_size"], local_epochs=1, rounds=1)
+                        batch_size=DP["batch_size"], local_epochs=1, rounds=1,
+                        count_share=raw["count_share"])
         raw["noise_multiplier"] = one.noise_multiplier
     del record["result"]
     paths.run_config_path(run).write_text(json.dumps(record))
@@ -318,7 +337,10 @@ def test_compare_report_states_each_runs_epsilon(dp_run, small_prepared, tmp_pat
     ({"dp_clip": 0.0}, "--dp-clip must be a positive"),
     ({"dp_clip": -2.0}, "--dp-clip must be a positive"),
     ({"dp_epsilon": None, "dp_clip": 1.0}, "only apply with --dp-epsilon"),
-    ({"class_balanced": True}, "--no-class-balanced"),
+    ({"dp_epsilon": None, "dp_count_share": 0.1}, "only apply with --dp-epsilon"),
+    ({"class_balanced": False, "dp_count_share": 0.1}, "no label counts are released"),
+    ({"dp_count_share": 1.0}, "--dp-count-share must be between 0 and 1"),
+    ({"dp_count_share": float("nan")}, "--dp-count-share must be between 0 and 1"),
 ])
 def test_bad_dp_options_are_usage_errors(small_prepared, options, message):
     with pytest.raises(UsageError, match=message):
@@ -335,8 +357,7 @@ def test_budgets_that_cannot_be_met_are_refused_before_anything_is_written(small
 
 def test_cli_reports_a_bad_budget_without_a_traceback(small_prepared, tmp_path):
     result = CliRunner().invoke(cli, ["federate", "--data", str(small_prepared), "--out",
-                                      str(tmp_path / "r"), "--dp-epsilon", "-1",
-                                      "--no-class-balanced"])
+                                      str(tmp_path / "r"), "--dp-epsilon", "-1"])
     assert result.exit_code == 2 and "--dp-epsilon -1.0: must be greater than 0" in result.output
     assert "Traceback" not in result.output
 
@@ -354,3 +375,104 @@ def test_methods_beyond_lora_and_paths_without_per_sample_grads_are_refused(smal
     cfg = FederateConfig(data=str(small_prepared), **DP)
     with pytest.raises(UsageError, match="in-process engine"):
         run_config_of(cfg, small_prepared, sites=4)
+
+
+# --- DP with the defaults: class balancing by private counts ---------------------------------------
+
+
+@pytest.mark.e2e
+def test_dp_epsilon_alone_balances_classes_with_private_counts_and_records_it(small_prepared, tmp_path):
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["federate", "--data", str(small_prepared), "--out", str(run),
+                                      "--dp-epsilon", "3", "--rounds", "1", "--rank", "2",
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "class balancing with private label counts" in " ".join(result.output.split())
+    record = run_json(run)
+    assert record["config"]["class_balanced"] is True and record["config"]["dp_count_share"] is None
+    balance = record["privacy"]["class_balance"]
+    assert balance["mode"] == "private counts" and balance["count_share"] == 0.1
+    for site, plan in record["privacy"]["sites"].items():
+        counts, weights = balance["sites"][site]["released_counts"], balance["sites"][site]["class_weights"]
+        assert plan["released_counts"] == counts and len(counts) == 2 and min(counts) >= 1
+        assert weights == pytest.approx([min(counts) / c for c in counts]) and max(weights) == 1
+        spent = record["result"]["privacy"][site]
+        assert spent["count_epsilon"] > 0 and spent["epsilon"] <= 3.0
+    assert privacy_summary(record)["class_balance"] == balance
+    # an explicit --no-class-balanced releases nothing and gives DP-SGD the whole budget
+    off = tmp_path / "off"
+    result = CliRunner().invoke(cli, ["federate", "--data", str(small_prepared), "--out", str(off),
+                                      "--dp-epsilon", "3", "--rounds", "1", "--rank", "2",
+                                      "--no-class-balanced", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert run_json(off)["privacy"]["class_balance"]["mode"] == "off"
+    for site, plan in run_json(off)["privacy"]["sites"].items():
+        assert plan["count_noise_multiplier"] is None
+        assert plan["noise_multiplier"] < record["privacy"]["sites"][site]["noise_multiplier"]
+
+
+@pytest.fixture(scope="module")
+def pretrained_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cohort at the grid the shipped tiny-pretrained backbone was trained on (64 x 64 x 8)."""
+    from cmrfed.data.prepare import PrepareOptions, prepare
+    from cmrfed.data.synth import write_synthetic_cohort
+
+    root = tmp_path_factory.mktemp("cohort64")
+    write_synthetic_cohort(root / "raw", seed=0, subjects=40, shape=(64, 64, 8), frames=8)
+    prepare(PrepareOptions(out=root / "prepared", acdc=root / "raw" / "acdc", mnms=root / "raw" / "mnms",
+                           mnms2=root / "raw" / "mnms2", spacing=(2.0, 2.0, 10.0), shape=(64, 64, 8),
+                           seed=0), console=quiet_console())
+    return root / "prepared"
+
+
+@pytest.mark.e2e
+def test_a_dp_run_at_epsilon_8_decides_above_chance_where_it_ranks_above_chance(pretrained_cohort, tmp_path):
+    """The collapse DP-SGD without class balancing shows (every subject called the majority class
+    at 0.5 although the AUC is high) does not happen with the private counts."""
+    cfg = FederateConfig(data=str(pretrained_cohort), method="duallora", backbone="tiny-pretrained",
+                         blocks=1, rounds=3, rank=4, batch_size=8, lr=1e-2, augment="none",
+                         dp_epsilon=8.0)
+    inprocess.federate(cfg, tmp_path / "run", device="cpu", console=quiet_console())
+    summary = evaluate_run(tmp_path / "run", n_boot=10, device="cpu", console=quiet_console())
+    per_site = json.loads((summary.out / "metrics.json").read_text())["per_client"]
+    ranked = {site: m for site, m in per_site.items() if m["auc"] is not None and m["auc"] >= 0.75}
+    assert len(ranked) >= 2, per_site
+    for site, metrics in ranked.items():
+        assert metrics["balanced_accuracy"] >= 0.65, (site, metrics)
+    assert summary.macro["balanced_accuracy"] >= 0.65
+
+
+@pytest.mark.e2e
+def test_a_dp_study_reports_each_row_at_its_validation_chosen_threshold(small_prepared, tmp_path):
+    from cmrfed.study.config import load_study
+    from cmrfed.study.runner import run_study
+
+    file = tmp_path / "dp.toml"
+    file.write_text(f"""
+[data]
+prepared = "{small_prepared}"
+[federate]
+rounds = 1
+local-epochs = 1
+batch-size = 4
+dp-epsilon = 8
+device = "cpu"
+[grid]
+methods = ["duallora", "fedlora"]
+seeds = [0]
+blocks = [1]
+ranks = [2]
+[evaluate]
+threshold = "youden-val"
+n-boot = 10
+[report]
+title = "dp study"
+""", encoding="utf-8")
+    result = run_study(load_study(file), tmp_path / "out", console=quiet_console())
+    doc = result.report.document
+    assert [m["threshold"] for m in doc["main"]["methods"]] == ["youden-val", "youden-val"]
+    markdown = (result.report.out / "report.md").read_text()
+    rows = [line for line in markdown.splitlines() if line.startswith(("| duallora |", "| fedlora |"))]
+    assert len(rows) >= 2 and all(row.split(" | ")[2] == "youden-val" for row in rows[:2])
+    assert "`youden-val` (each site's model at its Youden threshold on its own val split)" in markdown
+    assert "private counts, share 0.1" in markdown  # the privacy section: how classes were balanced

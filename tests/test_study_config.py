@@ -93,13 +93,13 @@ def test_template_cli_prints_both(tmp_path):
     assert example.output == template_text("example") and demo.output == template_text("demo")
 
 
-# options valid only beside others (DP needs an unweighted loss; delta and clip need a budget)
+# options valid only beside others (delta, clip and the count share need a budget)
 COMPANIONS = {
-    "dp_epsilon": {"class-balanced": False},
-    "dp_delta": {"dp-epsilon": 8.0, "class-balanced": False},
-    "dp_clip": {"dp-epsilon": 8.0, "class-balanced": False},
+    "dp_delta": {"dp-epsilon": 8.0},
+    "dp_clip": {"dp-epsilon": 8.0},
+    "dp_count_share": {"dp-epsilon": 8.0},
 }
-VALUES = {"dp_epsilon": 8.0, "dp_delta": 1e-6, "dp_clip": 2.0}
+VALUES = {"dp_epsilon": 8.0, "dp_delta": 1e-6, "dp_clip": 2.0, "dp_count_share": 0.2}
 
 
 def _companion_args(companions: dict) -> list[str]:

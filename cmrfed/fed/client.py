@@ -209,6 +209,21 @@ class Client:
         for key, tensor in private.items():
             self.state[key] = tensor.detach().to("cpu", self.state[key].dtype).clone()
 
+    # --- privacy ---------------------------------------------------------------------------
+    def use_privacy(self, plan: SitePlan) -> SitePlan:
+        """Train with DP-SGD under ``plan``; with class balancing, this site releases its label
+        counts now (seeded by the run seed and its index). Returns the plan with the released
+        counts: they are the only thing about its labels that leaves the site."""
+        self.privacy = plan.with_counts(self.train.labels, self.seed, self.index)
+        return self.privacy
+
+    def _class_weights(self) -> torch.Tensor | None:
+        """The loss weights: under DP from the released counts (or none), otherwise from the
+        labels themselves when ``class_balanced``."""
+        if self.privacy is not None:
+            return self.privacy.class_weights()
+        return class_weights(self.train.labels) if self.config.class_balanced else None
+
     # --- local work ------------------------------------------------------------------------
     @property
     def _model_keys(self) -> list[str]:
@@ -286,7 +301,8 @@ class Client:
         schedule = cfg.schedule or LrSchedule(kind="constant", lr=cfg.lr)
         steps_per_round = cfg.local_epochs * math.ceil(len(self.train) / cfg.batch_size)
         labels = self.train.labels
-        weight = class_weights(labels).to(device) if cfg.class_balanced else None
+        weight = self._class_weights()
+        weight = None if weight is None else weight.to(device)
         # phase 0 is seeded as a one-phase round always was, so those runs are unchanged
         tag = () if number == 0 else (PHASE_STREAM, number)
         generator = torch.Generator().manual_seed(derive_seed(self.seed, round_index, self.index, *tag))
@@ -313,10 +329,9 @@ class Client:
                                    for t in self.views.inputs(index, draws))
                 step += 1
                 target = labels[batch].to(device)
-                if dp is not None:  # DP-SGD: Poisson batch, per-sample clip + noise, then step
-                    loss = dp.step(model, self.train.forward, inputs, target,
-                                   lambda out, y: F.cross_entropy(out, y, weight=weight,
-                                                                  label_smoothing=cfg.label_smoothing))
+                if dp is not None:  # DP-SGD: Poisson batch, per-sample clip (then class weight) + noise
+                    loss = dp.step(model, self.train.forward, inputs, target, lambda out, y: F.cross_entropy(
+                        out, y, label_smoothing=cfg.label_smoothing), class_weights=weight)
                     total_loss += float(loss) * len(batch)
                     seen += len(batch)
                     continue

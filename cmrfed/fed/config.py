@@ -67,6 +67,9 @@ class FederateConfig:
     # FedDPA's inference mixing (cmrfed/fed/mixing.py); read only by a method with a mixing rule
     feddpa_scale: float = DEFAULT_SCALE
     feddpa_k: int = DEFAULT_K
+    # share of each site's DP budget spent on releasing its label counts (class balancing under
+    # DP, cmrfed/fed/private_counts.py); None: the default share when balancing is on
+    dp_count_share: float | None = None
 
     def __post_init__(self) -> None:  # noqa: C901 (one flat check per option, nothing else)
         spec = resolve_method(self.method, self.head)
@@ -113,10 +116,12 @@ class FederateConfig:
                                ("--alpha", self.alpha), ("--local-alpha", self.local_alpha)):
             if number is not None and not math.isfinite(number):
                 raise UsageError(f"{option} {number}: must be a finite number")
-        if self.dp_epsilon is not None or self.dp_delta is not None or self.dp_clip is not None:
+        if (self.dp_epsilon is not None or self.dp_delta is not None or self.dp_clip is not None
+                or self.dp_count_share is not None):
             from cmrfed.fed.privacy import check_dp_method, check_dp_options
 
-            check_dp_options(self.dp_epsilon, self.dp_delta, self.dp_clip, self.class_balanced)
+            check_dp_options(self.dp_epsilon, self.dp_delta, self.dp_clip, self.class_balanced,
+                             self.dp_count_share)
             check_dp_method(resolve_method(self.method, self.head))
         unknown = sorted(set(self.targets) - set(DEFAULT_TARGETS))
         if unknown:

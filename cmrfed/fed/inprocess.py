@@ -30,6 +30,7 @@ from cmrfed.fed.client import Client, concat_splits
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.privacy import (
     check_dp_model,
+    class_balance_line,
     plan_run,
     privacy_line,
     privacy_summary,
@@ -217,8 +218,8 @@ def _federate_into(
         check_dp_model(model, spec.name)
         recorded = json.loads(paths.run_config_path(out).read_text()) if resume else {}
         plans = recorded_plans(recorded) or plan_run(cfg, {t.name: len(t.train) for t in trainers})
-        for trainer in trainers:
-            trainer.privacy = plans[trainer.name]
+        plans = {t.name: t.use_privacy(plans[t.name]) for t in trainers}  # counts released here
+        console.print(class_balance_line(plans), highlight=False)
     stopped = None
 
     progress = _Progress()

@@ -15,7 +15,14 @@ Differential Privacy", CCS 2016) on every tensor it trains:
   ``rounds x phases x local_epochs x ceil(n / batch_size)`` steps, spends at most the target
   ``(epsilon, delta)`` under Opacus's RDP accountant (Mironov, "Renyi Differential Privacy",
   CSF 2017; Mironov, Talwar and Zhang, "Renyi Differential Privacy of the Sampled Gaussian
-  Mechanism", 2019), for add/remove-one-subject neighbouring datasets.
+  Mechanism", 2019), for add/remove-one-subject neighbouring datasets;
+- with class balancing on (the default), each site first releases its label counts through a
+  Gaussian mechanism (cmrfed/fed/private_counts.py) and weights each sample's *clipped* gradient
+  by the inverse frequency of its class computed from the released counts, every weight at most
+  1 (so a sample still moves the sum by at most ``C``). The release is one more entry in the
+  same RDP accountant (the sampled Gaussian mechanism at sample rate 1, one step, noise
+  multiplier ``sigma_c``); ``sigma`` is calibrated on the composition, so counts and steps
+  together spend at most ``(epsilon, delta)``.
 
 A method whose round has several phases (FedDPA: the local LoRA, then the global one, each a pass
 over the same subjects) runs DP-SGD in every phase, with sampling and noise streams of its own,
@@ -46,7 +53,7 @@ import json
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +64,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from cmrfed import paths
 from cmrfed.errors import UsageError
 from cmrfed.fed.methods import MethodSpec
+from cmrfed.fed.private_counts import (
+    COUNT_STREAM,
+    DEFAULT_COUNT_SHARE,
+    balanced_weights,
+    count_noise_multiplier,
+    label_counts,
+    release_counts,
+)
 from cmrfed.model.classifier import param_group
 from cmrfed.seeding import derive_seed
 
@@ -72,9 +87,15 @@ SAMPLING_STREAM = 0x5A3
 NOISE_STREAM = 0x401
 # rounding slack of a budget check (the accountant's floating point, not privacy)
 BUDGET_RTOL = 1e-9
+# epsilon the calibrated noise may leave unspent (Opacus's get_noise_multiplier default)
+CALIBRATION_TOLERANCE = 0.01
 MECHANISM = ("DP-SGD at each site: Poisson sampling, per-sample clipping of every trained tensor, "
              "Gaussian noise (Opacus DPOptimizer); sigma calibrated for the whole run")
 UNIT = "one training subject of a site (add/remove-one neighbouring datasets)"
+COUNT_RELEASE = ("class balancing with private label counts: each site's class counts released "
+                 "once through a Gaussian mechanism (sensitivity 1), composed with DP-SGD in the "
+                 "same RDP accountant; loss weights from the released counts")
+NO_BALANCE = "no class balancing (--no-class-balanced): the whole budget goes to DP-SGD"
 
 Forward = Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -84,12 +105,16 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def check_dp_options(epsilon: float | None, delta: float | None, clip: float | None,
-                     class_balanced: bool) -> None:
-    """Refuse DP options that cannot be stated (called by :class:`FederateConfig`)."""
+                     class_balanced: bool, count_share: float | None = None) -> None:
+    """Refuse DP options that cannot be stated (called by :class:`FederateConfig`).
+
+    Class balancing (the default) is honoured under DP with privately released label counts, so
+    ``--class-balanced`` is never refused; ``--dp-count-share`` needs both DP and balancing.
+    """
     if epsilon is None:
-        if delta is not None or clip is not None:
-            raise UsageError("--dp-delta and --dp-clip only apply with --dp-epsilon; add "
-                             "--dp-epsilon E to train with differential privacy")
+        if delta is not None or clip is not None or count_share is not None:
+            raise UsageError("--dp-delta, --dp-clip and --dp-count-share only apply with "
+                             "--dp-epsilon; add --dp-epsilon E to train with differential privacy")
         return
     if not (math.isfinite(epsilon) and epsilon > 0):
         raise UsageError(f"--dp-epsilon must be a positive number, got {epsilon}")
@@ -98,10 +123,20 @@ def check_dp_options(epsilon: float | None, delta: float | None, clip: float | N
                          f"of a site), got {delta}")
     if clip is not None and not (math.isfinite(clip) and clip > 0):
         raise UsageError(f"--dp-clip must be a positive number, got {clip}")
-    if class_balanced:
-        raise UsageError("--dp-epsilon with --class-balanced: the loss weights come from all of a "
-                         "site's labels, so one subject would change every gradient and the DP "
-                         "bound would not hold; pass --no-class-balanced")
+    if count_share is not None:
+        if not class_balanced:
+            raise UsageError("--dp-count-share with --no-class-balanced: no label counts are "
+                             "released without class balancing; drop one of the two")
+        if not (math.isfinite(count_share) and 0 < count_share < 1):
+            raise UsageError(f"--dp-count-share must be between 0 and 1 (the share of each "
+                             f"site's budget spent on its label counts), got {count_share}")
+
+
+def count_share_of(class_balanced: bool, count_share: float | None) -> float | None:
+    """The share of a DP budget spent on label counts: None when class balancing is off."""
+    if not class_balanced:
+        return None
+    return DEFAULT_COUNT_SHARE if count_share is None else count_share
 
 
 def check_dp_method(spec: MethodSpec) -> None:
@@ -131,20 +166,32 @@ def check_dp_model(model: nn.Module, method: str) -> None:
 # --- the accountant ------------------------------------------------------------------------------
 
 
+Mechanism = tuple[float, float, int]
+"""One entry of the accountant's history: (noise multiplier, sample rate, steps)."""
+
+
 @functools.lru_cache(maxsize=4096)
-def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-                  accountant: str = ACCOUNTANT) -> float:
-    """Epsilon of ``steps`` DP-SGD steps at (sigma, q) for ``delta``, by Opacus's accountant
-    (cached: a pure function, asked again every round and by every report)."""
-    if steps == 0:
+def composed_epsilon(history: tuple[Mechanism, ...], delta: float,
+                     accountant: str = ACCOUNTANT) -> float:
+    """Epsilon of every mechanism of ``history`` composed, by Opacus's accountant: for RDP the
+    curves are summed at every order and converted to (epsilon, delta) once (cached: a pure
+    function, asked again every round and by every report)."""
+    history = tuple(h for h in history if h[2] > 0)
+    if not history:
         return 0.0
     from opacus.accountants import create_accountant
 
     acc = create_accountant(mechanism=accountant)
-    acc.history = [(noise_multiplier, sample_rate, steps)]
+    acc.history = list(history)
     with warnings.catch_warnings():  # "optimal order is the largest alpha": a looser bound, still valid
         warnings.simplefilter("ignore", UserWarning)
         return float(acc.get_epsilon(delta=delta, **_accountant_options(accountant)))
+
+
+def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+                  accountant: str = ACCOUNTANT) -> float:
+    """Epsilon of ``steps`` DP-SGD steps at (sigma, q) for ``delta``, by Opacus's accountant."""
+    return composed_epsilon(((noise_multiplier, sample_rate, steps),), delta, accountant)
 
 
 def _accountant_options(accountant: str) -> dict[str, Any]:
@@ -167,6 +214,10 @@ class SitePlan:
     target_epsilon: float
     accountant: str = ACCOUNTANT
     phases: int = 1  # DP-SGD passes per round (FedDPA: 2); steps_per_round counts them all
+    # the label-count release of class balancing (private_counts.py); None: balancing is off
+    count_share: float | None = None
+    count_noise_multiplier: float | None = None
+    released_counts: tuple[float, ...] | None = None
 
     @property
     def planned_steps(self) -> int:
@@ -176,9 +227,39 @@ class SitePlan:
     def expected_batch_size(self) -> float:
         return self.sample_rate * self.n_train
 
+    def history(self, steps: int) -> tuple[Mechanism, ...]:
+        """What the accountant composes after ``steps`` DP-SGD steps: the count release (one
+        Gaussian mechanism at sample rate 1, released before the first step) and the steps."""
+        counts = () if self.count_noise_multiplier is None else ((self.count_noise_multiplier, 1.0, 1),)
+        return (*counts, (self.noise_multiplier, self.sample_rate, steps))
+
     def epsilon(self, steps: int) -> float:
-        return epsilon_spent(self.noise_multiplier, self.sample_rate, steps, self.delta,
-                             self.accountant)
+        return composed_epsilon(self.history(steps), self.delta, self.accountant)
+
+    def count_epsilon(self) -> float:
+        """What the count release alone costs (0 without class balancing)."""
+        if self.count_noise_multiplier is None:
+            return 0.0
+        return epsilon_spent(self.count_noise_multiplier, 1.0, 1, self.delta, self.accountant)
+
+    def with_counts(self, labels: torch.Tensor, seed: int, site_index: int) -> SitePlan:
+        """This plan with the site's label counts released (the Gaussian mechanism, noise seeded
+        by (run seed, site)); itself when balancing is off or the counts are already released."""
+        if self.count_noise_multiplier is None or self.released_counts is not None:
+            return self
+        if len(labels) != self.n_train:
+            raise ValueError(f"site {self.site!r}: {len(labels)} labels for a plan of {self.n_train}")
+        generator = torch.Generator().manual_seed(derive_seed(seed, site_index, COUNT_STREAM))
+        released = release_counts(label_counts(labels), self.count_noise_multiplier, generator)
+        return replace(self, released_counts=released)
+
+    def class_weights(self) -> torch.Tensor | None:
+        """Loss weights from the released counts (each at most 1), None without balancing."""
+        if self.count_noise_multiplier is None:
+            return None
+        if self.released_counts is None:
+            raise ValueError(f"site {self.site!r}: class weights asked before the counts are released")
+        return balanced_weights(self.released_counts)
 
     def spent(self, rounds_done: int) -> dict[str, Any]:
         """What the site has spent after ``rounds_done`` rounds (cumulative)."""
@@ -187,18 +268,27 @@ class SitePlan:
             "epsilon": self.epsilon(steps), "delta": self.delta, "steps": steps,
             "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
             "clip": self.clip, "accountant": self.accountant,
-            "target_epsilon": self.target_epsilon,
+            "target_epsilon": self.target_epsilon, "count_epsilon": self.count_epsilon(),
+            "count_noise_multiplier": self.count_noise_multiplier,
+            "released_counts": None if self.released_counts is None else list(self.released_counts),
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "planned_steps": self.planned_steps,
-                "planned_epsilon": self.epsilon(self.planned_steps)}
+        out = {**asdict(self), "planned_steps": self.planned_steps,
+               "planned_epsilon": self.epsilon(self.planned_steps), "count_epsilon": self.count_epsilon()}
+        if self.released_counts is not None:
+            out["released_counts"] = list(self.released_counts)
+        return out
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> SitePlan:
-        """A recorded plan (one written before ``phases`` existed had one phase per round)."""
-        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name != "phases"},
-                   phases=int(raw.get("phases", 1)))
+        """A recorded plan (one written before ``phases`` existed had one phase per round; one
+        written before class balancing under DP has no count fields: their defaults apply)."""
+        values = {f.name: raw[f.name] for f in fields(cls) if f.name in raw}
+        if values.get("released_counts") is not None:
+            values["released_counts"] = tuple(values["released_counts"])
+        values["phases"] = int(values.get("phases", 1))
+        return cls(**values)
 
     def open_round(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, seed: int,
                    round_index: int, site_index: int, device: torch.device,
@@ -208,20 +298,40 @@ class SitePlan:
 
 
 @functools.lru_cache(maxsize=256)
-def _calibrate(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """Opacus's noise calibration (a bisection over sigma; cached, as sites often share n)."""
-    from opacus.accountants.utils import get_noise_multiplier
+def _calibrate(epsilon: float, delta: float, sample_rate: float, steps: int,
+               prior: tuple[Mechanism, ...] = ()) -> float:
+    """The smallest noise multiplier (to Opacus's tolerance) whose ``steps`` at ``sample_rate``,
+    composed with the mechanisms of ``prior``, spend at most ``epsilon``: the bisection of
+    Opacus's ``get_noise_multiplier`` over the composed accountant (cached: sites often share n).
+    Raises ValueError when no noise level fits (``prior`` alone, or the budget, too small)."""
+    from opacus.accountants.utils import MAX_SIGMA
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
-                                          sample_rate=sample_rate, steps=steps,
-                                          accountant=ACCOUNTANT, **_accountant_options(ACCOUNTANT)))
+    def spent(sigma: float) -> float:
+        return composed_epsilon((*prior, (sigma, sample_rate, steps)), delta)
+
+    low, high, eps_high = 0.0, 10.0, math.inf
+    while eps_high > epsilon:
+        high *= 2
+        eps_high = spent(high)
+        if high > MAX_SIGMA:
+            raise ValueError("The privacy budget is too low.")
+    while epsilon - eps_high > CALIBRATION_TOLERANCE:
+        sigma = (low + high) / 2
+        eps = spent(sigma)
+        if eps < epsilon:
+            high, eps_high = sigma, eps
+        else:
+            low = sigma
+    return high
 
 
 def plan_site(site: str, n_train: int, *, epsilon: float, delta: float | None, clip: float | None,
-              batch_size: int, local_epochs: int, rounds: int, phases: int = 1) -> SitePlan:
-    """Calibrate one site's noise so its whole run stays within (epsilon, delta)."""
+              batch_size: int, local_epochs: int, rounds: int, phases: int = 1,
+              count_share: float | None = None) -> SitePlan:
+    """Calibrate one site's noise so its whole run stays within (epsilon, delta): with
+    ``count_share``, the label-count release's noise first (:func:`count_noise_multiplier`), then
+    DP-SGD's on what the composition leaves. Nothing here depends on the site's labels (the counts
+    are released by :meth:`SitePlan.with_counts`), so a server can plan for its sites."""
     if delta is None:  # 1e-5, or 1 / (10 n) for a site of more than 10,000 subjects
         delta = min(DEFAULT_DELTA, 0.1 / n_train)
     if delta >= 1.0 / n_train:
@@ -233,7 +343,11 @@ def plan_site(site: str, n_train: int, *, epsilon: float, delta: float | None, c
     steps_per_round = steps_per_epoch * local_epochs * phases
     steps = steps_per_round * rounds
     try:
-        sigma = _calibrate(epsilon, delta, sample_rate, steps)
+        count_sigma = None
+        if count_share is not None:
+            count_sigma = count_noise_multiplier(_calibrate(epsilon, delta, 1.0, 1), count_share)
+        prior = () if count_sigma is None else ((count_sigma, 1.0, 1),)
+        sigma = _calibrate(epsilon, delta, sample_rate, steps, prior)
     except ValueError as exc:
         raise UsageError(f"--dp-epsilon {epsilon:g} is too small a budget for site {site!r}: no "
                          f"noise level keeps even one step within it at delta {delta:g}; raise "
@@ -242,7 +356,8 @@ def plan_site(site: str, n_train: int, *, epsilon: float, delta: float | None, c
                     steps_per_epoch=steps_per_epoch, steps_per_round=steps_per_round,
                     rounds=rounds, noise_multiplier=float(sigma),
                     clip=DEFAULT_CLIP if clip is None else clip, delta=delta,
-                    target_epsilon=epsilon, phases=phases)
+                    target_epsilon=epsilon, phases=phases, count_share=count_share,
+                    count_noise_multiplier=count_sigma)
     if plan.epsilon(steps) > epsilon * (1 + BUDGET_RTOL):  # calibration must never overshoot
         raise AssertionError(f"calibrated sigma {sigma} spends {plan.epsilon(steps)} > {epsilon}")
     return plan
@@ -250,14 +365,16 @@ def plan_site(site: str, n_train: int, *, epsilon: float, delta: float | None, c
 
 def plan_run(cfg: Any, sites: Mapping[str, int]) -> dict[str, SitePlan]:
     """A plan per training site (``sites``: name -> training subjects) of a DP run, counting every
-    training phase of the method's round."""
+    training phase of the method's round; the count release of class balancing is planned here and
+    made by each site (:meth:`SitePlan.with_counts`)."""
     from cmrfed.fed.methods import resolve_method
 
     phases = len(resolve_method(cfg.method, cfg.head).training_phases)
+    share = count_share_of(cfg.class_balanced, cfg.dp_count_share)
     return {
         name: plan_site(name, n, epsilon=cfg.dp_epsilon, delta=cfg.dp_delta, clip=cfg.dp_clip,
                         batch_size=cfg.batch_size, local_epochs=cfg.local_epochs, rounds=cfg.rounds,
-                        phases=phases)
+                        phases=phases, count_share=share)
         for name, n in sites.items()
     }
 
@@ -273,6 +390,36 @@ def spent_record(plans: Mapping[str, SitePlan], rounds_done: int) -> dict[str, d
     return {name: plan.spent(rounds_done) for name, plan in plans.items()}
 
 
+def class_balance_record(plans: Mapping[str, SitePlan]) -> dict[str, Any]:
+    """How class balancing was done under DP (run.json, every report): the private count release
+    with its share, noise and each site's released counts and weights, or off."""
+    first = next(iter(plans.values()))
+    if first.count_noise_multiplier is None:
+        return {"mode": "off", "text": NO_BALANCE}
+    return {
+        "mode": "private counts", "text": COUNT_RELEASE, "count_share": first.count_share,
+        "sites": {name: {"count_noise_multiplier": p.count_noise_multiplier,
+                         "count_epsilon": p.count_epsilon(),
+                         "released_counts": None if p.released_counts is None else list(p.released_counts),
+                         "class_weights": None if p.released_counts is None
+                         else [float(w) for w in balanced_weights(p.released_counts)]}
+                  for name, p in plans.items()},
+    }
+
+
+def class_balance_line(plans: Mapping[str, SitePlan]) -> str:
+    """One human line, printed when a DP run starts: what class balancing does under DP."""
+    record = class_balance_record(plans)
+    if record["mode"] == "off":
+        return f"differential privacy: {NO_BALANCE}"
+    sites = ", ".join(f"{name} {', '.join(f'{c:.1f}' for c in s['released_counts'] or ())} "
+                      f"(sigma_c {s['count_noise_multiplier']:.3g}, alone eps {s['count_epsilon']:.3g})"
+                      for name, s in record["sites"].items())
+    return (f"differential privacy: class balancing with private label counts (share "
+            f"{record['count_share']:g} of each site's budget; --no-class-balanced gives DP-SGD all "
+            f"of it); released counts (class 0, 1): {sites}")
+
+
 def run_privacy_record(plans: Mapping[str, SitePlan]) -> dict[str, Any]:
     """The ``privacy`` block of run.json, written before the first round."""
     from opacus import __version__ as opacus_version
@@ -281,6 +428,7 @@ def run_privacy_record(plans: Mapping[str, SitePlan]) -> dict[str, Any]:
     return {
         "mechanism": MECHANISM, "unit": UNIT, "accountant": first.accountant,
         "target_epsilon": first.target_epsilon, "clip": first.clip, "opacus": opacus_version,
+        "class_balance": class_balance_record(plans),
         "sites": {name: plan.to_dict() for name, plan in plans.items()},
     }
 
@@ -308,6 +456,7 @@ def privacy_summary(run_info: Mapping[str, Any]) -> dict[str, Any] | None:
     return {
         "target_epsilon": block["target_epsilon"], "clip": block["clip"],
         "accountant": block["accountant"], "unit": block["unit"],
+        "class_balance": block.get("class_balance") or class_balance_record(plans),
         "max_epsilon": max(s["epsilon"] for s in spent.values()),
         "sites": spent, "stopped": result.get("stopped"),
     }
@@ -321,6 +470,17 @@ def run_privacy(run: str | Path) -> dict[str, Any] | None:
     return privacy_summary(json.loads(config_file.read_text(encoding="utf-8")))
 
 
+def _balance_text(summary: Mapping[str, Any]) -> str:
+    """The class-balance cell of a report: the count share and each site's released counts."""
+    balance = summary.get("class_balance") or {"mode": "off"}
+    if balance["mode"] == "off":
+        return "off"
+    sites = "; ".join(f"{name} {'/'.join(f'{c:.1f}' for c in s['released_counts'] or ())} "
+                      f"(sigma_c {s['count_noise_multiplier']:.3g})"
+                      for name, s in balance["sites"].items())
+    return f"private counts, share {balance['count_share']:g}: {sites}"
+
+
 def privacy_markdown(runs: Sequence[tuple[str, int, str]],
                      summaries: Mapping[str, Mapping[str, Any] | None]) -> list[str]:
     """A report's "Differential privacy" section: one row per (method, seed, run folder)."""
@@ -329,20 +489,23 @@ def privacy_markdown(runs: Sequence[tuple[str, int, str]],
         return [*lines, "None of these runs used differential privacy (no `--dp-epsilon`): nothing "
                 "bounds what their shared tensors reveal about a training subject."]
     lines += ["| method | seed | target eps | clip | accountant | per site: eps spent (sigma, q, "
-              "steps, delta) |", "|---|---:|---:|---:|---|---|"]
+              "steps, delta) | class balance: released counts (class 0/1) |",
+              "|---|---:|---:|---:|---|---|---|"]
     for method, seed, run in runs:
         summary = summaries.get(run)
         if summary is None:
-            lines.append(f"| {method} | {seed} | not DP | — | — | — |")
+            lines.append(f"| {method} | {seed} | not DP | — | — | — | — |")
             continue
         sites = "; ".join(f"{name} {s['epsilon']:.3g} ({s['noise_multiplier']:.3g}, "
                           f"{s['sample_rate']:.3g}, {s['steps']}, {s['delta']:.2g})"
                           for name, s in summary["sites"].items())
         stopped = f" (stopped: {summary['stopped']})" if summary.get("stopped") else ""
         lines.append(f"| {method} | {seed} | {summary['target_epsilon']:g} | {summary['clip']:g} | "
-                     f"{summary['accountant']} | {sites}{stopped} |")
+                     f"{summary['accountant']} | {sites}{stopped} | {_balance_text(summary)} |")
     lines += ["", f"Unit protected: {UNIT}, against anyone who sees what a site sends; the "
-              "evaluation outputs in this report are not DP-protected."]
+              "evaluation outputs in this report are not DP-protected. Epsilon spent includes the "
+              "release of the label counts (class balancing), composed with DP-SGD in one RDP "
+              "accountant."]
     return lines
 
 
@@ -354,7 +517,8 @@ def privacy_line(summary: Mapping[str, Any] | None) -> str:
                       f"delta {s['delta']:.2g}, {s['steps']} steps)"
                       for name, s in summary["sites"].items())
     return (f"differential privacy ({summary['accountant']}): target eps "
-            f"{summary['target_epsilon']:g}, clip {summary['clip']:g}; spent: {sites}")
+            f"{summary['target_epsilon']:g}, clip {summary['clip']:g}; spent: {sites}; class "
+            f"balance: {_balance_text(summary)}")
 
 
 # --- one private round ---------------------------------------------------------------------------
@@ -433,16 +597,37 @@ class PrivateRound:
             yield chosen.nonzero().flatten()
 
     def step(self, model: nn.Module, forward: Forward, inputs: Sequence[torch.Tensor],
-             target: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
-        """Clip + noise + optimiser step on this batch; returns the mean loss (0 if empty)."""
+             target: torch.Tensor, loss_fn: LossFn,
+             class_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Clip + noise + optimiser step on this batch; returns the mean loss (0 if empty).
+
+        With ``class_weights`` (each at most 1, from released counts) every sample's gradient is
+        clipped to ``C`` and multiplied by its class's weight *before* Opacus's clip: weighting a
+        loss before clipping would be undone by the clip, and a weight at most 1 keeps the
+        clipped norm within ``C``, so Opacus's own clip (which still runs and bounds the
+        sensitivity) changes nothing but rounding.
+        """
         if len(target):
             grads, losses = per_sample_grads(model, self.params, forward, inputs, target, loss_fn)
         else:  # an empty Poisson batch is still a step: noise only
             grads = {n: p.new_zeros((0, *p.shape)) for n, p in self.params.items()}
             losses = torch.zeros(0)
+        if class_weights is not None and len(target):
+            weights = class_weights.to(losses.device)[target]
+            grads = weighted_clipped(grads, weights, self.plan.clip)
+            losses = losses * weights / weights.mean()
         self.optimizer.zero_grad(set_to_none=True)
         for name, param in self.params.items():
             param.grad_sample = grads[name]
         self.optimizer.step()
         self.steps += 1
         return losses.mean() if len(losses) else torch.zeros(())
+
+
+def weighted_clipped(grads: Mapping[str, torch.Tensor], weights: torch.Tensor,
+                     clip: float) -> dict[str, torch.Tensor]:
+    """Each sample's gradient clipped jointly over all tensors to ``clip`` (Opacus's formula,
+    ``min(1, C / (norm + 1e-6))``) and multiplied by its weight."""
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], dim=1).norm(dim=1)
+    factor = (clip / (norms + 1e-6)).clamp(max=1.0) * weights.to(norms.dtype)
+    return {name: torch.einsum("i,i...->i...", factor, g) for name, g in grads.items()}

@@ -90,8 +90,10 @@ def _methods_of_setting(study: StudyConfig, runs: Mapping[str, Path], comparison
     rows = {row.baseline: row for row in comparison.comparison.primary_rows}
     tested = {m.method: m for m in comparison.comparison.methods}
     runs_of: dict[str, list[Path]] = {}
+    thresholds: dict[str, set[str]] = {}
     for ev in evaluations:
         runs_of.setdefault(ev.method, []).append(Path(ev.run))
+        thresholds.setdefault(ev.method, set()).add(ev.threshold_mode)
     out = []
     for method in tested:
         comm = tested[method].communication
@@ -100,6 +102,7 @@ def _methods_of_setting(study: StudyConfig, runs: Mapping[str, Path], comparison
             "method": method,
             "n_seeds": len(method_runs),
             "seeds": list(tested[method].seeds),
+            "threshold": ", ".join(sorted(thresholds[method])),  # the evaluate --threshold of its runs
             "cells": sorted(cell_of[run] for run in method_runs),
             "macro": {metric: _summary_record(by_metric[metric][method].macro) for metric in MAIN_METRICS},
             "per_site": {s.client: {metric: _summary_record(next(

@@ -50,6 +50,8 @@ def notes(doc: Mapping[str, Any]) -> list[str]:
         f"Aggregation (--aggregate {doc['aggregate']}): FedAvg {AGGREGATE_RULES[doc['aggregate']]} of "
         "the shared tensors of the sites that trained in a round.",
         *_mixing_notes(doc["mixing"]),
+        "Threshold: the decision threshold of every metric but AUC, per row: `0.5`, or `youden-val` "
+        "(each site's model at its Youden threshold on its own val split).",
     ]
 
 

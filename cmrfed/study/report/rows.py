@@ -29,14 +29,22 @@ def _test_cells(method: Mapping[str, Any]) -> list[str]:
             p_value(test["p_value"])]
 
 
+def threshold_text(method: Mapping[str, Any]) -> str:
+    """The decision threshold of a row's threshold-based metrics: ``0.5``, or ``youden-val`` (each
+    site's Youden threshold on its own val split; the notes say so). A report made before the
+    column existed was at 0.5."""
+    return str(method.get("threshold", "0.5"))
+
+
 def main_table(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The main table as (header, rows) of text, shared by the Markdown and the HTML."""
-    header = ["method", "seeds", *(SHORT[m] for m in MAIN_METRICS), "p (Holm)", "effect [95% CI]",
-              "pairs", "p (raw)", "trainable params", "up / client / round", "down / client / round",
-              "total bytes"]
+    header = ["method", "seeds", "threshold", *(SHORT[m] for m in MAIN_METRICS), "p (Holm)",
+              "effect [95% CI]", "pairs", "p (raw)", "trainable params", "up / client / round",
+              "down / client / round", "total bytes"]
     rows = []
     for m in doc["main"]["methods"]:
-        rows.append([m["method"], str(m["n_seeds"]), *(summary_cell(m["macro"][k]) for k in MAIN_METRICS),
+        rows.append([m["method"], str(m["n_seeds"]), threshold_text(m),
+                     *(summary_cell(m["macro"][k]) for k in MAIN_METRICS),
                      *_test_cells(m), f"{m['trainable_parameters']:,}",
                      size(m["bytes_up_per_client_per_round"]),
                      size(m["bytes_down_per_client_per_round"]), size(m["bytes_total"])])
@@ -53,13 +61,14 @@ def site_table(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def ablation_table(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["blocks", "rank", "method", f"{doc['tested_metric'].replace('_', ' ')} [95% CI]", "p (Holm)",
-              "trainable params", "up / client / round", "total bytes", "s / round"]
+    header = ["blocks", "rank", "method", "threshold", f"{doc['tested_metric'].replace('_', ' ')} [95% CI]",
+              "p (Holm)", "trainable params", "up / client / round", "total bytes", "s / round"]
     rows = []
     for s in doc["settings"]:
         for m in s["methods"]:
             test = m["test_vs_reference"]
-            rows.append([str(s["blocks"]), str(s["rank"]), m["method"], summary_cell(m["tested_metric"]),
+            rows.append([str(s["blocks"]), str(s["rank"]), m["method"], threshold_text(m),
+                         summary_cell(m["tested_metric"]),
                          "reference" if test is None else p_value(test["p_holm"]),
                          f"{m['trainable_parameters']:,}", size(m["bytes_up_per_client_per_round"]),
                          size(m["bytes_total"]), num(m["seconds_per_round"], 2)])

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import click
 
 from cmrfed.fed.methods import METHODS
+from cmrfed.precision import CHOICES as PRECISIONS
 
 if TYPE_CHECKING:
     from cmrfed.data.prepare import PrepareOptions
@@ -105,8 +106,11 @@ FEDERATE: list[click.Parameter] = [
                       "safetensors file."),
     click.Option(["--cache/--no-cache"], default=True, show_default=True,
                  help="Cache the frozen trunk's features (used when fewer than all blocks are adapted)."),
-    click.Option(["--cache-dtype"], default="float32", show_default=True,
-                 type=click.Choice(["float32", "float16", "bfloat16"])),
+    click.Option(["--cache-dtype"], default=None, type=click.Choice(["float32", "float16", "bfloat16"]),
+                 help="Dtype of cached trunk features [bfloat16 under bf16 precision, else float32]."),
+    click.Option(["--precision"], default="auto", show_default=True, type=click.Choice(PRECISIONS),
+                 help="Forward pass in float32, or under bfloat16 autocast (float32 weights, optimiser and "
+                      "loss); auto: bf16 where the device computes it natively (run.json records which)."),
     click.Option(["--augment"], default="cinema", show_default=True, type=click.Choice(["cinema", "none"]),
                  help="Training augmentation: CineMA's random affine + gamma + noise, or none."),
     click.Option(["--augment-views"], default=8, show_default=True, type=int,
@@ -168,6 +172,8 @@ EVALUATE: list[click.Parameter] = [
     click.Option(["--member-run"], default=None, type=click.Path(path_type=str),
                  help="With --merge: an evaluated run in which the held-out site trained (participation "
                       "gap)."),
+    click.Option(["--precision"], default=None, type=click.Choice(PRECISIONS),
+                 help="Forward-pass precision [the run's, as run.json records it]."),
     click.Option(["--device"], default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
 ]
 
@@ -184,6 +190,8 @@ ADAPT: list[click.Parameter] = [
     click.Option(["--round", "which"], default="best", show_default=True, type=click.Choice(["best", "last"]),
                  help="Adapt over the shared tensors of the run's best or last round."),
     click.Option(["--overwrite"], is_flag=True, help="Replace an existing ADAPTED folder."),
+    click.Option(["--precision"], default=None, type=click.Choice(PRECISIONS),
+                 help="Forward-pass precision [the run's, as run.json records it]."),
     click.Option(["--device"], default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
 ]
 
@@ -224,6 +232,9 @@ PRETRAIN: list[click.Parameter] = [
     click.Option(["--seed"], default=0, show_default=True, type=int),
     click.Option(["--dtype"], default="float32", show_default=True, type=click.Choice(["float32", "float16"]),
                  help="Precision of the written weights."),
+    click.Option(["--precision"], default="auto", show_default=True, type=click.Choice(PRECISIONS),
+                 help="Forward pass in float32 or under bfloat16 autocast (float32 weights and optimiser); "
+                      "auto: bf16 where the device computes it natively."),
     click.Option(["--device"], default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
     click.Option(["--out"], required=True, type=click.Path(path_type=str),
                  help="BACKBONE.safetensors to write."),
@@ -272,6 +283,10 @@ STUDY: list[click.Parameter] = [
     click.Option(["--overwrite"], is_flag=True, help="Replace an existing STUDY folder."),
     click.Option(["--device"], default=None, type=click.Choice(["auto", "cpu", "cuda"]),
                  help="Device of every run [the study file's [federate] device, else auto]."),
+    click.Option(["--jobs"], default=1, show_default=True, type=int,
+                 help="Cells run at once, each in a worker process with its share of the CPU threads."),
+    click.Option(["--devices"], default=None,
+                 help="CUDA device indices the workers take cells to, e.g. 0,1 [every worker: --device]."),
     click.Option(["--template"], is_flag=False, flag_value="example", default=None,
                  type=click.Choice(["example", "demo"]),
                  help="Print a commented study file (the paper's setting), or `--template demo` the demo's."),

@@ -26,6 +26,7 @@ from cmrfed.fed.schedule import LrSchedule
 from cmrfed.fed.strategy import FitResult, TensorState
 from cmrfed.fed.views import ViewSource
 from cmrfed.model.classifier import layer_lr_scale, tensor_group
+from cmrfed.precision import in_precision, resolve_precision
 
 if TYPE_CHECKING:
     from cmrfed.fed.privacy import SitePlan
@@ -114,6 +115,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     schedule: LrSchedule | None = None  # None: ``lr`` at every step
     layer_decay: float = 0.75  # CineMA's layer-wise lr decay, when the backbone is trained
+    precision: str = "fp32"  # of the forward pass: fp32 | bf16 | auto (cmrfed/precision.py)
 
 
 def derive_seed(*parts: int) -> int:
@@ -241,6 +243,11 @@ class Client:
         (round, step) (:class:`LrSchedule`), so a resumed run repeats an uninterrupted one exactly.
         With a DP plan (``self.privacy``) the batches are Poisson samples and each step clips
         per-sample gradients and adds seeded noise (cmrfed/fed/privacy.py).
+
+        Under ``bf16`` the forward runs in bfloat16 autocast (:mod:`cmrfed.precision`); the
+        logits, the loss, the gradients of the float32 parameters, their clipping and AdamW's
+        update stay float32. DP-SGD's per-sample gradients are float32 too (see
+        :func:`cmrfed.fed.privacy.per_sample_grads` for why that matters to the clip).
         """
         cfg = self.config
         params = self._activate(model)
@@ -252,6 +259,7 @@ class Client:
         labels = self.train.labels
         weight = class_weights(labels).to(device) if cfg.class_balanced else None
         generator = torch.Generator().manual_seed(derive_seed(self.seed, round_index, self.index))
+        forward = in_precision(self.train.forward, resolve_precision(cfg.precision, device), device)
         model.train()
         dp = None if self.privacy is None else self.privacy.open_round(
             model, optimizer, seed=self.seed, round_index=round_index, site_index=self.index,
@@ -276,13 +284,13 @@ class Client:
                 step += 1
                 target = labels[batch].to(device)
                 if dp is not None:  # DP-SGD: Poisson batch, per-sample clip + noise, then step
-                    loss = dp.step(model, self.train.forward, inputs, target,
+                    loss = dp.step(model, forward, inputs, target,
                                    lambda out, y: F.cross_entropy(out, y, weight=weight,
                                                                   label_smoothing=cfg.label_smoothing))
                     total_loss += float(loss) * len(batch)
                     seen += len(batch)
                     continue
-                logits = self.train.forward(model, inputs)
+                logits = forward(model, inputs)
                 loss = F.cross_entropy(logits, target, weight=weight, label_smoothing=cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -306,10 +314,11 @@ class Client:
         subject's z windows where it has several, as CineMA evaluates)."""
         load_into(model, self.state)
         model.eval()
+        forward = in_precision(split.forward, resolve_precision(self.config.precision, device), device)
         probs = []
         for batch in torch.arange(split.rows).split(max(self.config.batch_size, 16)):
-            logits = split.logits(model, batch, device)
-            probs.append(torch.softmax(logits.float(), dim=-1)[:, 1].cpu())
+            logits = forward(model, split.batch(batch, device))
+            probs.append(torch.softmax(logits, dim=-1)[:, 1].cpu())
         out = torch.cat(probs).numpy() if probs else np.zeros(0, dtype=np.float32)
         if split.window_subject is None:
             return out

@@ -92,12 +92,7 @@ def load_client_data(
     """A client's splits as model inputs: cached trunk features when the cache is on (and there
     is a frozen trunk to cache), raw images otherwise."""
     if uses_cache(cfg, run_model):
-        key = CacheKey(
-            backbone_fingerprint=run_model.fingerprint,
-            start_block=run_model.start_block,
-            input_shape=tuple(manifest.shape),
-            dtype=cfg.cache_dtype,
-        )
+        key = cache_key(cfg, run_model, manifest, device)
         cached = load_or_compute(
             prepared, client, splits, manifest.shard_sha256[client],
             run_model.model.backbone, key, device,
@@ -113,6 +108,15 @@ def load_client_data(
         out[name] = split_tensors(arrays.subject_ids, arrays.labels, arrays.window_subject,
                                   (torch.from_numpy(arrays.images),))
     return out
+
+
+def cache_key(cfg: FederateConfig, run_model: RunModel, manifest: Manifest, device: torch.device) -> CacheKey:
+    """The key of the run's plain trunk features: its precision resolved for ``device``."""
+    resolved = cfg.resolved(device)
+    assert resolved.cache_dtype is not None  # resolved() sets it
+    return CacheKey(backbone_fingerprint=run_model.fingerprint, start_block=run_model.start_block,
+                    input_shape=tuple(manifest.shape), dtype=resolved.cache_dtype,
+                    precision=resolved.precision)
 
 
 def uses_cache(cfg: FederateConfig, run_model: RunModel) -> bool:
@@ -142,7 +146,7 @@ def train_views(
         raise UsageError("--augment-views 0 (a fresh augmentation every step) cannot use the feature "
                          "cache; pass --no-cache, or cache K >= 1 views")
     key = ViewsKey(
-        base=CacheKey(run_model.fingerprint, run_model.start_block, tuple(manifest.shape), cfg.cache_dtype),
+        base=cache_key(cfg, run_model, manifest, device),
         augment=spec, n_views=cfg.augment_views, augment_seed=cfg.augment_seed,
     )
 
@@ -158,7 +162,7 @@ def train_config(cfg: FederateConfig) -> TrainConfig:
     return TrainConfig(local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                        weight_decay=cfg.weight_decay, class_balanced=cfg.class_balanced,
                        label_smoothing=cfg.label_smoothing, schedule=cfg.lr_schedule,
-                       layer_decay=cfg.layer_decay)
+                       layer_decay=cfg.layer_decay, precision=cfg.precision)
 
 
 def build_client(

@@ -199,13 +199,13 @@ def flower_run(**options: object) -> None:
 
 
 @cli.command(params=[*declared.DEMO])
-def demo(out: str, overwrite: bool, resume: bool) -> None:
+def demo(out: str, overwrite: bool, resume: bool, jobs: int) -> None:
     """The whole pipeline on a synthetic cohort: synth, then the built-in demo study (prepare,
     federate duallora, fedlora, ffalora x 5 seeds x blocks on the pretrained tiny backbone,
     evaluate, GE's participation gap, compare, report)."""
     from cmrfed.demo import run_demo
 
-    run_demo(out, overwrite=overwrite, resume=resume)
+    run_demo(out, overwrite=overwrite, resume=resume, jobs=jobs)
 
 
 @cli.command(params=[*declared.STUDY])

@@ -269,11 +269,16 @@ FLOWER_RUN_OWN: list[click.Parameter] = [
     click.Option(["--overwrite"], is_flag=True, help="Replace an existing RUN folder."),
 ]
 
+DEMO_JOBS = 2
+"""The demo's cells at once: on two cores, two workers of one thread each beat one of two threads."""
+
 DEMO: list[click.Parameter] = [
     click.Option(["--out"], default="cmrfed-demo", show_default=True, type=click.Path(path_type=str),
                  help="Folder for the cohort, prepared data, runs and report."),
     click.Option(["--overwrite"], is_flag=True, help="Replace an existing --out folder."),
     click.Option(["--resume"], is_flag=True, help="Continue an interrupted demo."),
+    click.Option(["--jobs"], default=DEMO_JOBS, show_default=True, type=int,
+                 help="Cells run at once, each in a worker process (as `cmrfed study --jobs`)."),
 ]
 
 STUDY: list[click.Parameter] = [

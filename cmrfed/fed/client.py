@@ -246,8 +246,8 @@ class Client:
 
         Under ``bf16`` the forward runs in bfloat16 autocast (:mod:`cmrfed.precision`); the
         logits, the loss, the gradients of the float32 parameters, their clipping and AdamW's
-        update stay float32. DP-SGD's per-sample gradients are float32 too (see
-        :func:`cmrfed.fed.privacy.per_sample_grads` for why that matters to the clip).
+        update stay float32. DP-SGD's steps run in float32 whatever the precision (see
+        :func:`cmrfed.fed.privacy.per_sample_grads` for why); its evaluations follow the precision.
         """
         cfg = self.config
         params = self._activate(model)
@@ -284,7 +284,7 @@ class Client:
                 step += 1
                 target = labels[batch].to(device)
                 if dp is not None:  # DP-SGD: Poisson batch, per-sample clip + noise, then step
-                    loss = dp.step(model, forward, inputs, target,
+                    loss = dp.step(model, self.train.forward, inputs, target,
                                    lambda out, y: F.cross_entropy(out, y, weight=weight,
                                                                   label_smoothing=cfg.label_smoothing))
                     total_loss += float(loss) * len(batch)

@@ -1,7 +1,10 @@
 """Where ``cmrfed demo``'s time goes, phase by phase, before and after the speed work.
 
-Run: ``python benchmarks/bench_demo.py --variant before|after [--threads 2]`` (one variant per
-invocation; each is a whole demo, minutes of CPU). The variants:
+Run: ``python benchmarks/bench_demo.py --variant before|after [--threads 2] [--seeds K]`` (one
+variant per invocation; each is a whole demo, minutes of CPU). ``--seeds K`` runs the demo study
+with its first K seeds only (every method, blocks setting and participation cell, K times fewer
+cells): on a busy machine a slice is what fits, and the per-cell phases scale with the seeds, so
+the table projects the full demo as (fixed phases) + 5 / K x (per-cell phases). The variants:
 
 - ``before``: the demo as it ran before ``--precision`` and ``--jobs``: float32, one cell at a time
   (the shipped demo study with ``precision = "fp32"`` added to its ``[federate]``);
@@ -21,6 +24,7 @@ import json
 import resource
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 import torch
@@ -40,12 +44,25 @@ VARIANTS = {
 }
 
 
-def study_text(variant: str) -> str:
-    """The demo study of a variant."""
+PER_CELL = ("federate", "evaluate", "adapt")
+"""Phases whose work grows with the number of cells (the rest is done once per demo)."""
+
+
+def study_text(variant: str, seeds: int | None) -> str:
+    """The demo study of a variant (with its first ``seeds`` seeds only, if given)."""
     text = template_text("demo")
+    if seeds is not None:
+        grid = tomllib.loads(text)["grid"]
+        kept = grid["seeds"][:seeds]
+        text = text.replace(f"seeds = {grid['seeds']}".replace("'", '"'), f"seeds = {kept}", 1)
+        assert tomllib.loads(text)["grid"]["seeds"] == kept, "the demo template's seeds line moved"
     if variant == "before":
         return text.replace("[federate]\n", '[federate]\nprecision = "fp32"\n', 1)
     return text
+
+
+def demo_seeds() -> int:
+    return len(tomllib.loads(template_text("demo"))["grid"]["seeds"])
 
 
 def _children_cpu() -> float:
@@ -53,18 +70,26 @@ def _children_cpu() -> float:
     return sum(u.ru_utime + u.ru_stime for u in usage)
 
 
-def measure(variant: str, scratch: Path, console: Console) -> dict:
+def measure(variant: str, seeds: int | None, scratch: Path, console: Console) -> dict:
     """One whole demo; its phase table, elapsed wall and total CPU (this process and its workers)."""
     jobs = 1 if variant == "before" else DEMO_JOBS
     cpu, wall = _children_cpu(), time.perf_counter()
-    result = run_demo(scratch / "demo", study_text=study_text(variant), jobs=jobs, console=console)
+    result = run_demo(scratch / "demo", study_text=study_text(variant, seeds), jobs=jobs, console=console)
     wall, cpu = time.perf_counter() - wall, _children_cpu() - cpu
     record = json.loads(paths.study_record_path(result.out).read_text(encoding="utf-8"))
     cells = len(record["cells"])
     assert paths.study_report_dir(demo_paths(scratch / "demo")["study"]).exists()
     return {"variant": variant, "description": VARIANTS[variant], "jobs": jobs, "cells": cells,
+            "seeds": seeds or demo_seeds(),
             "threads": torch.get_num_threads(), "elapsed_s": wall, "cpu_s": cpu,
             "phases": record["timings"]}
+
+
+def projected(m: dict) -> float:
+    """CPU seconds of the whole demo: the once-per-demo phases plus the per-cell ones scaled from
+    the seeds measured to the demo's."""
+    scale = demo_seeds() / m["seeds"]
+    return sum(p["cpu_s"] * (scale if name in PER_CELL else 1.0) for name, p in m["phases"].items())
 
 
 def body(measured: dict[str, dict]) -> str:
@@ -97,8 +122,10 @@ def body(measured: dict[str, dict]) -> str:
              "times (and, less so, CPU times) are noisy: compare the ratios, not the seconds.", ""]
     for v in order:
         m = measured[v]
-        lines.append(f"- **{v}**: {m['description']}; --jobs {m['jobs']}, {m['threads']} threads in the "
-                     f"study process; elapsed {m['elapsed_s']:.0f} s wall, {m['cpu_s']:.0f} s CPU in all.")
+        lines.append(f"- **{v}**: {m['description']}; {m['seeds']} of {demo_seeds()} seeds ({m['cells']} "
+                     f"cells), --jobs {m['jobs']}, {m['threads']} threads in the study process; elapsed "
+                     f"{m['elapsed_s']:.0f} s wall, {m['cpu_s']:.0f} s CPU in all (getrusage); projected "
+                     f"full demo: {projected(m):.0f} s CPU.")
     lines += ["", markdown_table(columns, rows)]
     return "\n".join(lines)
 
@@ -107,13 +134,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=list(VARIANTS), required=True)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the study process")
+    parser.add_argument("--seeds", type=int, default=None, help="only the demo's first K seeds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     console, machine = Console(), Machine()
     store = RESULTS_DIR / "demo-timings.json"
     measured = json.loads(store.read_text(encoding="utf-8")) if store.exists() else {}
     with tempfile.TemporaryDirectory() as scratch:
-        measured[args.variant] = measure(args.variant, Path(scratch), console)
+        measured[args.variant] = measure(args.variant, args.seeds, Path(scratch), console)
     store.write_text(json.dumps(measured, indent=1) + "\n", encoding="utf-8")
     text = body(measured)
     show(console, text, write_results(RESULTS_DIR, NAME, machine, TITLE, text))

@@ -29,6 +29,7 @@ from scipy import stats as sps
 from cmrfed import paths
 from cmrfed.errors import UsageError
 from cmrfed.fed.methods import METHODS
+from cmrfed.study.cells import worker_threads
 from cmrfed.study.config import load_study
 from cmrfed.study.runner import run_study
 
@@ -60,10 +61,17 @@ title = "toy study"
 
 @pytest.fixture(scope="module")
 def toy_study(small_prepared, tmp_path_factory):
+    """The toy study, serially, with the threads a worker of ``--jobs 2`` gets (same reductions,
+    same bits: the ``--jobs 2`` tests compare against it)."""
     root = tmp_path_factory.mktemp("study")
     file = root / "toy.toml"
     file.write_text(study_text(small_prepared), encoding="utf-8")
-    result = run_study(load_study(file), root / "out", console=quiet_console())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(worker_threads(2))
+    try:
+        result = run_study(load_study(file), root / "out", console=quiet_console())
+    finally:
+        torch.set_num_threads(threads)
     return file, result
 
 
@@ -354,6 +362,50 @@ def test_study_killed_at_every_point_resumes_to_the_uninterrupted_result(small_p
     assert _numbers(new_doc) == _numbers(ref_doc)
     record = json.loads(paths.study_record_path(new_out).read_text())
     assert record["state"] == "complete" and all(c["state"] == "complete" for c in record["cells"])
+
+
+# --- --jobs: cells in worker processes ------------------------------------------------------------
+
+
+def _same_study(out: Path, reference: Path) -> None:
+    """Every run's tensors, rounds (wall times aside), evaluation and the report's numbers."""
+    ref_tensors, new_tensors = _tensor_files(reference), _tensor_files(out)
+    assert ref_tensors.keys() == new_tensors.keys()
+    for name, tensors in ref_tensors.items():
+        assert all(torch.equal(t, new_tensors[name][k]) for k, t in tensors.items()), name
+    assert _rounds(out) == _rounds(reference)
+    assert _eval(out) == _eval(reference)
+    docs = [json.loads((paths.study_report_dir(o) / "report.json").read_text()) for o in (out, reference)]
+    assert _numbers(docs[0]) == _numbers(docs[1])
+
+
+@pytest.mark.e2e
+def test_jobs_2_gives_the_report_of_jobs_1(toy_study, tmp_path):
+    file, serial = toy_study
+    parallel = run_study(load_study(file), tmp_path / "parallel", jobs=2, console=quiet_console())
+    assert (parallel.trained, parallel.skipped) == (12, 0)
+    _same_study(parallel.out, serial.out)
+    record = json.loads(paths.study_record_path(parallel.out).read_text())
+    assert record["jobs"] == 2 and record["state"] == "complete"
+    timings = record["timings"]  # every phase that ran is on record, workers included
+    assert {"cache", "federate", "evaluate", "compare", "report"} <= set(timings)
+    assert timings["federate"]["count"] == 12 and timings["federate"]["cpu_s"] > 0
+
+
+@pytest.mark.e2e
+def test_study_killed_while_two_workers_run_resumes_to_the_same_report(toy_study, tmp_path):
+    """SIGKILL the study process after its 2nd finished cell, while the other worker trains: the
+    workers die with it (nothing left writing), and `--resume --jobs 2` ends where a serial,
+    uninterrupted study ends."""
+    file, serial = toy_study
+    out = tmp_path / "killed"
+    killed = _study([str(file), "--out", str(out), "--jobs", "2"], "study.cell-recorded:2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    record = json.loads(paths.study_record_path(out).read_text())
+    assert sum(c["state"] == "complete" for c in record["cells"]) == 2
+    finished = _study([str(file), "--out", str(out), "--resume", "--jobs", "2"], None)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    _same_study(out, serial.out)
 
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")

@@ -13,14 +13,13 @@ fast (they import torch); nothing here is imported by the library below the stud
 
 from __future__ import annotations
 
+import importlib
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
-
-from cmrfed.fed.methods import METHODS
-from cmrfed.precision import CHOICES as PRECISIONS
 
 if TYPE_CHECKING:
     from cmrfed.data.prepare import PrepareOptions
@@ -46,6 +45,29 @@ def float_triple(text: str, option: str) -> tuple[float, float, float]:
     return _triple(text, option, float, "1,1,10")
 
 
+class Owned(click.Choice):
+    """A choice whose values the module that owns them names (``"module:ATTRIBUTE"``).
+
+    The owner (the method table, the model, a stage) is the one place that decides which values
+    exist, and checks them again when called from Python; the command line reads the same list,
+    so the two cannot drift apart. It is read when first needed, which keeps ``cmrfed --help``
+    from importing torch.
+    """
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        module, attribute = self.owner.split(":")
+        return tuple(getattr(importlib.import_module(module), attribute))
+
+    @choices.setter
+    def choices(self, _placeholder: Sequence[str]) -> None:
+        """click.Choice's __init__ assigns its values; the owner's are read instead."""
+
+
 # --- the options of each command ------------------------------------------------------------
 
 SYNTH: list[click.Parameter] = [
@@ -56,6 +78,8 @@ SYNTH: list[click.Parameter] = [
     click.Option(["--shape"], default="96,96,8", show_default=True,
                  help="Nominal matrix x,y,z (each vendor's protocol scales it)."),
     click.Option(["--frames"], default=None, type=int, help="Cine frames for all [per-vendor range]."),
+    click.Option(["--site"], default=None,
+                 help="Write instead a hospital site of this name: a CSV plus DICOM series (prepare --csv)."),
     click.Option(["--overwrite"], is_flag=True, help="Replace an existing OUT folder."),
 ]
 
@@ -64,6 +88,8 @@ PREPARE: list[click.Parameter] = [
     click.Option(["--mnms"], type=click.Path(path_type=str),
                  help="M&Ms-1 folder (holding OpenDataset/, or it)."),
     click.Option(["--mnms2"], type=click.Path(path_type=str), help="M&Ms-2 folder (holding MnM2/, or it)."),
+    click.Option(["--csv"], multiple=True, type=click.Path(path_type=str),
+                 help="A site's CSV of its own exams (DICOM or NIfTI); repeatable."),
     click.Option(["--out"], required=True, type=click.Path(path_type=str), help="PREPARED folder to write."),
     click.Option(["--spacing"], default="1,1,10", show_default=True,
                  help="Target voxel spacing in mm (x,y,z)."),
@@ -81,7 +107,8 @@ PREPARE: list[click.Parameter] = [
 FEDERATE: list[click.Parameter] = [
     click.Option(["--data", "data"], default=None, type=click.Path(path_type=str),
                  help="PREPARED folder written by `cmrfed prepare` (with --resume: from run.json)."),
-    click.Option(["--method"], default="duallora", show_default=True, type=click.Choice(list(METHODS))),
+    click.Option(["--method"], default="duallora", show_default=True,
+                 type=Owned("cmrfed.fed.methods:METHODS")),
     click.Option(["--blocks"], default="2", show_default=True,
                  help="Adapt the last N transformer blocks, or 'all'."),
     click.Option(["--rank"], default=8, show_default=True, type=int, help="Rank of the (global) LoRA."),
@@ -91,7 +118,8 @@ FEDERATE: list[click.Parameter] = [
     click.Option(["--local-alpha"], default=None, type=float, help="Alpha of the local LoRA [--alpha]."),
     click.Option(["--targets"], default="q,kv,proj,fc1,fc2", show_default=True,
                  help="Comma-separated linear layers to adapt in each adapted block."),
-    click.Option(["--head"], default="shared", show_default=True, type=click.Choice(["shared", "local"]),
+    click.Option(["--head"], default="shared", show_default=True,
+                 type=Owned("cmrfed.fed.methods:HEAD_CHOICES"),
                  help="Share the classification head, or keep it private per site."),
     click.Option(["--rounds"], default=10, show_default=True, type=int),
     click.Option(["--local-epochs"], default=1, show_default=True, type=int),
@@ -106,12 +134,13 @@ FEDERATE: list[click.Parameter] = [
                       "safetensors file."),
     click.Option(["--cache/--no-cache"], default=True, show_default=True,
                  help="Cache the frozen trunk's features (used when fewer than all blocks are adapted)."),
-    click.Option(["--cache-dtype"], default=None, type=click.Choice(["float32", "float16", "bfloat16"]),
+    click.Option(["--cache-dtype"], default=None, type=Owned("cmrfed.fed.config:CACHE_DTYPES"),
                  help="Dtype of cached trunk features [bfloat16 under bf16 precision, else float32]."),
-    click.Option(["--precision"], default="auto", show_default=True, type=click.Choice(PRECISIONS),
+    click.Option(["--precision"], default="auto", show_default=True, type=Owned("cmrfed.precision:CHOICES"),
                  help="Forward pass in float32, or under bfloat16 autocast (float32 weights, optimiser and "
                       "loss); auto: bf16 where the device computes it natively (run.json records which)."),
-    click.Option(["--augment"], default="cinema", show_default=True, type=click.Choice(["cinema", "none"]),
+    click.Option(["--augment"], default="cinema", show_default=True,
+                 type=Owned("cmrfed.data.augment:AUGMENT_CHOICES"),
                  help="Training augmentation: CineMA's random affine + gamma + noise, or none."),
     click.Option(["--augment-views"], default=8, show_default=True, type=int,
                  help="Seeded augmented views per train subject (cached with the trunk); 0: a fresh view "
@@ -120,7 +149,7 @@ FEDERATE: list[click.Parameter] = [
                  help="Seed of the views (shared by every method and --seed of a study)."),
     click.Option(["--label-smoothing"], default=0.1, show_default=True, type=float),
     click.Option(["--schedule"], default="cosine", show_default=True,
-                 type=click.Choice(["cosine", "constant"]),
+                 type=Owned("cmrfed.fed.schedule:SCHEDULE_CHOICES"),
                  help="lr: warm-up then cosine decay to --min-lr across rounds, or --lr throughout."),
     click.Option(["--warmup-rounds"], default=1.0, show_default=True, type=float,
                  help="Rounds of linear lr warm-up (cosine schedule)."),
@@ -129,7 +158,7 @@ FEDERATE: list[click.Parameter] = [
     click.Option(["--layer-decay"], default=0.75, show_default=True, type=float,
                  help="Layer-wise lr decay when the backbone is trained (central-full)."),
     click.Option(["--select"], default="mcc", show_default=True,
-                 type=click.Choice(["mcc", "balanced_accuracy"]),
+                 type=Owned("cmrfed.fed.config:SELECT_CHOICES"),
                  help="Mean client validation metric that picks the best round."),
     click.Option(["--dp-epsilon"], type=float, default=None,
                  help="Differential privacy: DP-SGD at every site, noise calibrated so each site's whole "
@@ -140,7 +169,7 @@ FEDERATE: list[click.Parameter] = [
     click.Option(["--sites-per-round"], default=None, type=int,
                  help="Ask K sites per round (seeded by seed and round) [every site]."),
     click.Option(["--holdout"], default=None, help="Leave this site out of training (leave-one-vendor-out)."),
-    click.Option(["--device"], default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
+    click.Option(["--device"], default="auto", show_default=True, type=Owned("cmrfed.fed.task:DEVICES")),
     click.Option(["--out"], required=True, type=click.Path(path_type=str), help="RUN folder to write."),
     click.Option(["--resume"], is_flag=True, help="Continue an interrupted run from its last round."),
     click.Option(["--overwrite"], is_flag=True, help="Replace an existing RUN folder."),
@@ -149,10 +178,13 @@ FEDERATE: list[click.Parameter] = [
 EVALUATE: list[click.Parameter] = [
     click.Argument(["run"], type=click.Path(path_type=str)),
     click.Argument(["site_evals"], nargs=-1, type=click.Path(path_type=str)),
-    click.Option(["--split"], default="test", show_default=True, type=click.Choice(["test", "val"])),
-    click.Option(["--round", "which"], default="best", show_default=True, type=click.Choice(["best", "last"]),
+    click.Option(["--split"], default="test", show_default=True,
+                 type=Owned("cmrfed.data.shards:EVAL_SPLITS")),
+    click.Option(["--round", "which"], default="best", show_default=True,
+                 type=Owned("cmrfed.fed.runinfo:ROUND_CHOICES"),
                  help="The best round by the run's --select metric (mean client val), or the last."),
-    click.Option(["--threshold"], default="0.5", show_default=True, type=click.Choice(["0.5", "youden-val"]),
+    click.Option(["--threshold"], default="0.5", show_default=True,
+                 type=Owned("cmrfed.eval.scoring:THRESHOLD_MODES"),
                  help="Fixed 0.5, or each model's Youden threshold on its val split."),
     click.Option(["--n-boot"], default=1000, show_default=True, type=int,
                  help="Bootstrap replicates for CIs."),
@@ -172,9 +204,9 @@ EVALUATE: list[click.Parameter] = [
     click.Option(["--member-run"], default=None, type=click.Path(path_type=str),
                  help="With --merge: an evaluated run in which the held-out site trained (participation "
                       "gap)."),
-    click.Option(["--precision"], default=None, type=click.Choice(PRECISIONS),
+    click.Option(["--precision"], default=None, type=Owned("cmrfed.precision:CHOICES"),
                  help="Forward-pass precision [the run's, as run.json records it]."),
-    click.Option(["--device"], default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
+    click.Option(["--device"], default="auto", show_default=True, type=Owned("cmrfed.fed.task:DEVICES")),
 ]
 
 ADAPT: list[click.Parameter] = [
@@ -187,23 +219,24 @@ ADAPT: list[click.Parameter] = [
     click.Option(["--epochs"], default=3, show_default=True, type=int,
                  help="Local epochs over its train split."),
     click.Option(["--lr"], default=None, type=float, help="Learning rate [the run's]."),
-    click.Option(["--round", "which"], default="best", show_default=True, type=click.Choice(["best", "last"]),
+    click.Option(["--round", "which"], default="best", show_default=True,
+                 type=Owned("cmrfed.fed.runinfo:ROUND_CHOICES"),
                  help="Adapt over the shared tensors of the run's best or last round."),
     click.Option(["--overwrite"], is_flag=True, help="Replace an existing ADAPTED folder."),
-    click.Option(["--precision"], default=None, type=click.Choice(PRECISIONS),
+    click.Option(["--precision"], default=None, type=Owned("cmrfed.precision:CHOICES"),
                  help="Forward-pass precision [the run's, as run.json records it]."),
-    click.Option(["--device"], default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
+    click.Option(["--device"], default="auto", show_default=True, type=Owned("cmrfed.fed.task:DEVICES")),
 ]
 
 COMPARE: list[click.Parameter] = [
     click.Argument(["runs"], nargs=-1, required=True, type=click.Path(path_type=str)),
-    click.Option(["--test"], required=True, type=click.Choice(["wilcoxon", "mcnemar", "bootstrap", "delong"]),
+    click.Option(["--test"], required=True, type=Owned("cmrfed.eval.compare:TESTS"),
                  help="wilcoxon: per (seed, client) metric; mcnemar / bootstrap / delong: per subject."),
     click.Option(["--reference"], default="duallora", show_default=True,
+                 type=Owned("cmrfed.fed.methods:METHODS"),
                  help="The method every other method is paired with."),
     click.Option(["--metric"], default="balanced_accuracy", show_default=True,
-                 type=click.Choice(["balanced_accuracy", "sensitivity", "specificity", "auc", "f1", "mcc",
-                                    "accuracy"]),
+                 type=Owned("cmrfed.eval.metrics:METRICS"),
                  help="Metric of the tables, Wilcoxon pairs and bootstrap difference."),
     click.Option(["--out"], required=True, type=click.Path(path_type=str), help="REPORT folder to write."),
     click.Option(["--overwrite"], is_flag=True, help="Replace an existing REPORT folder."),
@@ -213,15 +246,16 @@ PRETRAIN: list[click.Parameter] = [
     click.Option(["--data", "data"], required=True, multiple=True, type=click.Path(path_type=str),
                  help="PREPARED folder whose train images to pretrain on (repeat for several); labels are "
                       "never read."),
-    click.Option(["--size"], default="tiny", show_default=True, type=click.Choice(["tiny", "small", "base"])),
-    click.Option(["--objective"], default="mae", show_default=True, type=click.Choice(["mae", "disease"]),
+    click.Option(["--size"], default="tiny", show_default=True, type=Owned("cmrfed.model.cinema:SIZES")),
+    click.Option(["--objective"], default="mae", show_default=True, type=Owned("cmrfed.pretrain:OBJECTIVES"),
                  help="mae: CineMA's masked autoencoder (images only); disease: fine-tune for disease "
                       "detection (reads labels)."),
     click.Option(["--init"], default="",
                  help="Backbone to start from (e.g. an MAE output) [seeded random init]."),
     click.Option(["--layer-decay"], default=0.75, show_default=True, type=float,
                  help="Layer-wise lr decay of the disease objective (CineMA's fine-tuning)."),
-    click.Option(["--augment"], default="cinema", show_default=True, type=click.Choice(["cinema", "none"]),
+    click.Option(["--augment"], default="cinema", show_default=True,
+                 type=Owned("cmrfed.data.augment:AUGMENT_CHOICES"),
                  help="CineMA's augmentation of the stage (MAE: its pretraining affine; disease: its "
                       "fine-tuning gamma, noise and affine), or none."),
     click.Option(["--epochs"], default=800, show_default=True, type=int),
@@ -230,12 +264,12 @@ PRETRAIN: list[click.Parameter] = [
     click.Option(["--lr"], default=1e-3, show_default=True, type=float),
     click.Option(["--mask-ratio"], default=0.75, show_default=True, type=float),
     click.Option(["--seed"], default=0, show_default=True, type=int),
-    click.Option(["--dtype"], default="float32", show_default=True, type=click.Choice(["float32", "float16"]),
+    click.Option(["--dtype"], default="float32", show_default=True, type=Owned("cmrfed.pretrain:DTYPES"),
                  help="Precision of the written weights."),
-    click.Option(["--precision"], default="auto", show_default=True, type=click.Choice(PRECISIONS),
+    click.Option(["--precision"], default="auto", show_default=True, type=Owned("cmrfed.precision:CHOICES"),
                  help="Forward pass in float32 or under bfloat16 autocast (float32 weights and optimiser); "
                       "auto: bf16 where the device computes it natively."),
-    click.Option(["--device"], default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
+    click.Option(["--device"], default="auto", show_default=True, type=Owned("cmrfed.fed.task:DEVICES")),
     click.Option(["--out"], required=True, type=click.Path(path_type=str),
                  help="BACKBONE.safetensors to write."),
     click.Option(["--resume"], is_flag=True, help="Continue an interrupted run from its last epoch."),
@@ -248,7 +282,7 @@ FLOWER_SITE_CONFIG: list[click.Parameter] = [
                  help="This site's PREPARED folder (holding its shard)."),
     click.Option(["--site-dir"], required=True, type=click.Path(path_type=str),
                  help="Folder where this site keeps its private tensors."),
-    click.Option(["--device"], default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
+    click.Option(["--device"], default="auto", show_default=True, type=Owned("cmrfed.fed.task:DEVICES")),
 ]
 
 FLOWER_RUN_OWN: list[click.Parameter] = [
@@ -286,14 +320,14 @@ STUDY: list[click.Parameter] = [
     click.Option(["--out"], type=click.Path(path_type=str), help="STUDY folder to write."),
     click.Option(["--resume"], is_flag=True, help="Continue an interrupted study: complete cells are kept."),
     click.Option(["--overwrite"], is_flag=True, help="Replace an existing STUDY folder."),
-    click.Option(["--device"], default=None, type=click.Choice(["auto", "cpu", "cuda"]),
+    click.Option(["--device"], default=None, type=Owned("cmrfed.fed.task:DEVICES"),
                  help="Device of every run [the study file's [federate] device, else auto]."),
     click.Option(["--jobs"], default=1, show_default=True, type=int,
                  help="Cells run at once, each in a worker process with its share of the CPU threads."),
     click.Option(["--devices"], default=None,
                  help="CUDA device indices the workers take cells to, e.g. 0,1 [every worker: --device]."),
     click.Option(["--template"], is_flag=False, flag_value="example", default=None,
-                 type=click.Choice(["example", "demo"]),
+                 type=Owned("cmrfed.study:TEMPLATES"),
                  help="Print a commented study file (the paper's setting), or `--template demo` the demo's."),
 ]
 
@@ -337,6 +371,7 @@ def prepare_options(options: dict[str, object]) -> PrepareOptions:
         acdc=as_path(options["acdc"]),
         mnms=as_path(options["mnms"]),
         mnms2=as_path(options["mnms2"]),
+        csv=tuple(Path(str(path)) for path in options.get("csv") or ()),
         spacing=float_triple(str(options["spacing"]), "--spacing"),
         shape=int_triple(str(options["shape"]), "--shape"),
         split=parse_split(str(options["split"])),

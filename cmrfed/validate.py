@@ -10,9 +10,11 @@ is checked by its click type and name, so an option added later is covered the d
   writable parent (it is locked and swapped there); a folder a command writes into
   (:data:`WRITTEN_INTO`) must exist and be writable; any other path is an input and must exist;
 - a command under a group listed in :data:`EXTRAS` needs that optional extra installed;
-- a few text options whose values come from a table are checked by name (:data:`NAMED`).
+- a text option whose values its owner decides is checked by name (:data:`NAMED`), asking
+  that owner (``--backbone``: the model).
 
-Choices and malformed numbers are click's own checks. Every failure is a
+Choices (read from their owners, :class:`cmrfed.options.Owned`) and malformed numbers are click's
+own checks. Every failure is a
 :class:`~cmrfed.errors.UsageError` (exit code 2) naming the option.
 """
 
@@ -148,20 +150,15 @@ def _check_path(param: click.Parameter, value: str) -> str | None:
 
 
 def _check_backbone(value: str) -> str | None:
-    from cmrfed.model.cinema import HUB_SCHEME, SIZES
+    from cmrfed.model.cinema import backbone_problem  # the model decides which backbones exist
 
-    if value in SIZES or value.startswith(HUB_SCHEME) or Path(value).expanduser().is_file():
-        return None
-    return (f"--backbone {value!r}: not a size ({', '.join(SIZES)}), a CineMA .safetensors file "
-            "or hf://owner/repo/file")
+    return backbone_problem(value)
 
 
-def _check_method(value: str) -> str | None:
-    from cmrfed.fed.methods import METHODS
+def _check_site(value: str) -> str | None:
+    from cmrfed.data.tables import CLIENT_NAME, CLIENT_NAME_RULE
 
-    if value in METHODS:
-        return None
-    return f"--reference {value!r}: not a method; choose among {', '.join(METHODS)}"
+    return None if CLIENT_NAME.fullmatch(value) else f"--site {value!r}: not {CLIENT_NAME_RULE}"
 
 
 def _check_devices(value: str) -> str | None:
@@ -180,7 +177,7 @@ def _check_devices(value: str) -> str | None:
     return None
 
 
-NAMED = {"backbone": _check_backbone, "reference": _check_method, "devices": _check_devices}
+NAMED = {"backbone": _check_backbone, "site": _check_site, "devices": _check_devices}
 """Text parameters checked by name: parameter name -> check of its value (message or None)."""
 
 

@@ -1,7 +1,13 @@
-"""Shared fixtures: one small synthetic cohort, prepared once per test session.
+"""Shared fixtures: one small synthetic cohort, prepared once per test session; and the test tiers.
 
 Built with the real stages (synth -> prepare) in the real on-disk layouts; small shapes keep the
 whole suite fast on two CPU cores.
+
+Tiers: a test that uses a generated cohort (any fixture in :data:`GENERATED`, directly or through
+another fixture) or runs over Flower is marked ``e2e`` here, so the fast tier
+(``pytest -m "not e2e"``) is what is left; a test that starts a subprocess says
+``@pytest.mark.e2e`` itself. Every ``e2e`` test gets the longer :data:`E2E_TIMEOUT_S` unless it
+names its own ``timeout``.
 """
 
 from __future__ import annotations
@@ -12,14 +18,40 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from cmrfed import paths
 from cmrfed.data.prepare import PrepareOptions, prepare
 from cmrfed.data.synth import write_synthetic_cohort
+from cmrfed.study.cells import worker_threads
+from cmrfed.study.config import load_study
+from cmrfed.study.runner import StudyResult, run_study
 
 DATA = Path(__file__).parent / "data"
 SMALL_SHAPE = (32, 32, 4)
 SMALL_SPACING = (4.0, 4.0, 10.0)
+
+
+GENERATED = frozenset({
+    "small_prepared",  # this file: the shared cohort, synthesised and prepared
+    "prep_synth",  # tests/test_prepare.py: a synthetic cohort for prepare
+    "cohort",  # tests/test_synth.py (the default cohort) and tests/test_flower.py
+    "flower_recipe",  # tests/test_robustness.py: the Flower recipe's cohort, prepared
+})
+"""Fixtures that build a generated cohort: every test using one is end to end."""
+
+E2E_TIMEOUT_S = 900
+"""Per-test limit of an ``e2e`` test (the fast tier's is ``timeout`` in pyproject.toml): a study
+killed and resumed seven times takes minutes on two busy cores; a hang still fails."""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if GENERATED & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("flower"):
+            item.add_marker(pytest.mark.e2e)
+        if item.get_closest_marker("e2e") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(E2E_TIMEOUT_S))
 
 
 def quiet_console() -> Console:
@@ -66,3 +98,102 @@ def finetuned_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A file in the layout of a SAX classifier fine-tuned by CineMA's own code."""
     path = tmp_path_factory.mktemp("ckpt") / "finetuned_sax.safetensors"
     return write_random_checkpoint(path, key_table("cinema_finetuned_sax_keys.json"), seed=2)
+
+
+# --- one proof that two runs are the same (resume, kills) ---------------------------------------
+
+
+def tensor_files(root: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every finished tensor file under a RUN (or a STUDY's runs), by path relative to ``root``:
+    final, best and private; no checkpoint, no temporary."""
+    files = sorted(p for p in root.rglob("*.safetensors")
+                   if "checkpoint" not in p.relative_to(root).parts and ".tmp-" not in str(p))
+    return {str(p.relative_to(root)): load_file(str(p)) for p in files}
+
+
+def assert_same_tensors(reference: Path, other: Path) -> None:
+    """The two folders hold the same tensor files, each with the same names and the same bits."""
+    expected, got = tensor_files(reference), tensor_files(other)
+    assert expected and expected.keys() == got.keys()
+    for name, tensors in expected.items():
+        assert tensors.keys() == got[name].keys(), name
+        for key, tensor in tensors.items():
+            assert torch.equal(tensor, got[name][key]), (name, key)
+
+
+def rounds_without_time(run: Path) -> list[dict]:
+    """The run's rounds.jsonl records without the wall time (the one field a resume may change)."""
+    lines = paths.rounds_log_path(run).read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "wall_s"} for line in lines]
+
+
+# --- a study at toy size, shared by the study and report tests ---------------------------------
+
+
+def study_text(prepared: Path, methods=("duallora", "fedlora", "ffalora"), blocks="[1, 2]",
+               seeds="[0, 1]", rounds: int = 2) -> str:
+    return f"""
+[data]
+prepared = "{prepared}"
+[federate]
+backbone = "tiny"
+rounds = {rounds}
+local-epochs = 1
+batch-size = 8
+device = "cpu"
+[grid]
+methods = {json.dumps(list(methods))}
+seeds = {seeds}
+blocks = {blocks}
+ranks = [2]
+[evaluate]
+n-boot = 50
+[report]
+title = "toy study"
+"""
+
+
+@pytest.fixture(scope="session")
+def toy_study(small_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, StudyResult]:
+    """A study at toy size (3 methods x 2 seeds x 2 block settings), run once: its files and result.
+    Serially, with the threads a worker of ``--jobs 2`` gets (same reductions, same bits: the
+    ``--jobs 2`` tests of test_study.py compare against it)."""
+    root = tmp_path_factory.mktemp("study")
+    file = root / "toy.toml"
+    file.write_text(study_text(small_prepared), encoding="utf-8")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(worker_threads(2))
+    try:
+        result = run_study(load_study(file), root / "out", console=quiet_console())
+    finally:
+        torch.set_num_threads(threads)
+    return file, result
+
+
+SITE = "canon"
+"""The site a participation study holds out."""
+
+
+def participation_text(prepared: Path, holdout: str = SITE, seeds: str = "[0, 1]",
+                       methods: tuple[str, ...] = ("duallora", "fedlora")) -> str:
+    return f"""
+[data]
+prepared = "{prepared}"
+[federate]
+backbone = "tiny"
+rounds = 2
+local-epochs = 1
+batch-size = 8
+device = "cpu"
+[grid]
+methods = {json.dumps(list(methods))}
+seeds = {seeds}
+blocks = [1]
+ranks = [2]
+[evaluate]
+n-boot = 50
+[participation]
+holdout = ["{holdout}"]
+[adapt]
+epochs = 2
+"""

@@ -34,7 +34,7 @@ BAD_TEXT: dict[str, list[str]] = {
     "blocks": ["0", "some"],
     "targets": ["", "q,nope"],
     "backbone": ["huge"],
-    "reference": ["fedprox"],
+    "site": ["Hospital A", "1st"],
     "devices": ["a,b", "-1", "99"],
 }
 """Bad values of text options, by parameter name."""
@@ -77,7 +77,8 @@ def _text_params() -> list[tuple[str, str]]:
 
 
 CASES = [
-    pytest.param(path, param.name, value, id=f"{' '.join(path)} {option_name(param)}={value or repr(value)}")
+    pytest.param(path, param.name, value, id=f"{' '.join(path)} {option_name(param)}={value or repr(value)}",
+                 marks=[pytest.mark.e2e] if value == "{ro}" else [])  # read-only: a subprocess
     for path, command in COMMANDS for param in command.params for value in bad_values(param)
 ]
 
@@ -165,3 +166,19 @@ def test_a_bad_value_of_any_option_is_a_one_line_usage_error(path, name, value, 
     flag = option_name(param)
     assert flag in text or flag.strip("-") in text, (flag, text)
     assert sorted(p.relative_to(workspace) for p in workspace.rglob("*")) == before
+
+
+def test_every_choice_is_read_from_the_module_that_owns_it():
+    """The command line offers exactly what the owning module accepts (and a moved owner fails here)."""
+    import importlib
+
+    from cmrfed.options import Owned
+
+    owned = [(" ".join(path), param) for path, command in COMMANDS for param in command.params
+             if isinstance(param.type, click.Choice)]
+    assert owned
+    for where, param in owned:
+        assert isinstance(param.type, Owned), f"`cmrfed {where}` {option_name(param)}: a list of its own"
+        module, attribute = param.type.owner.split(":")
+        values = getattr(importlib.import_module(module), attribute)
+        assert param.type.choices == tuple(values) and values, (where, param.name)

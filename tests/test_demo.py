@@ -13,6 +13,8 @@ from cmrfed.demo import Cohort, demo_paths, run_demo
 from cmrfed.errors import UsageError
 from cmrfed.study import template_text
 
+pytestmark = pytest.mark.e2e  # every test builds a demo (cohort, study)
+
 
 def toy_demo_study() -> str:
     """The shipped demo study with smaller sizes; every other line is the template's."""

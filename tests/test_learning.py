@@ -20,7 +20,7 @@ from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.inprocess import federate
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_duallora_two_blocks_learns_on_the_synthetic_cohort(tmp_path):
     write_synthetic_cohort(tmp_path / "raw", seed=0, subjects=60, shape=(64, 64, 8), frames=12)
     prepared = tmp_path / "prepared"

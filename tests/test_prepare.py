@@ -680,6 +680,7 @@ def test_skip_invalid_lists_the_reason(prep_trees, tmp_path, monkeypatch, capsys
     assert "acdc_patient001" not in {s.subject_id for s in load_manifest(out).subjects}
 
 
+@pytest.mark.e2e  # starts a subprocess
 def test_console_entry_point_exit_code(tmp_path):
     import subprocess
 

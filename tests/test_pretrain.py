@@ -241,9 +241,9 @@ def test_shipped_backbone_loads_by_name_and_says_how_it_was_made():
     name = "encoder.blocks.0.attn.q.weight"
     assert torch.equal(encoder.state_dict()[name], saved[name].float())
     assert not torch.equal(encoder.state_dict()[name], random.state_dict()[name])
-    # the README's regeneration recipe holds exactly the two commands the file records
-    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
-    recipe = readme.split("cp tiny_pretrained.safetensors cmrfed/model/weights", 1)[0]
-    recipe = re.sub(r" \\\n +", " ", recipe)  # the README's continued lines as one
+    # the pretraining page's regeneration recipe holds exactly the two commands the file records
+    page = (Path(__file__).parents[1] / "docs" / "pretraining.md").read_text(encoding="utf-8")
+    recipe = page.split("cp tiny_pretrained.safetensors cmrfed/model/weights", 1)[0]
+    recipe = re.sub(r" \\\n +", " ", recipe)  # the page's continued lines as one
     assert meta["objective"] == "disease" and meta["init_command"].startswith("cmrfed pretrain ")
     assert meta["command"] in recipe and meta["init_command"] in recipe

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from conftest import SMALL_SHAPE, quiet_console
+from conftest import SMALL_SHAPE, assert_same_tensors, quiet_console
 from safetensors.torch import load_file
 from scipy.special import logsumexp
 from torch import nn
@@ -21,7 +21,7 @@ from torch import nn
 from cmrfed import paths
 from cmrfed.cli import cli
 from cmrfed.errors import UsageError
-from cmrfed.eval.evaluate import evaluate_run
+from cmrfed.eval.evaluate_run import evaluate_run
 from cmrfed.eval.report import compare_runs
 from cmrfed.fed import inprocess
 from cmrfed.fed.client import derive_seed
@@ -263,10 +263,7 @@ def test_resume_with_dp_repeats_the_same_noise(small_prepared, tmp_path, monkeyp
     inprocess.federate(cfg, tmp_path / "resumed", device="cpu", resume=True,
                        console=quiet_console())
 
-    for which in ("final", "best"):
-        a = load_file(str(paths.shared_tensors_path(reference, which)))
-        b = load_file(str(paths.shared_tensors_path(tmp_path / "resumed", which)))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), which
+    assert_same_tensors(reference, tmp_path / "resumed")  # final, best, every site's private
     _, last_a, _ = inprocess.read_checkpoint(reference)
     _, last_b, _ = inprocess.read_checkpoint(tmp_path / "resumed")
     assert last_a.keys() == last_b.keys()

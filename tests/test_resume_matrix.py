@@ -12,6 +12,11 @@ see cmrfed/faults.py), one after the other, each time resuming what the previous
 The result must equal an uninterrupted run: every tensor file (final and best), every rounds.jsonl
 field except the wall time, and the evaluation's metrics and predictions.
 
+The runs pin CineMA's training recipe (augmented views, warm-up + cosine lr, label smoothing,
+selection on MCC) rather than take the defaults, so resume keeps being proven with the recipe on
+whatever the defaults become (this absorbed the in-process test_resume_recipe.py, whose interrupt
+was weaker than these kills).
+
 Under ``--precision bf16`` every method of the table runs a shorter chain (a fresh run killed after
 round 2's line is logged but before its checkpoint, so the resumed run recomputes round 2 in bf16;
 then ``--resume`` to the end): the bf16 forward and its cache must be just as deterministic.
@@ -27,19 +32,20 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import quiet_console
-from safetensors.torch import load_file
+from conftest import assert_same_tensors, quiet_console, rounds_without_time
 
 from cmrfed import paths
-from cmrfed.eval.evaluate import evaluate_run
+from cmrfed.eval.evaluate_run import evaluate_run
 from cmrfed.faults import ENV
 from cmrfed.fed import inprocess
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.methods import METHODS
 
 ROUNDS = 3
-OPTIONS = {"rounds": ROUNDS, "local_epochs": 1, "batch_size": 8, "rank": 2, "lr": 5e-3, "seed": 7}
+OPTIONS = {"rounds": ROUNDS, "local_epochs": 1, "batch_size": 8, "rank": 2, "lr": 5e-3, "seed": 7,
+           # CineMA's recipe, pinned
+           "augment": "cinema", "augment_views": 2, "schedule": "cosine", "warmup_rounds": 1.0,
+           "label_smoothing": 0.1, "select": "mcc"}
 
 # (method, head, precision): every method of the table, the ``--head local`` variant of every
 # federated one, and every method again under bf16
@@ -62,19 +68,6 @@ def _cli_args(prepared: Path, out: Path, method: str, head: str, precision: str)
     for key, value in OPTIONS.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     return args
-
-
-def _tensor_files(run: Path) -> dict[str, dict[str, torch.Tensor]]:
-    files = sorted(p for p in run.rglob("*.safetensors")
-                   if paths.checkpoint_dir(run) not in p.parents and ".tmp-" not in str(p))
-    return {str(p.relative_to(run)): load_file(str(p)) for p in files}
-
-
-def _rounds_without_time(run: Path) -> list[dict]:
-    records = [json.loads(line) for line in paths.rounds_log_path(run).read_text().splitlines()]
-    for record in records:
-        record.pop("wall_s")
-    return records
 
 
 def _evaluation(run: Path) -> tuple[dict, str]:
@@ -104,14 +97,16 @@ def test_resume_after_kills_at_every_point_equals_an_uninterrupted_run(small_pre
         )
     inprocess.federate(cfg, killed, device="cpu", resume=True, console=quiet_console())
 
-    expected, got = _tensor_files(reference), _tensor_files(killed)
-    assert expected.keys() == got.keys()
-    for name, tensors in expected.items():
-        assert tensors.keys() == got[name].keys(), name
-        assert all(torch.equal(tensors[k], got[name][k]) for k in tensors), name
-    assert _rounds_without_time(killed) == _rounds_without_time(reference)
+    assert_same_tensors(reference, killed)
+    records = rounds_without_time(reference)
+    assert rounds_without_time(killed) == records
+    assert [r["round"] for r in records] == list(range(1, ROUNDS + 1))
+    assert all(r["select"] == "mcc" and "mean_val_mcc" in r and "mean_val_balanced_accuracy" in r
+               for r in records)
     run_info = [json.loads(paths.run_config_path(r).read_text()) for r in (reference, killed)]
     assert run_info[0]["config"] == run_info[1]["config"]
     assert run_info[0]["config"]["precision"] == precision
     assert run_info[0]["result"] == run_info[1]["result"]
+    assert run_info[0]["result"]["selected_by"] == "mcc" and "best_mean_val_balanced_accuracy" in run_info[0][
+        "result"]
     assert _evaluation(killed) == _evaluation(reference)

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import quiet_console
+from conftest import participation_text, quiet_console
 
 from cmrfed import paths
 from cmrfed.cli import cli
@@ -217,8 +217,6 @@ def test_clients_without_test_subjects_are_reported_not_crashed_on(flower_recipe
 
 def test_a_study_holding_out_a_site_without_test_subjects_reports_it_undefined(flower_recipe, tmp_path):
     """The participation gap of a site with nothing to score is undefined ("—", null), not a crash."""
-    from test_study_participation import participation_text
-
     from cmrfed.study.config import load_study
     from cmrfed.study.runner import run_study
 
@@ -253,6 +251,7 @@ with folder_lock(sys.argv[1]):
 """
 
 
+@pytest.mark.e2e  # starts a subprocess
 def test_a_second_command_on_a_locked_run_is_refused_naming_the_holder(finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path)
     data = json.loads(paths.run_config_path(run).read_text())["config"]["data"]
@@ -350,6 +349,7 @@ def shared_tmp():
     shutil.rmtree(folder)
 
 
+@pytest.mark.e2e  # starts a subprocess
 def test_read_only_out_is_one_line(shared_tmp):
     locked = shared_tmp / "readonly"
     locked.mkdir()
@@ -374,6 +374,7 @@ def test_read_only_prepared_for_federate_suggests_no_cache(small_prepared, share
     assert ok.returncode == 0, ok.stderr
 
 
+@pytest.mark.e2e  # starts a subprocess
 def test_flower_without_the_extra_is_one_line(tmp_path):
     shim = tmp_path / "shim" / "flwr"
     shim.mkdir(parents=True)
@@ -428,6 +429,7 @@ def test_missing_data_path_and_empty_targets_messages(small_prepared, tmp_path):
 # ------------------------------------------------------------------------------------- case 6
 
 
+@pytest.mark.e2e  # starts a subprocess
 def test_temporaries_of_killed_processes_are_cleaned_on_the_next_run(tmp_path):
     pid = dead_pid()
     cohort = tmp_path / "cohort"
@@ -445,6 +447,7 @@ def test_temporaries_of_killed_processes_are_cleaned_on_the_next_run(tmp_path):
     assert clean_stale_temporaries(cohort) == []
 
 
+@pytest.mark.e2e  # starts a subprocess
 def test_prepare_killed_mid_way_leaves_nothing_the_next_run_keeps(tmp_path):
     write_synthetic_cohort(tmp_path / "raw", seed=0, subjects=8, shape=(48, 48, 6))
     out = tmp_path / "prepared"
@@ -512,6 +515,7 @@ def test_resume_reads_options_from_run_json_and_refuses_different_ones(small_pre
     assert_one_line_error(missing, 2, "no run.json")
 
 
+@pytest.mark.e2e  # starts a subprocess
 def test_a_folder_that_turns_out_read_only_mid_way_is_one_line(finished_run, shared_tmp):
     """Past validation (a sub-folder of RUN read-only): the CLI's safety net, exit 1."""
     run = copy_run(finished_run, shared_tmp)

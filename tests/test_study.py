@@ -22,57 +22,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import quiet_console
+from conftest import assert_same_tensors, quiet_console, study_text, tensor_files
 from safetensors.torch import load_file
 from scipy import stats as sps
 
 from cmrfed import paths
 from cmrfed.errors import UsageError
 from cmrfed.fed.methods import METHODS
-from cmrfed.study.cells import worker_threads
 from cmrfed.study.config import load_study
 from cmrfed.study.runner import run_study
 
 METRICS = ("balanced_accuracy", "sensitivity", "specificity", "auc", "f1", "mcc")
-
-
-def study_text(prepared: Path, methods=("duallora", "fedlora", "ffalora"), blocks="[1, 2]",
-               seeds="[0, 1]", rounds: int = 2) -> str:
-    return f"""
-[data]
-prepared = "{prepared}"
-[federate]
-backbone = "tiny"
-rounds = {rounds}
-local-epochs = 1
-batch-size = 8
-device = "cpu"
-[grid]
-methods = {json.dumps(list(methods))}
-seeds = {seeds}
-blocks = {blocks}
-ranks = [2]
-[evaluate]
-n-boot = 50
-[report]
-title = "toy study"
-"""
-
-
-@pytest.fixture(scope="module")
-def toy_study(small_prepared, tmp_path_factory):
-    """The toy study, serially, with the threads a worker of ``--jobs 2`` gets (same reductions,
-    same bits: the ``--jobs 2`` tests compare against it)."""
-    root = tmp_path_factory.mktemp("study")
-    file = root / "toy.toml"
-    file.write_text(study_text(small_prepared), encoding="utf-8")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(worker_threads(2))
-    try:
-        result = run_study(load_study(file), root / "out", console=quiet_console())
-    finally:
-        torch.set_num_threads(threads)
-    return file, result
 
 
 # --- the report against the runs' own files ------------------------------------------------------
@@ -247,11 +207,6 @@ def test_report_states_the_privacy_of_the_main_setting_runs(toy_study):
 # --- skipping by identity ------------------------------------------------------------------------
 
 
-def _tensor_files(out: Path) -> dict[str, dict]:
-    return {str(p.relative_to(out)): load_file(str(p))
-            for p in sorted(paths.study_runs_dir(out).rglob("*.safetensors")) if "checkpoint" not in p.parts}
-
-
 def test_resume_skips_complete_cells_found_by_what_they_record(toy_study, tmp_path):
     file, first = toy_study
     out = tmp_path / "copy"
@@ -328,7 +283,7 @@ def _eval(out: Path) -> dict[str, dict]:
     return docs
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_study_killed_at_every_point_resumes_to_the_uninterrupted_result(small_prepared, tmp_path):
     """Every method of the table in the grid; one SIGKILL per point of KILL_CHAIN, each followed by
     `--resume` (which the next point kills again), then a last `--resume` that finishes."""
@@ -349,12 +304,8 @@ def test_study_killed_at_every_point_resumes_to_the_uninterrupted_result(small_p
     assert finished.returncode == 0, finished.stderr[-3000:]
 
     ref_out, new_out = tmp_path / "reference", out
-    ref_tensors, new_tensors = _tensor_files(ref_out), _tensor_files(new_out)
-    assert ref_tensors.keys() == new_tensors.keys() and len(ref_tensors) > len(METHODS)
-    for name, tensors in ref_tensors.items():
-        assert tensors.keys() == new_tensors[name].keys(), name
-        for key, tensor in tensors.items():
-            assert np.array_equal(tensor.numpy(), new_tensors[name][key].numpy()), (name, key)
+    assert len(tensor_files(paths.study_runs_dir(ref_out))) > len(METHODS)
+    assert_same_tensors(paths.study_runs_dir(ref_out), paths.study_runs_dir(new_out))
     assert _rounds(new_out) == _rounds(ref_out)
     assert _eval(new_out) == _eval(ref_out)
     ref_doc = json.loads((paths.study_report_dir(ref_out) / "report.json").read_text())
@@ -369,10 +320,7 @@ def test_study_killed_at_every_point_resumes_to_the_uninterrupted_result(small_p
 
 def _same_study(out: Path, reference: Path) -> None:
     """Every run's tensors, rounds (wall times aside), evaluation and the report's numbers."""
-    ref_tensors, new_tensors = _tensor_files(reference), _tensor_files(out)
-    assert ref_tensors.keys() == new_tensors.keys()
-    for name, tensors in ref_tensors.items():
-        assert all(torch.equal(t, new_tensors[name][k]) for k, t in tensors.items()), name
+    assert_same_tensors(paths.study_runs_dir(reference), paths.study_runs_dir(out))
     assert _rounds(out) == _rounds(reference)
     assert _eval(out) == _eval(reference)
     docs = [json.loads((paths.study_report_dir(o) / "report.json").read_text()) for o in (out, reference)]
@@ -406,28 +354,3 @@ def test_study_killed_while_two_workers_run_resumes_to_the_same_report(toy_study
     finished = _study([str(file), "--out", str(out), "--resume", "--jobs", "2"], None)
     assert finished.returncode == 0, finished.stderr[-3000:]
     _same_study(out, serial.out)
-
-
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
-                 if shutil.which(n)), None)
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="needs a chromium binary (apt-get install chromium)")
-def test_report_html_renders_in_headless_chromium(toy_study, tmp_path):
-    """The page a researcher opens first: a real browser renders it offline, figures included."""
-    _, result = toy_study
-    shot = tmp_path / "report.png"
-    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-               f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,2400",
-               f"--screenshot={shot}", (result.report.out / "report.html").as_uri()]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
-    from matplotlib.image import imread
-
-    image = imread(shot)
-    assert image.shape[:2] == (2400, 1400)
-    rgb = image[..., :3]
-    # not a blank page: text, table rules and the embedded figures' colours are on it
-    assert (rgb.min(axis=2) < 0.5).mean() > 0.01
-    assert (rgb.std(axis=2) > 0.1).mean() > 0.001  # coloured pixels: the figures' lines and bars

@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from cmrfed.cli import cli
-from cmrfed.options import federate_config
 from cmrfed.errors import UsageError
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.methods import METHODS
+from cmrfed.options import federate_config
 from cmrfed.study import template_text
 from cmrfed.study.config import NOT_STUDY_KEYS, load_study, parse_study
 from cmrfed.study.plan import plan_cells
@@ -49,8 +49,18 @@ def cli_config(tmp_path: Path, *args: str):
     return federate_config(params)
 
 
+def cinema_weights(folder: Path) -> Path:
+    """The file the paper's study names as its backbone, as an empty placeholder: a study checks
+    that its backbone exists when it is read (as `federate --backbone` does), not what it holds."""
+    path = folder / "weights" / "cinema.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    return path
+
+
 @pytest.mark.parametrize("name", ["example", "demo"])
 def test_shipped_templates_parse(tmp_path, name):
+    cinema_weights(tmp_path)
     study = parse_study(template_text(name), name, tmp_path)
     assert set(study.methods) == {"duallora", "fedlora", "ffalora"}
     assert study.seeds == (0, 1, 2, 3, 4)
@@ -62,11 +72,12 @@ def test_shipped_templates_parse(tmp_path, name):
         assert study.holdout == ("canon",) and study.adapt == {"epochs": 3, "lr": None}
 
 
-def test_readme_study_example_parses_as_the_template_does(tmp_path):
-    """The paper.toml the README shows is a valid study with the template's grid and participation."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
-    text = readme.split("# paper.toml", 1)[1].split("\n", 1)[1].split("```", 1)[0]
-    shown = parse_study(text, "README", tmp_path)
+def test_documented_study_example_parses_as_the_template_does(tmp_path):
+    """The paper.toml the study page shows is a valid study with the template's grid and participation."""
+    page = (Path(__file__).parents[1] / "docs" / "study.md").read_text(encoding="utf-8")
+    text = page.split("# paper.toml", 1)[1].split("\n", 1)[1].split("```", 1)[0]
+    cinema_weights(tmp_path)
+    shown = parse_study(text, "docs/study.md", tmp_path)
     template = parse_study(template_text("example"), "t", tmp_path)
     assert (shown.methods, shown.seeds, shown.blocks, shown.holdout, shown.adapt) == (
         template.methods, template.seeds, template.blocks, template.holdout, template.adapt)
@@ -206,6 +217,8 @@ BAD = [
     (TWO + "[federation]\nrounds = 2\n", ["'federation'", "[federate]"]),
     (TWO + "[prepare]\nacdc = 'a'\n", ["exactly one of", "[prepare]"]),
     ("[grid]\nmethods = ['duallora', 'fedlora'\n", ["not valid TOML"]),
+    ("[federate]\nbackbone = 'huge'\n", ["[federate] backbone", "tiny-pretrained"]),
+    ("[federate]\nbackbone = 'weights/none.safetensors'\n", ["[federate] backbone", "no such file"]),
 ]
 
 

@@ -18,41 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import quiet_console
+from conftest import SITE, participation_text, quiet_console
 from safetensors.torch import load_file
 
 from cmrfed import paths
 from cmrfed.errors import UsageError
-from cmrfed.eval.site_eval import evaluate_site
+from cmrfed.eval.evaluate_site import evaluate_site
 from cmrfed.study.config import load_study, parse_study
 from cmrfed.study.runner import run_study
-
-SITE = "canon"
-
-
-def participation_text(prepared: Path, holdout: str = SITE, seeds: str = "[0, 1]",
-                       methods: tuple[str, ...] = ("duallora", "fedlora")) -> str:
-    return f"""
-[data]
-prepared = "{prepared}"
-[federate]
-backbone = "tiny"
-rounds = 2
-local-epochs = 1
-batch-size = 8
-device = "cpu"
-[grid]
-methods = {json.dumps(list(methods))}
-seeds = {seeds}
-blocks = [1]
-ranks = [2]
-[evaluate]
-n-boot = 50
-[participation]
-holdout = ["{holdout}"]
-[adapt]
-epochs = 2
-"""
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +140,7 @@ def test_participation_keys_are_checked(small_prepared, tmp_path):
     assert not (tmp_path / "out" / "runs").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_study_killed_while_a_newcomer_adapts_resumes_to_the_same_numbers(small_prepared, tmp_path):
     file = tmp_path / "one-seed.toml"
     file.write_text(participation_text(small_prepared, seeds="[0]"))

@@ -31,6 +31,8 @@ from cmrfed.paths import manifest_path, shard_path
 FORMAT_VERSION = 2
 MANIFEST_KIND = "cmrfed prepared data"
 SPLITS = ("train", "val", "test")
+EVAL_SPLITS = ("test", "val")
+"""The splits a model is scored on (``evaluate --split``); train is what it learnt from."""
 SUBJECTS_GROUP = "subjects"
 IMAGE_DATASET = "image"
 _RERUN = "re-run `cmrfed prepare`"

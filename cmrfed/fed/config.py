@@ -51,7 +51,7 @@ class FederateConfig:
     cache: bool = True
     cache_dtype: str | None = None  # None: follows the precision (bfloat16 under bf16, else float32)
     precision: str = "auto"  # fp32 | bf16 | auto; run.json records it resolved (cmrfed/precision.py)
-    # the training recipe of CineMA's disease-classification fine-tuning (see README)
+    # the training recipe of CineMA's disease-classification fine-tuning (docs/training.md)
     augment: str = "cinema"
     augment_views: int = 8
     augment_seed: int = 0
@@ -61,7 +61,7 @@ class FederateConfig:
     min_lr: float = 1e-5
     layer_decay: float = 0.75
     select: str = "mcc"
-    sites_per_round: int | None = None  # partial participation (cmrfed/fed/participation.py)
+    sites_per_round: int | None = None  # per-round site sampling (cmrfed/fed/sampling.py)
     holdout: str | None = None  # a site left out of training entirely (leave-one-vendor-out)
     dp_epsilon: float | None = None
     dp_delta: float | None = None

@@ -12,21 +12,19 @@ from pathlib import Path
 import torch
 
 from cmrfed.data.augment import augment_spec
-from cmrfed.data.shards import Manifest, load_split, verify_shard
+from cmrfed.data.shards import SPLITS, Manifest, load_split, verify_shard
 from cmrfed.errors import UsageError
 from cmrfed.fed.cache import CacheKey, ViewsKey, load_or_compute, load_or_compute_views
 from cmrfed.fed.client import Client, SplitTensors, TrainConfig, state_of
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.methods import GLOBAL, LOCAL, MethodSpec, resolve_method
-from cmrfed.fed.participation import training_sites
+from cmrfed.fed.sampling import training_sites
 from cmrfed.fed.strategy import TensorState
 from cmrfed.fed.views import CachedViews, OnTheFlyViews, ViewSource, row_ids, view_seeds
 from cmrfed.fed.windows import split_tensors
 from cmrfed.model.cinema import backbone_fingerprint, load_backbone
 from cmrfed.model.classifier import CineMAClassifier, tensor_group
 from cmrfed.model.lora import AdapterSpec, inject_lora
-
-SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -39,6 +37,10 @@ class RunModel:
     depth: int
     start_block: int  # index of the first adapted block
     fingerprint: str  # of the frozen backbone weights, before injection
+
+
+DEVICES = ("auto", "cpu", "cuda")
+"""What ``--device`` accepts: :func:`resolve_device` turns each into a torch device."""
 
 
 def resolve_device(name: str) -> torch.device:

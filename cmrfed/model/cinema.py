@@ -519,27 +519,52 @@ def _infer_size(state_dict: Mapping[str, torch.Tensor], source: str) -> EncoderS
     raise DataError(f"{source}: encoder width {width} matches no known size ({widths})")
 
 
+def backbone_names() -> tuple[str, ...]:
+    """Every backbone named by a word: the sizes (seeded random init) and the shipped files."""
+    return (*SIZES, *SHIPPED)
+
+
+def _hub_parts(spec: str) -> list[str]:
+    return spec[len(HUB_SCHEME):].split("/")
+
+
+def backbone_problem(spec: str) -> str | None:
+    """Why ``spec`` names no backbone, or None when it names one: a size, a shipped backbone, an
+    existing file or ``hf://owner/repo/file``.
+
+    The one answer to "which backbones exist": the command line's up-front check asks it, and
+    :func:`resolve_checkpoint` raises what it says, so the two cannot disagree.
+    """
+    if spec in SIZES or spec in SHIPPED:
+        return None
+    if spec.startswith(HUB_SCHEME):
+        parts = _hub_parts(spec)
+        if len(parts) < 3 or not all(parts):
+            return (f"--backbone {spec!r}: write hf://owner/repo/path/to/file.safetensors, e.g. "
+                    f"hf://mathpluscode/CineMA/pretrained/cinema.safetensors")
+        return None
+    if Path(spec).expanduser().is_file():
+        return None
+    return (f"--backbone {spec!r}: no such file; pass a size ({', '.join(SIZES)}), a shipped backbone "
+            f"({', '.join(SHIPPED)}), a path to a CineMA .safetensors file or hf://owner/repo/file")
+
+
 def resolve_checkpoint(spec: str) -> Path:
     """The local file of a checkpoint spec: a backbone shipped in the package (``SHIPPED``), a
     path, or ``hf://owner/repo/path/in/repo`` downloaded through the optional huggingface_hub
     package."""
+    problem = backbone_problem(spec)
+    if problem is not None or spec in SIZES:
+        raise UsageError(problem or f"--backbone {spec!r}: a size has no checkpoint file")
     if spec in SHIPPED:
         path = SHIPPED_DIR / SHIPPED[spec]
         if not path.is_file():
             raise DataError(f"--backbone {spec!r}: {path} is missing from this installation; "
-                            f"reinstall cmrfed, or regenerate it with the README's pretrain command")
+                            f"reinstall cmrfed, or regenerate it with the pretraining page's commands")
         return path
     if not spec.startswith(HUB_SCHEME):
-        path = Path(spec)
-        if not path.is_file():
-            raise UsageError(f"--backbone {spec!r}: no such file; pass a size ({', '.join(SIZES)}), "
-                             f"a shipped backbone ({', '.join(SHIPPED)}), a path to a CineMA "
-                             f".safetensors file or hf://owner/repo/file")
-        return path
-    parts = spec[len(HUB_SCHEME):].split("/")
-    if len(parts) < 3 or not all(parts):
-        raise UsageError(f"--backbone {spec!r}: write hf://owner/repo/path/to/file.safetensors, e.g. "
-                         f"hf://mathpluscode/CineMA/pretrained/cinema.safetensors")
+        return Path(spec).expanduser()
+    parts = _hub_parts(spec)
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as exc:

@@ -30,7 +30,7 @@ from rich.console import Console
 
 from cmrfed.data.shards import Manifest
 from cmrfed.errors import UsageError
-from cmrfed.eval.evaluate import evaluate_run
+from cmrfed.eval.evaluate_run import evaluate_run
 from cmrfed.faults import fault_point
 from cmrfed.fed.inprocess import federate
 from cmrfed.fed.task import build_client, build_run_model, cache_key, resolve_device, uses_cache

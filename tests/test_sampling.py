@@ -1,15 +1,14 @@
-"""Partial participation (``--sites-per-round K``): which sites train is a pure function of the
+"""Per-round site sampling (``--sites-per-round K``): which sites train is a pure function of the
 run seed and the round; FedAvg is over those that trained; the others keep their state and
 still receive the aggregate; an interrupted run resumes to exactly the uninterrupted one."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL_SHAPE, quiet_console
+from conftest import SMALL_SHAPE, assert_same_tensors, quiet_console, rounds_without_time
 from safetensors.torch import load_file
 
 from cmrfed import paths
@@ -18,7 +17,7 @@ from cmrfed.fed import inprocess
 from cmrfed.fed.client import Client
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.methods import METHODS
-from cmrfed.fed.participation import participants
+from cmrfed.fed.sampling import participants
 from cmrfed.fed.strategy import weighted_average
 from cmrfed.fed.task import build_run_model
 from cmrfed.fed.wire import decode
@@ -47,22 +46,11 @@ def test_participants_are_seeded_by_run_seed_and_round_only():
         FederateConfig(data="", method="central", sites_per_round=2)
 
 
-def _rounds(run: Path) -> list[dict]:
-    lines = paths.rounds_log_path(run).read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "wall_s"} for line in lines]
-
-
-def _same_tensors(a: Path, b: Path) -> None:
-    ta, tb = load_file(str(a)), load_file(str(b))
-    assert ta.keys() == tb.keys()
-    assert all(torch.equal(ta[k], tb[k]) for k in ta), a
-
-
 @pytest.mark.parametrize("method", SAMPLED)
-def test_partial_participation_is_seeded_and_resumable(small_prepared, tmp_path, monkeypatch, method):
+def test_site_sampling_is_seeded_and_resumable(small_prepared, tmp_path, monkeypatch, method):
     cfg = FederateConfig(data=str(small_prepared), method=method, rounds=3, seed=4, **FAST)
     inprocess.federate(cfg, tmp_path / "reference", device="cpu", console=quiet_console())
-    records = _rounds(tmp_path / "reference")
+    records = rounds_without_time(tmp_path / "reference")
     for record in records:
         asked = participants(SITES, 2, cfg.seed, record["round"])
         assert record["participants"] == asked
@@ -84,13 +72,8 @@ def test_partial_participation_is_seeded_and_resumable(small_prepared, tmp_path,
         inprocess.federate(cfg, tmp_path / "resumed", device="cpu", console=quiet_console())
     monkeypatch.setattr(Client, "fit", real_fit)
     inprocess.federate(cfg, tmp_path / "resumed", device="cpu", resume=True, console=quiet_console())
-    assert _rounds(tmp_path / "resumed") == records
-    for which in ("final", "best"):
-        _same_tensors(paths.shared_tensors_path(tmp_path / "reference", which),
-                      paths.shared_tensors_path(tmp_path / "resumed", which))
-        for site in SITES:
-            _same_tensors(paths.private_tensors_path(tmp_path / "reference", site, which),
-                          paths.private_tensors_path(tmp_path / "resumed", site, which))
+    assert rounds_without_time(tmp_path / "resumed") == records
+    assert_same_tensors(tmp_path / "reference", tmp_path / "resumed")  # final, best, every site's
 
 
 @pytest.mark.parametrize("method", SAMPLED)

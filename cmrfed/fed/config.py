@@ -127,7 +127,10 @@ class FederateConfig:
     def resolved(self, device: torch.device) -> FederateConfig:
         """This configuration with ``auto`` precision and the default cache dtype made concrete
         for ``device``: what run.json records, so a resume or an evaluation computes as the run did."""
-        precision = resolve_precision(self.precision, device)
+        return self.in_precision(resolve_precision(self.precision, device))
+
+    def in_precision(self, precision: str) -> FederateConfig:
+        """This configuration in a resolved ``precision`` (its cache dtype following, if unset)."""
         return replace(self, precision=precision, cache_dtype=self.cache_dtype or storage_dtype(precision))
 
     def computed_in(self, precision: str | None, device: torch.device) -> FederateConfig:

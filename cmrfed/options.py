@@ -266,9 +266,9 @@ PRETRAIN: list[click.Parameter] = [
     click.Option(["--seed"], default=0, show_default=True, type=int),
     click.Option(["--dtype"], default="float32", show_default=True, type=Owned("cmrfed.pretrain:DTYPES"),
                  help="Precision of the written weights."),
-    click.Option(["--precision"], default="auto", show_default=True, type=Owned("cmrfed.precision:CHOICES"),
-                 help="Forward pass in float32 or under bfloat16 autocast (float32 weights and optimiser); "
-                      "auto: bf16 where the device computes it natively."),
+    click.Option(["--precision"], default="fp32", show_default=True, type=Owned("cmrfed.precision:CHOICES"),
+                 help="Forward pass in float32 or under bfloat16 autocast (float32 weights and optimiser; "
+                      "bf16 is faster but not bitwise repeatable here); auto: bf16 where native."),
     click.Option(["--device"], default="auto", show_default=True, type=Owned("cmrfed.fed.task:DEVICES")),
     click.Option(["--out"], required=True, type=click.Path(path_type=str),
                  help="BACKBONE.safetensors to write."),

@@ -80,7 +80,7 @@ from cmrfed.model.cinema import (
 from cmrfed.model.classifier import CineMAClassifier
 from cmrfed.model.lora import seeded_generator
 from cmrfed.model.mae import MASK_RATIO, build_mae
-from cmrfed.precision import AUTO, FP32, autocast, resolve_precision
+from cmrfed.precision import FP32, autocast, resolve_precision
 from cmrfed.provenance import versions
 
 OUTPUT_KIND = "cmrfed pretrained backbone"
@@ -115,7 +115,10 @@ class PretrainConfig:
     translate_mm: tuple[float, float, float] = (48.0, 48.0, 0.0)
     seed: int = 0
     dtype: str = "float32"
-    precision: str = AUTO  # of the forward pass (cmrfed/precision.py); recorded resolved
+    # of the forward pass (cmrfed/precision.py), recorded resolved. float32 by default: bf16 MAE
+    # pretraining on a CPU is not bitwise repeatable (two identical runs differ; torch 2.13), and
+    # pretraining promises that --resume gives the bytes of an uninterrupted run
+    precision: str = FP32
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:

@@ -19,18 +19,19 @@ import bench_augment
 import bench_cache
 import bench_comm
 import bench_dp
-import bench_gpu
 import bench_lora
 import bench_memory
+import bench_precision
 import bench_probe
 import bench_scaling
 from common import Machine, Suite, show, write_results
 from rich.console import Console
 from rich.rule import Rule
 
-# the cheap, load-insensitive table first; the GPU table last (it only reports a skip on CPU)
-MODULES = (bench_comm, bench_cache, bench_augment, bench_lora, bench_scaling, bench_memory, bench_probe,
-           bench_dp, bench_gpu)
+# the cheap, load-insensitive table first. Standalone only: bench_gpu (a prepared GPU script) and
+# bench_demo (whole demos, one variant per invocation).
+MODULES = (bench_comm, bench_cache, bench_augment, bench_lora, bench_scaling, bench_memory, bench_precision,
+           bench_probe, bench_dp)
 
 
 def main() -> None:

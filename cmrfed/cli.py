@@ -113,7 +113,8 @@ def federate(**options: object) -> None:
 @cli.command(params=[*declared.EVALUATE])
 def evaluate(run: str, site_evals: tuple[str, ...], split: str, which: str, threshold: str, n_boot: int,
              client: str | None, private: str | None, data: str | None, out: str | None,
-             metrics_only: bool, merge: bool, member_run: str | None, device: str) -> None:
+             metrics_only: bool, merge: bool, member_run: str | None, precision: str | None,
+             device: str) -> None:
     """Per-client, pooled, macro and cross-site metrics of a finished RUN.
 
     Site by site, with nothing pooled: each site runs `evaluate RUN --client SITE --private DIR
@@ -131,23 +132,24 @@ def evaluate(run: str, site_evals: tuple[str, ...], split: str, which: str, thre
         from cmrfed.eval.evaluate_site import evaluate_site
 
         evaluate_site(run, str(client), str(data), private=private, out=out, split=split, which=which,
-                      threshold=threshold, n_boot=n_boot, metrics_only=metrics_only, device=device)
+                      threshold=threshold, n_boot=n_boot, metrics_only=metrics_only, device=device,
+                      precision=precision)
     else:
         from cmrfed.eval.evaluate_run import evaluate_run
 
         evaluate_run(run, split=split, which=which, threshold=threshold, n_boot=n_boot, device=device,
-                     data=data)
+                     data=data, precision=precision)
 
 
 @cli.command(params=[*declared.ADAPT])
 def adapt(run: str, client: str, data: str, out: str, epochs: int, lr: float | None, which: str,
-          overwrite: bool, device: str) -> None:
+          overwrite: bool, precision: str | None, device: str) -> None:
     """A site that joins after training: train only its own local adapter over RUN's frozen
     shared tensors (DualLoRA's local LoRA; see the method table for the others)."""
     from cmrfed.fed.adapt import adapt as run_adapt
 
     run_adapt(run, client, data, out, which=which, epochs=epochs, lr=lr, device=device,
-              overwrite=overwrite)
+              overwrite=overwrite, precision=precision)
 
 
 @cli.command(params=[*declared.COMPARE])
@@ -206,7 +208,7 @@ def flower_run(**options: object) -> None:
 
 
 @cli.command(params=[*declared.DEMO])
-def demo(out: str, overwrite: bool, resume: bool, dp_epsilon: float | None) -> None:
+def demo(out: str, overwrite: bool, resume: bool, dp_epsilon: float | None, jobs: int) -> None:
     """The whole pipeline on a synthetic cohort: synth, then the built-in demo study (prepare,
     federate duallora, fedlora, ffalora x 5 seeds x blocks on the pretrained tiny backbone,
     evaluate, GE's participation gap, compare, report)."""
@@ -214,12 +216,12 @@ def demo(out: str, overwrite: bool, resume: bool, dp_epsilon: float | None) -> N
     from cmrfed.templates import template_text
 
     text = None if dp_epsilon is None else dp_demo_text(template_text("demo"), dp_epsilon)
-    run_demo(out, study_text=text, overwrite=overwrite, resume=resume)
+    run_demo(out, study_text=text, overwrite=overwrite, resume=resume, jobs=jobs)
 
 
 @cli.command(params=[*declared.STUDY])
 def study(study_file: str | None, out: str | None, resume: bool, overwrite: bool, device: str | None,
-          template: str | None) -> None:
+          jobs: int, devices: str | None, template: str | None) -> None:
     """Run a declared grid of federated runs (methods x seeds x blocks x ranks), evaluate and
     compare them, and write STUDY/report/ (tables, figures, report.html). Resumable."""
     from cmrfed.errors import UsageError
@@ -234,7 +236,8 @@ def study(study_file: str | None, out: str | None, resume: bool, overwrite: bool
     from cmrfed.study.config import load_study
     from cmrfed.study.runner import run_study
 
-    run_study(load_study(study_file), out, resume=resume, overwrite=overwrite, device=device)
+    run_study(load_study(study_file), out, resume=resume, overwrite=overwrite, device=device, jobs=jobs,
+              devices=devices)
 
 
 # --- end of commands -----------------------------------------------------------------------

@@ -20,9 +20,11 @@ from cmrfed import paths
 from cmrfed.data.synth import write_synthetic_cohort
 from cmrfed.errors import UsageError
 from cmrfed.lock import folder_lock
+from cmrfed.options import DEMO_JOBS
 from cmrfed.outputs import DEMO, replacing
 from cmrfed.study.config import StudyConfig, parse_study
 from cmrfed.study.runner import StudyResult, run_study
+from cmrfed.study.timing import PhaseTimes
 from cmrfed.templates import template_text
 
 
@@ -62,36 +64,41 @@ def dp_demo_text(text: str, epsilon: float) -> str:
 
 
 def run_demo(out: str | Path, cohort: Cohort | None = None, study_text: str | None = None,
-             overwrite: bool = False, resume: bool = False, console: Console | None = None) -> StudyResult:
-    """Write the cohort into OUT/cohort and run the demo study into OUT/study.
+             overwrite: bool = False, resume: bool = False, jobs: int = DEMO_JOBS,
+             console: Console | None = None) -> StudyResult:
+    """Write the cohort into OUT/cohort and run the demo study into OUT/study (``jobs`` cells at
+    once, as ``cmrfed study --jobs``).
 
     OUT is locked for the whole demo. ``--overwrite`` replaces only a folder an earlier
-    ``cmrfed demo`` made (its cohort/ or study/), never a folder of other files.
+    ``cmrfed demo`` made (its cohort/ or study/), never a folder of other files. The study's
+    timing table (study.json ``timings``) includes the synth phase.
     """
     cohort = cohort or Cohort()
     console = console or Console()
     out = Path(out)
     study = demo_study(out, study_text)  # checked before anything is written
     with folder_lock(out):
-        return _run_demo(out, cohort, study, overwrite, resume, console)
+        return _run_demo(out, cohort, study, overwrite, resume, jobs, console)
 
 
-def _run_demo(out: Path, cohort: Cohort, study: StudyConfig, overwrite: bool, resume: bool,
+def _run_demo(out: Path, cohort: Cohort, study: StudyConfig, overwrite: bool, resume: bool, jobs: int,
               console: Console) -> StudyResult:
     if out.exists() and any(out.iterdir()) and not resume:
         if not overwrite:
             raise UsageError(f"{out} already exists; pass --resume to continue the demo, --overwrite "
                              "to replace it, or choose another --out")
         with replacing(out, DEMO, overwrite):  # the old demo is kept until the new one is complete
-            return _build_demo(out, cohort, study, resume, console)
-    return _build_demo(out, cohort, study, resume, console)
+            return _build_demo(out, cohort, study, resume, jobs, console)
+    return _build_demo(out, cohort, study, resume, jobs, console)
 
 
-def _build_demo(out: Path, cohort: Cohort, study: StudyConfig, resume: bool,
+def _build_demo(out: Path, cohort: Cohort, study: StudyConfig, resume: bool, jobs: int,
                 console: Console) -> StudyResult:
     where = demo_paths(out)
+    times = PhaseTimes()
     if not paths.synth_summary_path(where["cohort"]).exists():
         console.print(Rule("synth: a synthetic multi-vendor cohort in the real layouts"))
-        write_synthetic_cohort(where["cohort"], seed=cohort.seed, subjects=cohort.subjects_per_dataset,
-                               shape=cohort.shape, frames=cohort.frames, overwrite=True)
-    return run_study(study, where["study"], resume=resume, console=console)
+        with times.phase("synth"):
+            write_synthetic_cohort(where["cohort"], seed=cohort.seed, subjects=cohort.subjects_per_dataset,
+                                   shape=cohort.shape, frames=cohort.frames, overwrite=True)
+    return run_study(study, where["study"], resume=resume, jobs=jobs, console=console, times=times)

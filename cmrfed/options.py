@@ -135,8 +135,11 @@ FEDERATE: list[click.Parameter] = [
                       "safetensors file."),
     click.Option(["--cache/--no-cache"], default=True, show_default=True,
                  help="Cache the frozen trunk's features (used when fewer than all blocks are adapted)."),
-    click.Option(["--cache-dtype"], default="float32", show_default=True,
-                 type=Owned("cmrfed.fed.config:CACHE_DTYPES")),
+    click.Option(["--cache-dtype"], default=None, type=Owned("cmrfed.fed.config:CACHE_DTYPES"),
+                 help="Dtype of cached trunk features [bfloat16 under bf16 precision, else float32]."),
+    click.Option(["--precision"], default="auto", show_default=True, type=Owned("cmrfed.precision:CHOICES"),
+                 help="Forward pass in float32, or under bfloat16 autocast (float32 weights, optimiser and "
+                      "loss); auto: bf16 where the device computes it natively (run.json records which)."),
     click.Option(["--augment"], default="cinema", show_default=True,
                  type=Owned("cmrfed.data.augment:AUGMENT_CHOICES"),
                  help="Training augmentation: CineMA's random affine + gamma + noise, or none."),
@@ -214,6 +217,8 @@ EVALUATE: list[click.Parameter] = [
     click.Option(["--member-run"], default=None, type=click.Path(path_type=str),
                  help="With --merge: an evaluated run in which the held-out site trained (participation "
                       "gap)."),
+    click.Option(["--precision"], default=None, type=Owned("cmrfed.precision:CHOICES"),
+                 help="Forward-pass precision [the run's, as run.json records it]."),
     click.Option(["--device"], default="auto", show_default=True, type=Owned("cmrfed.fed.task:DEVICES")),
 ]
 
@@ -231,6 +236,8 @@ ADAPT: list[click.Parameter] = [
                  type=Owned("cmrfed.fed.runinfo:ROUND_CHOICES"),
                  help="Adapt over the shared tensors of the run's best or last round."),
     click.Option(["--overwrite"], is_flag=True, help="Replace an existing ADAPTED folder."),
+    click.Option(["--precision"], default=None, type=Owned("cmrfed.precision:CHOICES"),
+                 help="Forward-pass precision [the run's, as run.json records it]."),
     click.Option(["--device"], default="auto", show_default=True, type=Owned("cmrfed.fed.task:DEVICES")),
 ]
 
@@ -272,6 +279,9 @@ PRETRAIN: list[click.Parameter] = [
     click.Option(["--seed"], default=0, show_default=True, type=int),
     click.Option(["--dtype"], default="float32", show_default=True, type=Owned("cmrfed.pretrain:DTYPES"),
                  help="Precision of the written weights."),
+    click.Option(["--precision"], default="fp32", show_default=True, type=Owned("cmrfed.precision:CHOICES"),
+                 help="Forward pass in float32 or under bfloat16 autocast (float32 weights and optimiser; "
+                      "bf16 is faster but not bitwise repeatable here); auto: bf16 where native."),
     click.Option(["--device"], default="auto", show_default=True, type=Owned("cmrfed.fed.task:DEVICES")),
     click.Option(["--out"], required=True, type=click.Path(path_type=str),
                  help="BACKBONE.safetensors to write."),
@@ -306,6 +316,9 @@ FLOWER_RUN_OWN: list[click.Parameter] = [
     click.Option(["--overwrite"], is_flag=True, help="Replace an existing RUN folder."),
 ]
 
+DEMO_JOBS = 2
+"""The demo's cells at once: on two cores, two workers of one thread each beat one of two threads."""
+
 DEMO: list[click.Parameter] = [
     click.Option(["--out"], default="cmrfed-demo", show_default=True, type=click.Path(path_type=str),
                  help="Folder for the cohort, prepared data, runs and report."),
@@ -315,6 +328,8 @@ DEMO: list[click.Parameter] = [
                  help="Run the demo under differential privacy at this epsilon per site (class "
                       "balancing with private label counts), scored at each site's Youden threshold "
                       "on its val split."),
+    click.Option(["--jobs"], default=DEMO_JOBS, show_default=True, type=int,
+                 help="Cells run at once, each in a worker process (as `cmrfed study --jobs`)."),
 ]
 
 STUDY: list[click.Parameter] = [
@@ -324,6 +339,10 @@ STUDY: list[click.Parameter] = [
     click.Option(["--overwrite"], is_flag=True, help="Replace an existing STUDY folder."),
     click.Option(["--device"], default=None, type=Owned("cmrfed.fed.task:DEVICES"),
                  help="Device of every run [the study file's [federate] device, else auto]."),
+    click.Option(["--jobs"], default=1, show_default=True, type=int,
+                 help="Cells run at once, each in a worker process with its share of the CPU threads."),
+    click.Option(["--devices"], default=None,
+                 help="CUDA device indices the workers take cells to, e.g. 0,1 [every worker: --device]."),
     click.Option(["--template"], is_flag=False, flag_value="example", default=None,
                  type=Owned("cmrfed.templates:TEMPLATES"),
                  help="Print a commented study file (the paper's setting), or `--template demo` the demo's."),

@@ -49,7 +49,7 @@ import json
 import math
 import shlex
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,7 @@ from cmrfed.model.cinema import (
 )
 from cmrfed.model.classifier import CineMAClassifier
 from cmrfed.model.mae import MASK_RATIO, build_mae
+from cmrfed.precision import FP32, autocast, resolve_precision
 from cmrfed.provenance import versions
 from cmrfed.seeding import derive_seed, seeded_generator
 
@@ -114,6 +115,10 @@ class PretrainConfig:
     translate_mm: tuple[float, float, float] = (48.0, 48.0, 0.0)
     seed: int = 0
     dtype: str = "float32"
+    # of the forward pass (cmrfed/precision.py), recorded resolved. float32 by default: bf16 MAE
+    # pretraining on a CPU is not bitwise repeatable (two identical runs differ; torch 2.13), and
+    # pretraining promises that --resume gives the bytes of an uninterrupted run
+    precision: str = FP32
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -138,7 +143,9 @@ class PretrainConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> PretrainConfig:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in names})
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in names}
+        values.setdefault("precision", FP32)  # a checkpoint from before --precision: float32
+        return cls(**values)
 
     def command(self, out: str) -> str:
         """The ``cmrfed pretrain`` command line that makes these weights."""
@@ -150,7 +157,7 @@ class PretrainConfig:
         parts = ["cmrfed", "pretrain", *data, *start, "--size", self.size, "--epochs", str(self.epochs),
                  "--warmup-epochs", str(self.warmup_epochs), "--batch-size", str(self.batch_size),
                  "--lr", repr(self.lr), "--mask-ratio", repr(self.mask_ratio), "--seed", str(self.seed),
-                 "--dtype", self.dtype, "--out", out]
+                 "--dtype", self.dtype, "--precision", self.precision, "--out", out]
         return shlex.join(parts)
 
 
@@ -327,7 +334,7 @@ class DiseaseObjective:
 
 @torch.no_grad()
 def fixed_loss(objective: MaeObjective | DiseaseObjective, data: PretrainData, seed: int,
-               device: torch.device, batch_size: int = 64) -> float:
+               device: torch.device, precision: str = FP32, batch_size: int = 64) -> float:
     """The objective's mean loss over the training images with no augmentation and, for the MAE,
     fixed masks: the same number before and after training measures what was learnt."""
     generator = seeded_generator(seed, "evaluation-masks")
@@ -336,7 +343,9 @@ def fixed_loss(objective: MaeObjective | DiseaseObjective, data: PretrainData, s
     for start in range(0, len(data.images), batch_size):
         images = data.images[start:start + batch_size].to(device)
         labels = None if data.labels is None else data.labels[start:start + batch_size]
-        total += objective.loss(images, labels, generator).item() * len(images)
+        with autocast(precision, device):
+            loss = objective.loss(images, labels, generator)
+        total += loss.float().item() * len(images)
     objective.model.train()
     return total / len(data.images)
 
@@ -435,13 +444,14 @@ def pretrain(cfg: PretrainConfig, out: str | Path, device: str = "auto", resume:
     folder = paths.pretrain_checkpoint_dir(out)
     if out.suffix != ".safetensors":
         raise UsageError(f"--out {out}: name the backbone file BACKBONE.safetensors")
+    torch_device = resolve_device(device)
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, torch_device))  # recorded resolved
     if resume:
         _check_resume(cfg, folder)
     elif (out.exists() or folder.exists()) and not overwrite:
         raise UsageError(f"{out} (or {folder}) already exists; pass --resume to continue, "
                          "--overwrite to replace it, or choose another --out")
     data = load_pretrain_data(cfg.data, with_labels=cfg.objective == "disease")
-    torch_device = resolve_device(device)
     encoder, init = _initial_encoder(cfg, data)
     objective = (MaeObjective(encoder, cfg) if data.labels is None
                  else DiseaseObjective(encoder, cfg, data.labels))
@@ -451,7 +461,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, device: str = "auto", resume:
         progress = _read_checkpoint(folder, model, optimizer, torch_device)
     else:
         progress = {"epoch": 0, "train_loss": [],
-                    "loss_start": fixed_loss(objective, data, cfg.seed, torch_device)}
+                    "loss_start": fixed_loss(objective, data, cfg.seed, torch_device, cfg.precision)}
         _write_checkpoint(folder, model, optimizer, cfg, progress)
 
     n = len(data.images)
@@ -472,7 +482,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, device: str = "auto", resume:
                 index = order[step * batch_size:(step + 1) * batch_size]
                 batch = augment_stage(data.images[index], data, cfg, generator).to(torch_device)
                 labels = None if data.labels is None else data.labels[index]
-                loss = objective.loss(batch, labels, generator)
+                with autocast(cfg.precision, torch_device):  # float32 weights, optimiser and loss
+                    loss = objective.loss(batch, labels, generator).float()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -485,7 +496,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, device: str = "auto", resume:
             console.print(f"epoch {epoch + 1:>4}/{cfg.epochs}  {cfg.objective} loss {total / steps:.5f}  "
                           f"lr {optimizer.param_groups[0]['lr']:.2e}  {time.perf_counter() - started:.1f}s",
                           highlight=False)
-    progress["loss_end"] = fixed_loss(objective, data, cfg.seed, torch_device)
+    progress["loss_end"] = fixed_loss(objective, data, cfg.seed, torch_device, cfg.precision)
     _export(out, objective.backbone, cfg, data, progress, command or cfg.command(str(out)), init)
     console.print(f"{cfg.objective} loss on the training images (no augmentation"
                   f"{', fixed masks' if cfg.objective == 'mae' else ''}): "

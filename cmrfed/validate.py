@@ -53,7 +53,8 @@ MINIMA: dict[str, Minimum] = {
     # counts
     "rank": AT_LEAST_ONE, "local_rank": AT_LEAST_ONE, "rounds": AT_LEAST_ONE,
     "local_epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "subjects": AT_LEAST_ONE,
-    "workers": AT_LEAST_ONE, "sites": AT_LEAST_ONE, "n_boot": AT_LEAST_ONE, "frames": AT_LEAST_ONE,
+    "workers": AT_LEAST_ONE, "jobs": AT_LEAST_ONE, "sites": AT_LEAST_ONE, "n_boot": AT_LEAST_ONE,
+    "frames": AT_LEAST_ONE,
     "sites_per_round": AT_LEAST_ONE, "min_sites": AT_LEAST_ONE, "epochs": AT_LEAST_ONE,
     # rates and scales
     "lr": POSITIVE, "alpha": POSITIVE, "local_alpha": POSITIVE, "node_timeout": POSITIVE,
@@ -160,7 +161,23 @@ def _check_site(value: str) -> str | None:
     return None if CLIENT_NAME.fullmatch(value) else f"--site {value!r}: not {CLIENT_NAME_RULE}"
 
 
-NAMED = {"backbone": _check_backbone, "site": _check_site}
+def _check_devices(value: str) -> str | None:
+    """``study --devices 0,1``: CUDA device indices this machine has."""
+    import torch
+
+    from cmrfed.fed.task import parse_devices
+
+    try:
+        devices = parse_devices(value)
+    except UsageError as exc:
+        return str(exc)
+    if devices and max(devices) >= torch.cuda.device_count():
+        return (f"--devices {value}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                "name indices below that, or leave --devices out")
+    return None
+
+
+NAMED = {"backbone": _check_backbone, "site": _check_site, "devices": _check_devices}
 """Text parameters checked by name: parameter name -> check of its value (message or None)."""
 
 

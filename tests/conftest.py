@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from cmrfed import paths
 from cmrfed.data.prepare import PrepareOptions, prepare
 from cmrfed.data.synth import write_synthetic_cohort
+from cmrfed.study.cells import worker_threads
 from cmrfed.study.config import load_study
 from cmrfed.study.runner import StudyResult, run_study
 
@@ -154,11 +155,18 @@ title = "toy study"
 
 @pytest.fixture(scope="session")
 def toy_study(small_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, StudyResult]:
-    """A study at toy size (3 methods x 2 seeds x 2 block settings), run once: its files and result."""
+    """A study at toy size (3 methods x 2 seeds x 2 block settings), run once: its files and result.
+    Serially, with the threads a worker of ``--jobs 2`` gets (same reductions, same bits: the
+    ``--jobs 2`` tests of test_study.py compare against it)."""
     root = tmp_path_factory.mktemp("study")
     file = root / "toy.toml"
     file.write_text(study_text(small_prepared), encoding="utf-8")
-    result = run_study(load_study(file), root / "out", console=quiet_console())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(worker_threads(2))
+    try:
+        result = run_study(load_study(file), root / "out", console=quiet_console())
+    finally:
+        torch.set_num_threads(threads)
     return file, result
 
 

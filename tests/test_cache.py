@@ -19,7 +19,7 @@ CPU = torch.device("cpu")
 
 
 def setup(prepared, **options):
-    cfg = FederateConfig(data=str(prepared), method="duallora", rank=4, **options)
+    cfg = FederateConfig(data=str(prepared), method="duallora", rank=4, **{"precision": "fp32", **options})
     manifest = load_manifest(prepared)
     run_model = build_run_model(cfg, tuple(manifest.shape))
     # give every B a non-zero value so the LoRA branch (and A's gradient) is exercised

@@ -35,6 +35,7 @@ BAD_TEXT: dict[str, list[str]] = {
     "targets": ["", "q,nope"],
     "backbone": ["huge"],
     "site": ["Hospital A", "1st"],
+    "devices": ["a,b", "-1", "99"],
 }
 """Bad values of text options, by parameter name."""
 

@@ -28,6 +28,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     # ground floor: plain helpers every stage uses; they import nothing above
     ("cmrfed", "cmrfed.errors", "cmrfed.paths", "cmrfed.atomic", "cmrfed.outputs", "cmrfed.lock",
      "cmrfed.seeding", "cmrfed.faults", "cmrfed.provenance", "cmrfed.formatting", "cmrfed.templates",
+     "cmrfed.precision",  # the forward pass's precision: imports torch only
      "cmrfed.manifests"),  # the installed copy of data_manifests/ (setup.cfg package_dir)
     ("cmrfed.data", "cmrfed.model", "cmrfed.metrics"),  # readers, shards, synth; the network; metrics
     ("cmrfed.fed",),                                   # methods, client, strategy, the round loop

@@ -16,6 +16,10 @@ The runs pin CineMA's training recipe (augmented views, warm-up + cosine lr, lab
 selection on MCC) rather than take the defaults, so resume keeps being proven with the recipe on
 whatever the defaults become (this absorbed the in-process test_resume_recipe.py, whose interrupt
 was weaker than these kills).
+
+Under ``--precision bf16`` every method of the table runs a shorter chain (a fresh run killed after
+round 2's line is logged but before its checkpoint, so the resumed run recomputes round 2 in bf16;
+then ``--resume`` to the end): the bf16 forward and its cache must be just as deterministic.
 """
 
 from __future__ import annotations
@@ -43,10 +47,11 @@ OPTIONS = {"rounds": ROUNDS, "local_epochs": 1, "batch_size": 8, "rank": 2, "lr"
            "augment": "cinema", "augment_views": 2, "schedule": "cosine", "warmup_rounds": 1.0,
            "label_smoothing": 0.1, "select": "mcc"}
 
-# (method, head): every method of the table, and the ``--head local`` variant of every federated one
-CASES = [(name, "shared") for name in METHODS] + [
-    (name, "local") for name, spec in METHODS.items() if spec.federated
-]
+# (method, head, precision): every method of the table, the ``--head local`` variant of every
+# federated one, and every method again under bf16
+CASES = [(name, "shared", "fp32") for name in METHODS] + [
+    (name, "local", "fp32") for name, spec in METHODS.items() if spec.federated
+] + [(name, "shared", "bf16") for name in METHODS]
 
 KILL_CHAIN = (
     ("federate.checkpoint-write:2", False),
@@ -54,11 +59,12 @@ KILL_CHAIN = (
     ("federate.round-logged:2", True),
     ("federate.final-write:1", True),
 )
+CHAINS = {"fp32": KILL_CHAIN, "bf16": (("federate.round-logged:2", False),)}
 
 
-def _cli_args(prepared: Path, out: Path, method: str, head: str) -> list[str]:
+def _cli_args(prepared: Path, out: Path, method: str, head: str, precision: str) -> list[str]:
     args = ["federate", "--data", str(prepared), "--method", method, "--head", head,
-            "--device", "cpu", "--out", str(out)]
+            "--precision", precision, "--device", "cpu", "--out", str(out)]
     for key, value in OPTIONS.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     return args
@@ -70,16 +76,18 @@ def _evaluation(run: Path) -> tuple[dict, str]:
     return json.loads((eval_dir / "metrics.json").read_text()), (eval_dir / "predictions.csv").read_text()
 
 
-@pytest.mark.parametrize(("method", "head"), CASES, ids=[f"{m}-head_{h}" for m, h in CASES])
+@pytest.mark.parametrize(("method", "head", "precision"), CASES,
+                         ids=[f"{m}-head_{h}-{p}" for m, h, p in CASES])
 def test_resume_after_kills_at_every_point_equals_an_uninterrupted_run(small_prepared, tmp_path,
-                                                                       method, head):
+                                                                       method, head, precision):
     reference = tmp_path / "reference"
-    cfg = FederateConfig(data=str(small_prepared), method=method, head=head, **OPTIONS)
+    cfg = FederateConfig(data=str(small_prepared), method=method, head=head, precision=precision, **OPTIONS)
     inprocess.federate(cfg, reference, device="cpu", console=quiet_console())
 
     killed = tmp_path / "killed"
-    for fault, resume in KILL_CHAIN:
-        command = [sys.executable, "-m", "cmrfed.cli", *_cli_args(small_prepared, killed, method, head)]
+    for fault, resume in CHAINS[precision]:
+        command = [sys.executable, "-m", "cmrfed.cli",
+                   *_cli_args(small_prepared, killed, method, head, precision)]
         if resume:
             command.append("--resume")
         proc = subprocess.run(command, env={**os.environ, ENV: fault, "COLUMNS": "120"},
@@ -97,6 +105,7 @@ def test_resume_after_kills_at_every_point_equals_an_uninterrupted_run(small_pre
                for r in records)
     run_info = [json.loads(paths.run_config_path(r).read_text()) for r in (reference, killed)]
     assert run_info[0]["config"] == run_info[1]["config"]
+    assert run_info[0]["config"]["precision"] == precision
     assert run_info[0]["result"] == run_info[1]["result"]
     assert run_info[0]["result"]["selected_by"] == "mcc" and "best_mean_val_balanced_accuracy" in run_info[0][
         "result"]

@@ -313,3 +313,44 @@ def test_study_killed_at_every_point_resumes_to_the_uninterrupted_result(small_p
     assert _numbers(new_doc) == _numbers(ref_doc)
     record = json.loads(paths.study_record_path(new_out).read_text())
     assert record["state"] == "complete" and all(c["state"] == "complete" for c in record["cells"])
+
+
+# --- --jobs: cells in worker processes ------------------------------------------------------------
+
+
+def _same_study(out: Path, reference: Path) -> None:
+    """Every run's tensors, rounds (wall times aside), evaluation and the report's numbers."""
+    assert_same_tensors(paths.study_runs_dir(reference), paths.study_runs_dir(out))
+    assert _rounds(out) == _rounds(reference)
+    assert _eval(out) == _eval(reference)
+    docs = [json.loads((paths.study_report_dir(o) / "report.json").read_text()) for o in (out, reference)]
+    assert _numbers(docs[0]) == _numbers(docs[1])
+
+
+@pytest.mark.e2e
+def test_jobs_2_gives_the_report_of_jobs_1(toy_study, tmp_path):
+    file, serial = toy_study
+    parallel = run_study(load_study(file), tmp_path / "parallel", jobs=2, console=quiet_console())
+    assert (parallel.trained, parallel.skipped) == (12, 0)
+    _same_study(parallel.out, serial.out)
+    record = json.loads(paths.study_record_path(parallel.out).read_text())
+    assert record["jobs"] == 2 and record["state"] == "complete"
+    timings = record["timings"]  # every phase that ran is on record, workers included
+    assert {"cache", "federate", "evaluate", "compare", "report"} <= set(timings)
+    assert timings["federate"]["count"] == 12 and timings["federate"]["cpu_s"] > 0
+
+
+@pytest.mark.e2e
+def test_study_killed_while_two_workers_run_resumes_to_the_same_report(toy_study, tmp_path):
+    """SIGKILL the study process after its 2nd finished cell, while the other worker trains: the
+    workers die with it (nothing left writing), and `--resume --jobs 2` ends where a serial,
+    uninterrupted study ends."""
+    file, serial = toy_study
+    out = tmp_path / "killed"
+    killed = _study([str(file), "--out", str(out), "--jobs", "2"], "study.cell-recorded:2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    record = json.loads(paths.study_record_path(out).read_text())
+    assert sum(c["state"] == "complete" for c in record["cells"]) == 2
+    finished = _study([str(file), "--out", str(out), "--resume", "--jobs", "2"], None)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    _same_study(out, serial.out)

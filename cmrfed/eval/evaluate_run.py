@@ -82,6 +82,7 @@ def evaluate_run(
     device: str = "auto",
     console: Console | None = None,
     data: str | Path | None = None,
+    precision: str | None = None,
 ) -> EvalSummary:
     """Evaluate a finished RUN and write RUN/eval/predictions.csv and RUN/eval/metrics.json.
 
@@ -91,12 +92,13 @@ def evaluate_run(
     ``data`` points at the run's PREPARED folder when it has moved since the run (its manifest
     must be the one the run was trained on). RUN is locked while it is evaluated. A client with
     no subjects in the evaluated split has no metrics: ``absent`` says why, and ``pooled`` and
-    ``macro`` name the clients they cover.
+    ``macro`` name the clients they cover. ``precision`` overrides the run's recorded one
+    (:mod:`cmrfed.precision`); by default the run is scored as it was trained.
     """
     load_run(run)  # a missing or unfinished RUN is refused before anything (a lock) is written
     with folder_lock(run):
         return _evaluate(run, split, which, threshold, n_boot, device, console or Console(),
-                         prepared=data)
+                         prepared=data, precision=precision)
 
 
 def _prepared_of(run_path: Path, recorded: Path, data: str | Path | None) -> Path:
@@ -109,7 +111,7 @@ def _prepared_of(run_path: Path, recorded: Path, data: str | Path | None) -> Pat
 
 
 def _evaluate(run: str | Path, split: str, which: str, threshold: str, n_boot: int, device: str,
-              console: Console, prepared: str | Path | None) -> EvalSummary:
+              console: Console, prepared: str | Path | None, precision: str | None = None) -> EvalSummary:
     if split not in EVAL_SPLITS:
         raise UsageError(f"--split must be one of {', '.join(EVAL_SPLITS)}, not {split!r}")
     check_threshold(threshold)
@@ -120,8 +122,8 @@ def _evaluate(run: str | Path, split: str, which: str, threshold: str, n_boot: i
         raise DataError(f"{prepared}: not the prepared data run {info.path} was trained on "
                         "(manifest sha256 differs); evaluate against the data it used")
     shared, private = load_states(info, which)
-    cfg = info.config
     torch_device = resolve_device(device)
+    cfg = info.config.computed_in(precision, torch_device)
     run_model = build_run_model(cfg, tuple(manifest.shape))
     model = run_model.model.to(torch_device)
     clients, data = build_clients(cfg, prepared, manifest, run_model, torch_device)

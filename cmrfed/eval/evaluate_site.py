@@ -80,6 +80,7 @@ def evaluate_site(
     metrics_only: bool = False,
     device: str = "auto",
     console: Console | None = None,
+    precision: str | None = None,
 ) -> SiteResult:
     """Score one site's own model and the shared-only model on its own data; write SITE_EVAL."""
     console = console or Console()
@@ -88,7 +89,7 @@ def evaluate_site(
     check_threshold(threshold, metrics_only)
     info = load_run(run)
     torch_device = resolve_device(device)
-    run_model, base, site_data = open_site(info, client, Path(data), torch_device, SPLITS)
+    run_model, base, site_data = open_site(info, client, Path(data), torch_device, SPLITS, precision)
     spec = run_model.spec
     shared = load_shared(info, which)
     if client in info.clients:

@@ -40,7 +40,7 @@ from cmrfed.fed.methods import REFERENCE
 from cmrfed.fed.runinfo import RunInfo, load_run, load_shared, round_index, shared_path
 from cmrfed.fed.runlog import save_tensors
 from cmrfed.fed.strategy import TensorState
-from cmrfed.fed.task import RunModel, build_client, build_run_model, resolve_device, train_config
+from cmrfed.fed.task import RunModel, build_client, build_run_model, resolve_device
 from cmrfed.model.classifier import tensor_group
 from cmrfed.provenance import versions
 
@@ -95,9 +95,11 @@ def run_identity(info: RunInfo, which: str) -> dict[str, Any]:
 
 
 def open_site(info: RunInfo, client: str, prepared: Path, device: torch.device,
-              splits: tuple[str, ...]) -> tuple[RunModel, Client, dict[str, SplitTensors]]:
+              splits: tuple[str, ...], precision: str | None = None,
+              ) -> tuple[RunModel, Client, dict[str, SplitTensors]]:
     """A site's model workspace and its client, from run.json and its own PREPARED folder only
-    (its shard checked against the manifest and against the shard the run recorded, if any)."""
+    (its shard checked against the manifest and against the shard the run recorded, if any),
+    computing in ``precision`` (``None``: the run's)."""
     prepared = Path(prepared)
     manifest = load_manifest(prepared)
     if client not in manifest.clients:
@@ -107,7 +109,7 @@ def open_site(info: RunInfo, client: str, prepared: Path, device: torch.device,
     if recorded is not None and recorded != manifest.shard_sha256[client]:
         raise DataError(f"{paths.shard_path(prepared, client)}: not the shard run {info.path} recorded for "
                         f"{client!r} (sha256 differs); use the data the run was trained and split on")
-    cfg = replace(info.config, data=str(prepared.resolve()))
+    cfg = replace(info.config, data=str(prepared.resolve())).computed_in(precision, device)
     run_model = build_run_model(cfg, tuple(manifest.shape))
     run_model.model.to(device)
     base, data = build_client(cfg, prepared, manifest, client, run_model, device, splits=splits)
@@ -125,6 +127,7 @@ def adapt(
     device: str = "auto",
     overwrite: bool = False,
     console: Console | None = None,
+    precision: str | None = None,
 ) -> AdaptSummary:
     """Train ``client``'s adapted groups over RUN's frozen shared tensors; write ADAPTED."""
     console = console or Console()
@@ -142,9 +145,10 @@ def adapt(
         raise UsageError(f"{out} already exists; choose another --out"
                          + (" or pass --overwrite" if was_adapted else ""))
     torch_device = resolve_device(device)
-    run_model, base, split_data = open_site(info, client, Path(data), torch_device, ("train", "val"))
+    run_model, base, split_data = open_site(info, client, Path(data), torch_device, ("train", "val"),
+                                            precision)
     base = Client(base.name, base.index, base.spec, run_model.initial_state, base.train, base.val,
-                  replace(train_config(info.config), local_epochs=1,
+                  replace(base.config, local_epochs=1,
                           lr=info.config.lr if lr is None else lr, schedule=None),  # constant lr
                   base.seed)
     shared = load_shared(info, which)
@@ -171,6 +175,7 @@ def adapt(
         "adapted_params": int(sum(t.numel() for k, t in adapted.items() if k != REFERENCE)),
         "epochs": epochs,
         "lr": base.config.lr,
+        "precision": base.config.precision,
         "n_train": len(site.train),
         "n_val": len(val),
         "train_loss": train_loss,

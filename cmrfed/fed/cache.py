@@ -6,9 +6,10 @@ has no stochastic layers at training time). We compute them once per subject and
 across rounds, local epochs, methods and seeds; training then runs only the adapted blocks, the
 fusion norm and the head.
 
-A cache file is keyed by (backbone weights fingerprint, start block, input shape, storage dtype)
-and records the sha256 of the shard it was computed from: any change of key or shard makes a new
-file, and a stale file is never read. Files are written atomically.
+A cache file is keyed by (backbone weights fingerprint, start block, input shape, storage dtype,
+precision of the trunk's forward pass: :mod:`cmrfed.precision`) and records the sha256 of the
+shard it was computed from: any change of key or shard makes a new file, and a stale file is
+never read. Files are written atomically.
 
 Augmentation: the trunk is just as much a pure function of an *augmented* image, so K seeded
 augmented views of every training subject are cached too, in a file of their own keyed by the
@@ -38,6 +39,7 @@ from cmrfed.data.shards import load_split
 from cmrfed.errors import DataError
 from cmrfed.fed.views import row_ids
 from cmrfed.paths import feature_cache_dir
+from cmrfed.precision import FP32, autocast
 
 CACHE_FORMAT_VERSION = 1
 T = TypeVar("T")
@@ -52,12 +54,14 @@ class CacheKey:
     start_block: int
     input_shape: tuple[int, int, int]
     dtype: str
+    precision: str = FP32  # the trunk runs under bf16 autocast or in float32
 
     def digest(self) -> str:
-        text = json.dumps(
-            [CACHE_FORMAT_VERSION, self.backbone_fingerprint, self.start_block,
-             list(self.input_shape), self.dtype]
-        )
+        parts = [CACHE_FORMAT_VERSION, self.backbone_fingerprint, self.start_block,
+                 list(self.input_shape), self.dtype]
+        if self.precision != FP32:  # fp32 keys keep the digest they had before --precision
+            parts.append(self.precision)
+        text = json.dumps(parts)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -105,15 +109,17 @@ def _from_storage(array: np.ndarray, dtype: str) -> torch.Tensor:
 
 @torch.no_grad()
 def compute_trunk(
-    encoder: nn.Module, images: np.ndarray, start_block: int, device: torch.device, batch_size: int
+    encoder: nn.Module, images: np.ndarray, start_block: int, device: torch.device, batch_size: int,
+    precision: str = FP32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the frozen part of the encoder: stem, skips and blocks ``[0, start_block)``."""
     encoder.eval()
     hidden, skips = [], []
     for begin in range(0, len(images), batch_size):
         batch = torch.from_numpy(images[begin : begin + batch_size]).to(device, torch.float32)
-        h, s = encoder.embed(batch)
-        h = encoder.forward_blocks(h, 0, start_block)
+        with autocast(precision, device):
+            h, s = encoder.embed(batch)
+            h = encoder.forward_blocks(h, 0, start_block)
         hidden.append(h.cpu())
         skips.append(s.cpu())
     return torch.cat(hidden), torch.cat(skips)
@@ -137,7 +143,8 @@ def load_or_compute(
         for split in ("train", "val", "test"):
             arrays = load_split(prepared, client, split)
             if len(arrays.subject_ids):
-                hidden, skips = compute_trunk(encoder, arrays.images, key.start_block, device, batch_size)
+                hidden, skips = compute_trunk(encoder, arrays.images, key.start_block, device, batch_size,
+                                              key.precision)
             else:
                 hidden = skips = torch.zeros(0)
             computed[split] = CachedSplit(arrays.subject_ids, arrays.labels, hidden, skips,
@@ -145,7 +152,8 @@ def load_or_compute(
         return computed
 
     record = {"backbone_fingerprint": key.backbone_fingerprint, "start_block": key.start_block,
-              "input_shape": list(key.input_shape), "dtype": key.dtype}
+              "input_shape": list(key.input_shape), "dtype": key.dtype,
+              "precision": key.precision}
     return _cached(CacheFile(cache_path(prepared, key, client), prepared, shard_sha256, record),
                    lambda handle: _read_splits(handle, splits, key.dtype), compute,
                    lambda handle, computed: _write_splits(handle, computed, key.dtype))
@@ -235,7 +243,7 @@ def views_path(prepared: Path, key: ViewsKey, client: str) -> Path:
 @torch.no_grad()
 def compute_views(
     encoder: nn.Module, images: np.ndarray, seeds: torch.Tensor, spec: AugmentSpec, start_block: int,
-    device: torch.device, batch_size: int,
+    device: torch.device, batch_size: int, precision: str = FP32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden (K, n, 1 + N, D), skips (K, n, N, D)): the frozen trunk on view k of every subject,
     view k of subject i augmented from ``seeds[i, k]``."""
@@ -246,7 +254,7 @@ def compute_views(
             augment_batch(tensor[b : b + batch_size], seeds[b : b + batch_size, k].tolist(), spec)
             for b in range(0, len(tensor), batch_size)
         ])
-        h, s = compute_trunk(encoder, augmented.numpy(), start_block, device, batch_size)
+        h, s = compute_trunk(encoder, augmented.numpy(), start_block, device, batch_size, precision)
         hidden.append(h)
         skips.append(s)
     return torch.stack(hidden), torch.stack(skips)
@@ -273,7 +281,7 @@ def load_or_compute_views(
         if row_ids(arrays.subject_ids, arrays.window_subject) != subject_ids:
             raise ValueError(f"client {client!r}: the train split changed while building its views")
         return compute_views(encoder, arrays.images, seeds, key.augment, key.base.start_block, device,
-                             batch_size)
+                             batch_size, key.base.precision)
 
     def read(handle: h5py.File) -> tuple[torch.Tensor, torch.Tensor] | None:
         if tuple(s.decode() for s in handle["subject_ids"][()]) != subject_ids:

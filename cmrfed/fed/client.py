@@ -28,6 +28,7 @@ from cmrfed.fed.strategy import FitResult, TensorState
 from cmrfed.fed.views import ViewSource
 from cmrfed.model.classifier import layer_lr_scale
 from cmrfed.model.lora import set_active_adapters
+from cmrfed.precision import autocast, in_precision, resolve_precision
 from cmrfed.seeding import derive_seed
 
 
@@ -123,6 +124,7 @@ class TrainConfig:
     # the inference mixing of a method that has one (FedDPA): w = scale x mean cosine to k references
     mixing_scale: float = DEFAULT_SCALE
     mixing_k: int = DEFAULT_K
+    precision: str = "fp32"  # of the forward pass: fp32 | bf16 | auto (cmrfed/precision.py)
 
 
 PHASE_STREAM = 0x9A5  # derive_seed tag of the shuffles and view draws of a round's later phases
@@ -271,6 +273,11 @@ class Client:
         repeats an uninterrupted one exactly. With a DP plan (``self.privacy``) every phase is
         DP-SGD: Poisson batches, per-sample clipping and seeded noise (cmrfed/fed/privacy.py),
         each phase a step count of its own in the plan.
+
+        Under ``bf16`` the forward runs in bfloat16 autocast (:mod:`cmrfed.precision`); the
+        logits, the loss, the gradients of the float32 parameters, their clipping and AdamW's
+        update stay float32. DP-SGD's steps run in float32 whatever the precision (see
+        :func:`cmrfed.fed.privacy.per_sample_grads` for why); its evaluations follow the precision.
         """
         load_into(model, self._model_state())  # once: a phase trains on from the one before
         total_loss, seen = 0.0, 0
@@ -306,6 +313,7 @@ class Client:
         # phase 0 is seeded as a one-phase round always was, so those runs are unchanged
         tag = () if number == 0 else (PHASE_STREAM, number)
         generator = torch.Generator().manual_seed(derive_seed(self.seed, round_index, self.index, *tag))
+        forward = in_precision(self.train.forward, resolve_precision(cfg.precision, device), device)
         model.train()
         dp = None if self.privacy is None else self.privacy.open_round(
             model, optimizer, seed=self.seed, round_index=round_index, site_index=self.index,
@@ -335,7 +343,7 @@ class Client:
                     total_loss += float(loss) * len(batch)
                     seen += len(batch)
                     continue
-                logits = self.train.forward(model, inputs)
+                logits = forward(model, inputs)
                 loss = F.cross_entropy(logits, target, weight=weight, label_smoothing=cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -363,14 +371,17 @@ class Client:
         model.eval()
         reference = self.state.get(REFERENCE)
         mixing = MIXING_RULES[self.spec.mixing] if reference is not None and len(reference) else None
+        precision = resolve_precision(self.config.precision, device)
+        forward = in_precision(split.forward, precision, device)
         set_active_adapters(model, None)
         probs = []
         for batch in torch.arange(split.rows).split(max(self.config.batch_size, 16)):
             inputs = split.batch(batch, device)
             if mixing is None:
-                logits = split.forward(model, inputs)
-            else:  # the method's instance-wise mixing (cmrfed/fed/mixing.py)
-                logits = mixing.logits(model, split, inputs, reference, self.config.mixing_scale)
+                logits = forward(model, inputs)
+            else:  # the method's instance-wise mixing (cmrfed/fed/mixing.py), under the precision
+                with autocast(precision, device):
+                    logits = mixing.logits(model, split, inputs, reference, self.config.mixing_scale)
             probs.append(torch.softmax(logits.float(), dim=-1)[:, 1].cpu())
         set_active_adapters(model, None)
         out = torch.cat(probs).numpy() if probs else np.zeros(0, dtype=np.float32)

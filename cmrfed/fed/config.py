@@ -4,8 +4,10 @@ stages (evaluate, compare, resume) as a frozen dataclass rather than a raw dict.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
+
+import torch
 
 from cmrfed.data.augment import augment_spec
 from cmrfed.errors import UsageError
@@ -13,6 +15,8 @@ from cmrfed.fed.methods import resolve_method
 from cmrfed.fed.mixing import DEFAULT_K, DEFAULT_SCALE
 from cmrfed.fed.schedule import LrSchedule
 from cmrfed.fed.strategy import aggregation_weights
+from cmrfed.precision import CHOICES as PRECISIONS
+from cmrfed.precision import FP32, resolve_precision, storage_dtype
 
 DEFAULT_TARGETS: tuple[str, ...] = ("q", "kv", "proj", "fc1", "fc2")
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
@@ -47,7 +51,8 @@ class FederateConfig:
     seed: int = 0
     backbone: str = "tiny"
     cache: bool = True
-    cache_dtype: str = "float32"
+    cache_dtype: str | None = None  # None: follows the precision (bfloat16 under bf16, else float32)
+    precision: str = "auto"  # fp32 | bf16 | auto; run.json records it resolved (cmrfed/precision.py)
     # the training recipe of CineMA's disease-classification fine-tuning (docs/training.md)
     augment: str = "cinema"
     augment_views: int = 8
@@ -107,7 +112,9 @@ class FederateConfig:
                              "one model on every site's pooled data")
         if self.lr <= 0:
             raise UsageError("--lr must be positive")
-        if self.cache_dtype not in CACHE_DTYPES:
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES:
             raise UsageError(f"--cache-dtype must be one of {', '.join(CACHE_DTYPES)}")
         if not self.targets:
             raise UsageError(f"--targets is empty; name some of {', '.join(DEFAULT_TARGETS)}, "
@@ -134,6 +141,22 @@ class FederateConfig:
         return LrSchedule(kind=self.schedule, lr=self.lr, min_lr=self.min_lr,
                           warmup_rounds=self.warmup_rounds, rounds=self.rounds)
 
+    def resolved(self, device: torch.device) -> FederateConfig:
+        """This configuration with ``auto`` precision and the default cache dtype made concrete
+        for ``device``: what run.json records, so a resume or an evaluation computes as the run did."""
+        return self.in_precision(resolve_precision(self.precision, device))
+
+    def in_precision(self, precision: str) -> FederateConfig:
+        """This configuration in a resolved ``precision`` (its cache dtype following, if unset)."""
+        return replace(self, precision=precision, cache_dtype=self.cache_dtype or storage_dtype(precision))
+
+    def computed_in(self, precision: str | None, device: torch.device) -> FederateConfig:
+        """The run's configuration for a later stage (evaluate, adapt) computing in ``precision``
+        (``None``: the run's own, as recorded); another precision takes its own cache dtype."""
+        if precision is None:
+            return self.resolved(device)
+        return replace(self, precision=precision, cache_dtype=None).resolved(device)
+
     @property
     def effective_local_rank(self) -> int:
         return self.local_rank if self.local_rank is not None else self.rank
@@ -153,6 +176,7 @@ class FederateConfig:
         values = {k: v for k, v in raw.items() if k in known}
         if not any(k in raw for k in RECIPE_BEFORE_OPTIONS):
             values = {**RECIPE_BEFORE_OPTIONS, **values}
+        values.setdefault("precision", FP32)  # a run from before --precision computed in float32
         if "targets" in values:
             values["targets"] = tuple(values["targets"])
         return cls(**values)

@@ -268,6 +268,7 @@ def _identity(site: _Site) -> ConfigRecord:
         "fingerprint": site.run_model.fingerprint,
         "depth": site.run_model.depth,
         "start_block": site.run_model.start_block,
+        "precision": site.cfg.resolved(site.device).precision,  # `auto` as this site resolves it
         "analytic_params": analytic_params_per_message(site.run_model, site.cfg),
         "manifest_sha256": site.manifest.sha256,
         "shard_sha256": site.manifest.shard_sha256[site.client.name],
@@ -441,11 +442,12 @@ def _identify(replies: Mapping[int, Message]) -> list[SiteInfo]:
     names = [s.client for s in sites]
     if len(set(names)) != len(names):
         raise UsageError(f"two SuperNodes claim the same client ({sorted(names)}); give each site its own")
-    for key in ("fingerprint", "depth", "start_block", "analytic_params"):
+    for key in ("fingerprint", "depth", "start_block", "analytic_params", "precision"):
         values = {s.client: s.info[key] for s in sites}
         if len(set(values.values())) != 1:
             raise DataError(f"sites disagree on the model ({key}: {values}); every site needs the same "
-                            "backbone, input shape and cmrfed version")
+                            "backbone, input shape, precision (give --precision fp32 or bf16 when their "
+                            "devices resolve auto differently) and cmrfed version")
     return sorted(sites, key=lambda s: (s.index, s.client))
 
 
@@ -458,7 +460,7 @@ def _run_json(cfg: FederateConfig, spec: MethodSpec, sites: list[SiteInfo],
     except metadata.PackageNotFoundError:  # pragma: no cover - the ServerApp runs under Flower
         flwr_version = "unknown"
     return run_record(
-        cfg, spec,
+        cfg.in_precision(str(first["precision"])), spec,  # the precision the sites resolved
         created_by="cmrfed flower run",
         data={"prepared": cfg.data, "manifest_sha256": manifests.pop() if len(manifests) == 1 else None,
               "shard_sha256": {s.client: s.info["shard_sha256"] for s in sites}},

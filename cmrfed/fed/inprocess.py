@@ -191,12 +191,13 @@ def _federate_into(
     out = Path(out)
     prepared = Path(cfg.data)
     manifest = load_manifest(prepared)
+    torch_device = resolve_device(device)
+    cfg = cfg.resolved(torch_device)  # run.json records the precision this device resolved
     if resume:
         _check_resume(cfg, out)
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"{out} already exists; pass --resume to continue it, --overwrite to "
                          "replace it, or choose another --out")
-    torch_device = resolve_device(device)
 
     run_model = build_run_model(cfg, tuple(manifest.shape))
     model = run_model.model.to(torch_device)

@@ -543,6 +543,15 @@ def per_sample_grads(model: nn.Module, params: Mapping[str, nn.Parameter], forwa
 
     ``vmap`` runs the forward on one sample at a time (batch of 1) in a single batched pass, so a
     sample's gradient cannot see another sample; frozen tensors stay the model's own.
+
+    The per-sample pass runs in float32 even under ``--precision bf16`` (the client passes its
+    forward without autocast), for two reasons. DP-SGD's guarantee rests on every sample's clipped
+    gradient having norm at most C, and Opacus computes the norms and clip factors from these
+    tensors: bfloat16 gradients (8-bit mantissa) would put each norm off by up to ~0.4 % per
+    element, so a "clipped" gradient could exceed C and the calibrated noise would no longer
+    cover it. And ``vmap(grad)`` of an autocast forward fails in the backward (torch 2.13:
+    "expected scalar type Float but found BFloat16"). tests/test_precision.py checks that a DP run
+    trains under bf16 and that its per-sample gradients are float32 and clip to C.
     """
     bound = _Bound(model, forward)
     names = tuple(params)

@@ -50,6 +50,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def parse_devices(text: str | None) -> tuple[int, ...]:
+    """``--devices 0,1`` -> (0, 1); None or empty -> ()."""
+    if not text:
+        return ()
+    try:
+        devices = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise UsageError(f"--devices {text!r}: give CUDA device indices like 0,1") from exc
+    if not devices or min(devices) < 0:
+        raise UsageError(f"--devices {text!r}: give CUDA device indices like 0,1")
+    return devices
+
+
 def build_run_model(cfg: FederateConfig, input_shape: tuple[int, int, int]) -> RunModel:
     """Backbone + LoRA adapters of the method + head, all initialised from the run seed.
 
@@ -97,12 +110,7 @@ def load_client_data(
     """A client's splits as model inputs: cached trunk features when the cache is on (and there
     is a frozen trunk to cache), raw images otherwise."""
     if uses_cache(cfg, run_model):
-        key = CacheKey(
-            backbone_fingerprint=run_model.fingerprint,
-            start_block=run_model.start_block,
-            input_shape=tuple(manifest.shape),
-            dtype=cfg.cache_dtype,
-        )
+        key = cache_key(cfg, run_model, manifest, device)
         cached = load_or_compute(
             prepared, client, splits, manifest.shard_sha256[client],
             run_model.model.backbone, key, device,
@@ -118,6 +126,15 @@ def load_client_data(
         out[name] = split_tensors(arrays.subject_ids, arrays.labels, arrays.window_subject,
                                   (torch.from_numpy(arrays.images),))
     return out
+
+
+def cache_key(cfg: FederateConfig, run_model: RunModel, manifest: Manifest, device: torch.device) -> CacheKey:
+    """The key of the run's plain trunk features: its precision resolved for ``device``."""
+    resolved = cfg.resolved(device)
+    assert resolved.cache_dtype is not None  # resolved() sets it
+    return CacheKey(backbone_fingerprint=run_model.fingerprint, start_block=run_model.start_block,
+                    input_shape=tuple(manifest.shape), dtype=resolved.cache_dtype,
+                    precision=resolved.precision)
 
 
 def uses_cache(cfg: FederateConfig, run_model: RunModel) -> bool:
@@ -147,7 +164,7 @@ def train_views(
         raise UsageError("--augment-views 0 (a fresh augmentation every step) cannot use the feature "
                          "cache; pass --no-cache, or cache K >= 1 views")
     key = ViewsKey(
-        base=CacheKey(run_model.fingerprint, run_model.start_block, tuple(manifest.shape), cfg.cache_dtype),
+        base=cache_key(cfg, run_model, manifest, device),
         augment=spec, n_views=cfg.augment_views, augment_seed=cfg.augment_seed,
     )
 
@@ -163,7 +180,8 @@ def train_config(cfg: FederateConfig) -> TrainConfig:
     return TrainConfig(local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                        weight_decay=cfg.weight_decay, class_balanced=cfg.class_balanced,
                        label_smoothing=cfg.label_smoothing, schedule=cfg.lr_schedule,
-                       layer_decay=cfg.layer_decay, mixing_scale=cfg.feddpa_scale, mixing_k=cfg.feddpa_k)
+                       layer_decay=cfg.layer_decay, mixing_scale=cfg.feddpa_scale, mixing_k=cfg.feddpa_k,
+                       precision=cfg.precision)
 
 
 def build_client(

@@ -38,6 +38,7 @@ NOT_STUDY_KEYS = {
     "prepare": {"out": "the study prepares into STUDY/prepared",
                 "overwrite": "pass --overwrite to `cmrfed study`"},
     "evaluate": {"device": "pass --device to `cmrfed study` or set device in [federate]",
+                 "precision": "set precision in [federate]: a study scores each run in its own precision",
                  **dict.fromkeys(("client", "private", "data", "out", "metrics-only", "merge",
                                   "member-run"),
                                  "a study evaluates every site of its own runs; site-by-site "
@@ -49,7 +50,8 @@ NOT_STUDY_KEYS = {
               "out": "the study writes STUDY/newcomers/",
               "round": "a site adapts over the round [evaluate] round names, the one it is scored on",
               "overwrite": "pass --overwrite to `cmrfed study`",
-              "device": "pass --device to `cmrfed study` or set device in [federate]"},
+              "device": "pass --device to `cmrfed study` or set device in [federate]",
+              "precision": "set precision in [federate]: a site adapts in its run's precision"},
 }
 EVALUATE_KEYS = ("split", "which", "threshold", "n_boot")
 DATA_KEYS = ("prepared",)

@@ -32,6 +32,7 @@ from cmrfed.fed.adapt import adapt, run_identity
 from cmrfed.fed.runinfo import load_run
 from cmrfed.study.config import StudyConfig
 from cmrfed.study.plan import Cell
+from cmrfed.study.timing import PhaseTimes
 
 HELD_OUT, ADAPTED, ADAPTED_EVAL = "held-out", "adapted", "adapted-eval"
 
@@ -79,8 +80,10 @@ def _adapted(folder: Path, identity: dict[str, Any], epochs: int, lr: float) -> 
 
 
 def score_newcomer(newcomer: Newcomer, run: Path, prepared: Path, study: StudyConfig, device: str,
-                   console: Console) -> bool:
-    """Make (or keep) the three folders of ``newcomer``; True when anything was computed."""
+                   console: Console, times: PhaseTimes | None = None) -> bool:
+    """Make (or keep) the three folders of ``newcomer``; True when anything was computed.
+    ``times`` gets the scoring as ``evaluate`` and the adaptation as ``adapt``."""
+    times = times or PhaseTimes()
     info = load_run(run)
     which = study.evaluate["which"]
     identity = run_identity(info, which)
@@ -90,17 +93,21 @@ def score_newcomer(newcomer: Newcomer, run: Path, prepared: Path, study: StudyCo
     lr = info.config.lr if study.adapt["lr"] is None else float(study.adapt["lr"])
     site, worked = newcomer.site, False
     if not _scored(newcomer.held_out, identity, study.evaluate):
-        evaluate_site(run, site, prepared, out=newcomer.held_out, **options)
+        with times.phase("evaluate"):
+            evaluate_site(run, site, prepared, out=newcomer.held_out, **options)
         worked = True
     fresh = not _adapted(newcomer.adapted, identity, epochs, lr)
     if fresh:
         console.print(f"{newcomer.cell.name}: {site} adapts its own adapter ({epochs} epochs)",
                       highlight=False)
-        adapt(run, site, prepared, newcomer.adapted, which=which, epochs=epochs, lr=lr, device=device,
-              overwrite=True, console=Console(quiet=True))
+        with times.phase("adapt"):
+            adapt(run, site, prepared, newcomer.adapted, which=which, epochs=epochs, lr=lr, device=device,
+                  overwrite=True, console=Console(quiet=True))
         fault_point("study.newcomer-adapted")
         worked = True
     if fresh or not _scored(newcomer.adapted_eval, identity, study.evaluate):
-        evaluate_site(run, site, prepared, private=newcomer.adapted, out=newcomer.adapted_eval, **options)
+        with times.phase("evaluate"):
+            evaluate_site(run, site, prepared, private=newcomer.adapted, out=newcomer.adapted_eval,
+                          **options)
         worked = True
     return worked

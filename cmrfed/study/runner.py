@@ -10,14 +10,17 @@ been evaluated with the study's evaluate options. With ``--resume`` such cells a
 interrupted cell continues from its last checkpointed round (``federate --resume``), and every
 later step is redone from the runs, so the outputs equal those of an uninterrupted study.
 
-All cells read one PREPARED folder, so the frozen-trunk cache (keyed by backbone fingerprint and
-first adapted block) is computed once per (backbone, blocks) and shared by every method and rank.
+All cells read one PREPARED folder, so the frozen-trunk cache (keyed by backbone fingerprint,
+first adapted block and precision) is computed once per (backbone, blocks), before any cell runs,
+and shared by every method and rank. ``--jobs N`` runs the cells in N worker processes
+(:mod:`cmrfed.study.cells`); the report is the same. The time of every phase is printed at the end
+and recorded in study.json (:mod:`cmrfed.study.timing`).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,22 +32,34 @@ from rich.text import Text
 from cmrfed import __version__, paths
 from cmrfed import options as declared
 from cmrfed.atomic import read_json_or_none, write_json
-from cmrfed.data.shards import load_manifest
+from cmrfed.data.shards import Manifest, load_manifest
 from cmrfed.errors import UsageError
-from cmrfed.eval.evaluate_run import evaluate_run
 from cmrfed.eval.report import compare_runs
 from cmrfed.faults import fault_point
-from cmrfed.fed.inprocess import federate
+from cmrfed.fed.task import parse_devices, resolve_device
 from cmrfed.lock import folder_lock
 from cmrfed.model.cinema import SIZES, backbone_fingerprint, load_backbone
 from cmrfed.outputs import STUDY, replacing
+from cmrfed.study.cells import (
+    COMPLETE,
+    PENDING,
+    TRAINED,
+    TRAINING,
+    CellDone,
+    CellJob,
+    CellPool,
+    build_caches,
+    cell_device,
+    run_cell,
+    startup_cpu,
+)
 from cmrfed.study.config import StudyConfig, grid_settings
-from cmrfed.study.newcomers import Newcomer, score_newcomer
+from cmrfed.study.newcomers import Newcomer
 from cmrfed.study.plan import Cell, config_key, member_cell, plan_cells, plan_participation, setting_name
 from cmrfed.study.report import StudyReport, write_study_report
+from cmrfed.study.timing import PhaseTimes
 
 STUDY_FORMAT_VERSION = 1
-PENDING, TRAINING, TRAINED, COMPLETE = "pending", "training", "trained", "complete"
 
 
 @dataclass(frozen=True)
@@ -58,7 +73,8 @@ class StudyResult:
 # --- inputs ------------------------------------------------------------------------------------
 
 
-def _prepare_data(study: StudyConfig, out: Path, record: dict[str, Any], console: Console) -> Path:
+def _prepare_data(study: StudyConfig, out: Path, record: dict[str, Any], console: Console,
+                  times: PhaseTimes) -> Path:
     """The PREPARED folder of the study; prepares the raw datasets first when the study says so."""
     if study.prepared is not None:
         return Path(study.prepared)
@@ -72,8 +88,9 @@ def _prepare_data(study: StudyConfig, out: Path, record: dict[str, Any], console
         console.print(f"prepared data: {target} (already prepared with these options)", highlight=False)
         return target
     console.print(Rule("prepare: the raw datasets into per-vendor shards"))
-    prepare(declared.prepare_options({**(study.prepare or {}), "out": str(target), "overwrite": True}),
-            console=console)
+    with times.phase("prepare"):
+        prepare(declared.prepare_options({**(study.prepare or {}), "out": str(target), "overwrite": True}),
+                console=console)
     record["prepared_with"] = wanted
     return target
 
@@ -224,19 +241,36 @@ def _duration(seconds: float) -> str:
 
 
 def run_study(study: StudyConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-              device: str | None = None, console: Console | None = None) -> StudyResult:
-    """Run (or continue) the study into OUT and write its report; OUT is locked throughout."""
+              device: str | None = None, jobs: int = 1, devices: str | None = None,
+              console: Console | None = None, times: PhaseTimes | None = None) -> StudyResult:
+    """Run (or continue) the study into OUT and write its report; OUT is locked throughout.
+
+    ``jobs`` cells run at once in worker processes (1: in this process), on the CUDA devices
+    ``devices`` names (``"0,1"``) round robin; ``times`` collects the phases' times (the demo
+    passes the synth phase in)."""
     console = console or Console()
     out = Path(out).resolve()
+    if jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {jobs}")
+    gpus = parse_devices(devices)
+    times = times or PhaseTimes()
     with folder_lock(out):
         if overwrite and not resume and out.exists() and any(out.iterdir()):
             with replacing(out, STUDY, overwrite):  # the old study is kept until the new one is complete
-                return _run_study(study, out, resume, overwrite, device, console)
-        return _run_study(study, out, resume, overwrite, device, console)
+                return _run_study(study, out, resume, overwrite, device, jobs, gpus, console, times)
+        return _run_study(study, out, resume, overwrite, device, jobs, gpus, console, times)
+
+
+def _resolved(cells: tuple[Cell, ...], device: str) -> tuple[Cell, ...]:
+    """The cells with their precision resolved for the study's device, as their run.json records
+    it (a cell is found complete by comparing configurations)."""
+    torch_device = resolve_device(device)
+    return tuple(replace(c, config=c.config.resolved(torch_device)) for c in cells)
 
 
 def _run_study(study: StudyConfig, out: Path, resume: bool, overwrite: bool, device: str | None,
-               console: Console) -> StudyResult:
+               jobs: int, gpus: tuple[int, ...], console: Console, times: PhaseTimes) -> StudyResult:
+    started_at = time.perf_counter()
     previous = _start(out, resume, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     device = device or study.device
@@ -245,18 +279,16 @@ def _run_study(study: StudyConfig, out: Path, resume: bool, overwrite: bool, dev
         "config": study.to_dict(), "state": "running",
         "prepared_with": previous.get("prepared_with"),
     }
-    prepared = _prepare_data(study, out, record, console)
+    prepared = _prepare_data(study, out, record, console, times)
     manifest = load_manifest(prepared)
-    grid = plan_cells(study, prepared.resolve())
-    for site in study.holdout:
-        if site not in manifest.clients:
-            raise UsageError(f"{study.source}: [participation] holdout = {site!r} is not a site of "
-                             f"{paths.manifest_path(prepared)}; choose among {', '.join(manifest.clients)}")
+    grid = _resolved(plan_cells(study, prepared.resolve()), device)
+    _check_holdout(study, manifest, prepared)
     newcomers = {c.name: Newcomer(c, member_cell(c, grid), paths.study_newcomer_dir(out, c.name))
-                 for c in plan_participation(study, prepared.resolve())}
+                 for c in _resolved(plan_participation(study, prepared.resolve()), device)}
     cells = grid + tuple(n.cell for n in newcomers.values())
     fingerprints = _fingerprints(cells, tuple(manifest.shape))
     record["inputs"] = {"prepared": str(prepared.resolve()), "manifest_sha256": manifest.sha256}
+    record["jobs"] = jobs
     index = _run_index(paths.study_runs_dir(out))
     def fingerprint(cell: Cell) -> str:
         return fingerprints[(cell.config.backbone, cell.config.seed)]
@@ -269,61 +301,110 @@ def _run_study(study: StudyConfig, out: Path, resume: bool, overwrite: bool, dev
     def save(state: str = "running") -> None:
         record["state"] = state
         record["cells"] = [cell_records[c.name] for c in cells]
+        record["timings"] = times.to_dict()
         write_json(paths.study_record_path(out), record)
 
     save()
+    todo = [CellJob(cell, found[cell.name].run, found[cell.name].state, cell_device(device, gpus, position),
+                    study, prepared, newcomers.get(cell.name))
+            for position, cell in enumerate(cells)
+            if found[cell.name].state != COMPLETE or cell.name in newcomers]  # newcomers: check its scores
+    if any(job.state in (PENDING, TRAINING) for job in todo):
+        with times.phase("cache"):  # once, before any cell (and any worker) reads it
+            build_caches(tuple(job.cell for job in todo), prepared, manifest, device)
     progress = _StudyProgress(len(cells))
     progress.done = sum(f.state == COMPLETE for f in found.values())
     skipped = progress.done
     trained = 0
+
+    def finished(done: CellDone) -> None:
+        nonlocal trained
+        times.merge(done.times)
+        if found[done.name].state == COMPLETE:  # a complete participation cell: scores checked
+            return
+        trained += done.trained
+        found[done.name].state = COMPLETE
+        cell_records[done.name].update(state=COMPLETE, wall_s=done.wall_s)
+        save()
+        fault_point("study.cell-recorded")
+        progress.done += 1
+        progress.timed.append(done.wall_s)
+
     with Live(progress, console=console, refresh_per_second=2, transient=False, redirect_stdout=False,
               redirect_stderr=False) as live:
-        for cell in cells:
-            where = found[cell.name]
-            if where.state == COMPLETE:
-                if cell.name in newcomers:  # its site's scores may be missing or stale
-                    score_newcomer(newcomers[cell.name], where.run, prepared, study, device, console)
-                continue
-            progress.current = cell.name
-            live.refresh()
-            console.print(Rule(f"{cell.name}" + (f" ({where.note})" if where.note else "")))
-            started = time.monotonic()
-            if where.state in (PENDING, TRAINING):
-                resuming = where.state == TRAINING
-                cell_records[cell.name]["state"] = TRAINING
-                save()
-                federate(cell.config, where.run, device=device, resume=resuming,
-                         overwrite=not resuming, console=console)
-                trained += 1
-                where.state = TRAINED
-                cell_records[cell.name]["state"] = TRAINED
-                fault_point("study.cell-trained")
-                save()
-            evaluate_run(where.run, device=device, console=Console(quiet=True), **study.evaluate)
-            fault_point("study.cell-evaluated")
-            if cell.name in newcomers:
-                score_newcomer(newcomers[cell.name], where.run, prepared, study, device, console)
-            wall = time.monotonic() - started
-            where.state = COMPLETE
-            cell_records[cell.name].update(state=COMPLETE, wall_s=wall)
+        if jobs == 1:
+            for job in todo:
+                _run_here(job, found[job.cell.name], cell_records, save, progress, live, console, finished)
+        elif todo:
+            for job in todo:
+                if job.state in (PENDING, TRAINING):
+                    cell_records[job.cell.name]["state"] = TRAINING
             save()
-            progress.done += 1
-            progress.timed.append(wall)
-            live.refresh()
+            _run_pool(todo, jobs, progress, live, console, finished, times)
         progress.current = "comparing and writing the report"
         live.refresh()
-        comparisons = {}
-        for blocks, rank in grid_settings(study):
-            runs = [found[c.name].run for c in grid if c.setting == (blocks, rank)]
-            name = setting_name(blocks, rank)
-            comparisons[(blocks, rank)] = compare_runs(
-                runs, study.compare["test"], reference=study.compare["reference"],
-                metric=study.compare["metric"], out=paths.study_compare_dir(out, name), overwrite=True,
-                console=Console(quiet=True))
-        report = write_study_report(study, out, {c.name: found[c.name].run for c in cells}, grid,
-                                    comparisons, tuple(newcomers.values()))
+        with times.phase("compare"):
+            comparisons = _compare_settings(study, out, grid, found)
+        with times.phase("report"):
+            report = write_study_report(study, out, {c.name: found[c.name].run for c in cells}, grid,
+                                        comparisons, tuple(newcomers.values()))
         progress.current = "done"
     save("complete")
+    elapsed = time.perf_counter() - started_at
+    console.print(times.table(f"Where the time went (this invocation, --jobs {jobs})", elapsed))
     console.print(f"\nstudy: {len(cells)} cells ({skipped} already complete, {trained} trained now); "
                   f"report: [bold]{report.html}[/]", highlight=False)
     return StudyResult(out, report, trained, skipped)
+
+
+def _check_holdout(study: StudyConfig, manifest: Manifest, prepared: Path) -> None:
+    for site in study.holdout:
+        if site not in manifest.clients:
+            raise UsageError(f"{study.source}: [participation] holdout = {site!r} is not a site of "
+                             f"{paths.manifest_path(prepared)}; choose among {', '.join(manifest.clients)}")
+
+
+def _run_pool(todo: list[CellJob], jobs: int, progress: _StudyProgress, live: Live, console: Console,
+              finished: Any, times: PhaseTimes) -> None:
+    """The cells to do in ``jobs`` worker processes (``--jobs`` above 1)."""
+    progress.current = f"{min(jobs, len(todo))} workers"
+    live.refresh()
+    results = []
+    for done in CellPool(min(jobs, len(todo))).run(todo):
+        results.append(done)
+        finished(done)
+        console.print(f"{done.name}: done in {done.wall_s:.0f}s", highlight=False)
+        live.refresh()
+    times.add("workers (start-up)", 0.0, startup_cpu(results), len({r.pid for r in results}))
+
+
+def _compare_settings(study: StudyConfig, out: Path, grid: tuple[Cell, ...],
+                      found: dict[str, _Found]) -> dict[tuple[Any, int], Any]:
+    """The comparison of each (blocks, rank) setting's runs, written under STUDY/compare/."""
+    comparisons = {}
+    for blocks, rank in grid_settings(study):
+        runs = [found[c.name].run for c in grid if c.setting == (blocks, rank)]
+        comparisons[(blocks, rank)] = compare_runs(
+            runs, study.compare["test"], reference=study.compare["reference"],
+            metric=study.compare["metric"], out=paths.study_compare_dir(out, setting_name(blocks, rank)),
+            overwrite=True, console=Console(quiet=True))
+    return comparisons
+
+
+def _run_here(job: CellJob, where: _Found, cell_records: dict[str, dict[str, Any]], save: Any,
+              progress: _StudyProgress, live: Live, console: Console, finished: Any) -> None:
+    """One cell in this process, its state recorded as it goes (``--jobs 1``)."""
+    if job.state != COMPLETE:
+        progress.current = job.cell.name
+        live.refresh()
+        console.print(Rule(f"{job.cell.name}" + (f" ({where.note})" if where.note else "")))
+        if job.state in (PENDING, TRAINING):
+            cell_records[job.cell.name]["state"] = TRAINING
+            save()
+
+    def trained() -> None:
+        where.state = TRAINED
+        cell_records[job.cell.name]["state"] = TRAINED
+        save()
+
+    finished(run_cell(job, console, on_trained=trained))

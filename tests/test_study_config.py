@@ -11,7 +11,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from cmrfed.cli import cli, federate_config
+from cmrfed.cli import cli
+from cmrfed.options import federate_config
 from cmrfed.errors import UsageError
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.methods import METHODS

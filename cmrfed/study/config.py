@@ -21,6 +21,7 @@ from typing import Any
 
 import click
 
+from cmrfed import options as declared
 from cmrfed.errors import UsageError
 from cmrfed.fed.config import FederateConfig
 
@@ -112,10 +113,8 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _command(name: str) -> click.Command:
-    from cmrfed.cli import cli  # the study's keys are the commands' options: read them there
-
-    command = cli.commands[name]
-    return command
+    """The command whose options a study table holds (the same parameters as the CLI's)."""
+    return declared.parser(name)
 
 
 def _options(command: click.Command) -> dict[str, click.Option]:
@@ -224,15 +223,13 @@ def _is_file_path(backbone: str) -> bool:
 def _federate_config(source: str, where: str, options: Mapping[str, Any], overrides: Mapping[str, Any],
                      key: str) -> FederateConfig:
     """Run the federate command's own conversion; errors name ``where`` / ``key``."""
-    from cmrfed.cli import federate_config
-
     merged = {**options, **overrides}
     merged.pop("device", None)
     merged.pop("out", None)
     merged.pop("resume", None)
     merged.pop("overwrite", None)
     try:
-        return federate_config(merged)
+        return declared.federate_config(merged)
     except UsageError as exc:
         raise UsageError(f"{source}: [{where}] {key}: {exc}") from exc
 
@@ -309,10 +306,8 @@ def parse_study(text: str, source: str, base_dir: Path) -> StudyConfig:
         prepare_options.pop("overwrite")
         if not any(prepare_options[k] for k in ("acdc", "mnms", "mnms2")):
             raise UsageError(f"{source}: [prepare] names no dataset; give acdc, mnms and/or mnms2")
-        from cmrfed.cli import prepare_options as to_prepare_options
-
         try:  # the triples and split are checked by the prepare command's own conversion
-            to_prepare_options({**prepare_options, "out": "-", "overwrite": False})
+            declared.prepare_options({**prepare_options, "out": "-", "overwrite": False})
         except (UsageError, click.BadParameter) as exc:
             message = exc.format_message() if isinstance(exc, click.BadParameter) else str(exc)
             raise UsageError(f"{source}: [prepare]: {message}") from exc

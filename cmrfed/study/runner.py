@@ -27,6 +27,7 @@ from rich.rule import Rule
 from rich.text import Text
 
 from cmrfed import __version__, paths
+from cmrfed import options as declared
 from cmrfed.atomic import read_json_or_none, write_json
 from cmrfed.data.shards import load_manifest
 from cmrfed.errors import UsageError
@@ -61,7 +62,6 @@ def _prepare_data(study: StudyConfig, out: Path, record: dict[str, Any], console
     """The PREPARED folder of the study; prepares the raw datasets first when the study says so."""
     if study.prepared is not None:
         return Path(study.prepared)
-    from cmrfed.cli import prepare_options
     from cmrfed.data.prepare import prepare
 
     target = paths.study_prepared_dir(out)
@@ -72,7 +72,7 @@ def _prepare_data(study: StudyConfig, out: Path, record: dict[str, Any], console
         console.print(f"prepared data: {target} (already prepared with these options)", highlight=False)
         return target
     console.print(Rule("prepare: the raw datasets into per-vendor shards"))
-    prepare(prepare_options({**(study.prepare or {}), "out": str(target), "overwrite": True}),
+    prepare(declared.prepare_options({**(study.prepare or {}), "out": str(target), "overwrite": True}),
             console=console)
     record["prepared_with"] = wanted
     return target

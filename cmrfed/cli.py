@@ -56,14 +56,15 @@ def cli() -> None:
 
 
 @cli.command(params=[*declared.SYNTH])
-def synth(out: str, seed: int, subjects: int, shape: str, frames: int | None,
-          overwrite: bool) -> None:
+def synth(out: str, seed: int, subjects: int, shape: str, frames: int | None, appearance: float,
+          label_shift: float, concept_shift: float, overwrite: bool) -> None:
     """Write a synthetic multi-vendor cine CMR cohort in the ACDC / M&Ms-1 / M&Ms-2 layouts."""
-    from cmrfed.data.synth import cohort_table, write_synthetic_cohort
+    from cmrfed.data.synth import Heterogeneity, cohort_table, write_synthetic_cohort
 
+    dial = Heterogeneity(appearance, label_shift, concept_shift)
     summary = write_synthetic_cohort(out, seed=seed, subjects=subjects,
                                      shape=declared.int_triple(shape, "--shape"), frames=frames,
-                                     overwrite=overwrite)
+                                     overwrite=overwrite, dial=dial)
     Console().print(cohort_table(summary))
 
 

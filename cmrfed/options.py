@@ -55,6 +55,16 @@ SYNTH: list[click.Parameter] = [
     click.Option(["--shape"], default="96,96,8", show_default=True,
                  help="Nominal matrix x,y,z (each vendor's protocol scales it)."),
     click.Option(["--frames"], default=None, type=int, help="Cine frames for all [per-vendor range]."),
+    click.Option(["--appearance"], default=1.0, show_default=True, type=float,
+                 help="Heterogeneity dial: how far each vendor's image chain (contrast curve, SNR, bias "
+                      "field, resolution) departs from a common one; 0 alike, 1 today's vendors."),
+    click.Option(["--label-shift"], default=1.0, show_default=True, type=float,
+                 help="Heterogeneity dial: how far each site's normal/abnormal mix departs from the "
+                      "pooled mix; 0 alike, 1 the real per-vendor mixes."),
+    click.Option(["--concept-shift"], default=0.0, show_default=True, type=float,
+                 help="Heterogeneity dial: how far each site's wall-thickness cut-off for an abnormal "
+                      "heart departs from the common one; 0 one rule everywhere (today's cohort), 1 a "
+                      "realistic spread of centres' criteria."),
     click.Option(["--overwrite"], is_flag=True, help="Replace an existing OUT folder."),
 ]
 

@@ -27,6 +27,14 @@ from rich.table import Table
 
 from cmrfed import paths
 from cmrfed.atomic import atomic_dir, write_json
+from cmrfed.data.synth_dial import (
+    OPTION_NAMES,
+    REALISTIC,
+    Heterogeneity,
+    apply_concept_shift,
+    dial_record,
+    looks_at,
+)
 from cmrfed.data.synth_phantom import (
     ARCHETYPES,
     LOOKS,
@@ -50,6 +58,7 @@ from cmrfed.data.synth_plan import (
     SynthSummary,
     _label,
     _Planned,
+    label_shift,
     plan_cohort,
     read_synth_summary,
 )
@@ -68,8 +77,9 @@ from cmrfed.provenance import versions
 
 __all__ = [
     "ARCHETYPES", "ARCHETYPE_OF", "DATASETS", "LABEL_NUMBERS", "LOOKS", "MAX_SUBJECTS", "MIN_SUBJECTS",
-    "NORMAL", "Archetype", "DuplicatePair", "ScannerLook", "SynthSubject", "SynthSummary", "cohort_table",
-    "contraction_curve", "plan_cohort", "read_synth_summary", "write_synthetic_cohort",
+    "NORMAL", "REALISTIC", "Archetype", "DuplicatePair", "Heterogeneity", "ScannerLook", "SynthSubject",
+    "SynthSummary", "cohort_table", "contraction_curve", "plan_cohort", "read_synth_summary",
+    "write_synthetic_cohort",
 ]
 
 _WRITERS = {"acdc": _write_acdc, "mnms": _write_mnms, "mnms2": _write_mnms2}
@@ -77,10 +87,10 @@ _WORKERS = min(4, os.cpu_count() or 1)  # numpy and zlib release the GIL: thread
 
 
 def _write_subject(root: Path, seed: int, planned: _Planned, shape: tuple[int, int, int],
-                   frames: int | None) -> tuple[int, int]:
+                   frames: int | None, looks: dict[str, ScannerLook]) -> tuple[int, int]:
     """Render and write one subject; return its 0-based ED and ES indices (for the CSVs)."""
     dataset = planned.subject.dataset
-    rendered = _render_subject(seed, planned, shape, frames, long_axis=dataset == "mnms2")
+    rendered = _render_subject(seed, planned, shape, frames, long_axis=dataset == "mnms2", looks=looks)
     _WRITERS[dataset](root, planned, rendered)
     return rendered.ed, rendered.es
 
@@ -100,22 +110,27 @@ def _check_options(seed: int, subjects: int, shape: Sequence[int], frames: int |
 
 def write_synthetic_cohort(out: str | Path, seed: int = 0, subjects: int = 24,
                            shape: tuple[int, int, int] = (96, 96, 8), frames: int | None = None,
-                           overwrite: bool = False) -> SynthSummary:
+                           overwrite: bool = False, dial: Heterogeneity | None = None) -> SynthSummary:
     """Write the ACDC, M&Ms-1 and M&Ms-2 trees of a synthetic cohort under ``out``, atomically.
 
     ``subjects`` is per dataset; ``shape`` is the nominal matrix (each vendor's protocol scales it
-    and changes the slice count); ``frames`` fixes the cine length (default: per vendor). The
-    same seed gives byte-identical files. An existing ``out`` is refused unless ``overwrite``.
+    and changes the slice count); ``frames`` fixes the cine length (default: per vendor); ``dial``
+    sets how far the sites differ (cmrfed/data/synth_dial.py; default: today's cohort). The
+    same seed and dial give byte-identical files. An existing ``out`` is refused unless ``overwrite``.
     """
     _check_options(seed, subjects, shape, frames)
+    dial = dial or Heterogeneity()
     shape = (int(shape[0]), int(shape[1]), int(shape[2]))
-    planned, duplicate = plan_cohort(seed, subjects)
+    planned, duplicate = plan_cohort(seed, subjects, dial.label_shift)
+    planned, relabelled = apply_concept_shift(planned, seed, dial.concept_shift)
+    looks = looks_at(dial.appearance)
+    record = dial_record(dial, label_shift(subjects, dial.label_shift).pooled, looks, relabelled)
     summary = SynthSummary(Path(out), seed, subjects, shape,
-                           tuple(p.subject for p in planned), duplicate)
+                           tuple(p.subject for p in planned), duplicate, record)
     with folder_lock(out), atomic_dir(out, overwrite=overwrite, kind=COHORT) as tmp:
         # Each subject renders from its own random streams, so the worker order changes nothing.
         with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
-            frames_of = list(pool.map(lambda entry: _write_subject(tmp, seed, entry, shape, frames),
+            frames_of = list(pool.map(lambda entry: _write_subject(tmp, seed, entry, shape, frames, looks),
                                       planned))
         mnms_rows = [(entry, ed, es) for entry, (ed, es) in zip(planned, frames_of, strict=True)
                      if entry.subject.dataset == "mnms"]
@@ -123,7 +138,8 @@ def write_synthetic_cohort(out: str | Path, seed: int = 0, subjects: int = 24,
         _write_mnms2_csv(tmp, [p for p in planned if p.subject.dataset == "mnms2"])
         write_json(paths.synth_summary_path(tmp),
                    summary.to_json() | {"options": {"seed": seed, "subjects": subjects,
-                                                    "shape": list(shape), "frames": frames},
+                                                    "shape": list(shape), "frames": frames}
+                                                   | dial.to_dict(),
                                         "versions": versions()})
     return summary
 
@@ -142,6 +158,9 @@ def cohort_table(summary: SynthSummary) -> Table:
     caption = ", ".join(f"{client} {per_client.get((client, 0), 0)} normal / "
                         f"{per_client.get((client, 1), 0)} abnormal"
                         for client in dict.fromkeys(s.client for s in summary.subjects))
+    if summary.heterogeneity:
+        caption += "; dial: " + ", ".join(f"{name.replace('_', ' ')} {summary.heterogeneity[name]:g}"
+                                          for name in OPTION_NAMES)
     if summary.duplicate:
         caption += (f"; planted duplicate: M&Ms-1 {summary.duplicate.mnms} = M&Ms-2 "
                     f"{summary.duplicate.mnms2} ({summary.duplicate.client})")

@@ -14,6 +14,7 @@ in any order and a copy rendered from the same key is identical.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -453,18 +454,42 @@ def _render_long_axis(heart: _Heart, geometry: _Geometry, look: ScannerLook,
     return _LongAxis(cine, labels[0], labels[es], (spacing, spacing, 8.0))
 
 
+def _streams(seed: int, planned: _Planned) -> list[np.random.Generator]:
+    """A subject's own random streams: 0 heart and geometry, 1 short-axis noise and texture,
+    2 the long-axis view."""
+    return [np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(*planned.render_key, k)))
+            for k in range(3)]
+
+
+def _heart_of(planned: _Planned, look: ScannerLook, stream: np.random.Generator) -> tuple[_Heart, float]:
+    """The subject's heart and the stack coverage, the first draws of stream 0."""
+    coverage = float(stream.uniform(*look.coverage_mm))
+    return _draw_heart(ARCHETYPES[planned.archetype], coverage, stream), coverage
+
+
+def wall_thickness_mm(seed: int, planned: _Planned) -> float:
+    """The subject's ED LV wall thickness (mm), as its rendered heart will have it.
+
+    The heart is drawn from the subject's own stream exactly as :func:`_render_subject` draws it;
+    the coverage drawn first only sets the heart's length, so the wall does not depend on the
+    scanner's look (any look gives the same draws).
+    """
+    heart, _ = _heart_of(planned, LOOKS[planned.subject.client], _streams(seed, planned)[0])
+    return heart.re0 - heart.ri0
+
+
 def _render_subject(seed: int, planned: _Planned, shape: tuple[int, int, int],
-                   frames: int | None, long_axis: bool) -> _Rendered:
+                   frames: int | None, long_axis: bool,
+                   looks: Mapping[str, ScannerLook] = LOOKS) -> _Rendered:
     """Render one subject from its own random streams (independent of every other subject).
 
     Stream 0 draws the heart and the scan geometry, 1 the short-axis image noise and texture,
     2 the long-axis view; so a copy rendered from the same key is identical, LA or not.
+    ``looks`` is each client's scanner look (the appearance knob, cmrfed/data/synth_dial.py).
     """
-    look = LOOKS[planned.subject.client]
-    streams = [np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(*planned.render_key, k)))
-               for k in range(3)]
-    coverage = float(streams[0].uniform(*look.coverage_mm))
-    heart = _draw_heart(ARCHETYPES[planned.archetype], coverage, streams[0])
+    look = looks[planned.subject.client]
+    streams = _streams(seed, planned)
+    heart, coverage = _heart_of(planned, look, streams[0])
     geometry = _draw_geometry(look, shape, frames, coverage, streams[0])
     shift = int(streams[0].integers(1, geometry.frames)) if planned.ed_shift else 0
     cine, labels_ed, labels_es, es = _render_short_axis(heart, geometry, look, streams[1])
@@ -474,5 +499,3 @@ def _render_subject(seed: int, planned: _Planned, shape: tuple[int, int, int],
         la = _render_long_axis(heart, geometry, look, streams[2])
         la = _LongAxis(np.roll(la.cine, shift, axis=3), la.labels_ed, la.labels_es, la.spacing)
     return _Rendered(cine, labels_ed, labels_es, shift, (es + shift) % geometry.frames, geometry, la)
-
-

@@ -157,6 +157,7 @@ class SynthSummary:
     shape: tuple[int, int, int]
     subjects: tuple[SynthSubject, ...]
     duplicate: DuplicatePair | None
+    heterogeneity: dict[str, Any] | None = None  # the dial's record (cmrfed/data/synth_dial.py)
 
     def counts(self) -> dict[tuple[str, str, str], int]:
         """Subjects per (dataset, vendor spelling, pathology)."""
@@ -173,6 +174,7 @@ class SynthSummary:
             "subjects_per_dataset": self.subjects_per_dataset,
             "shape": list(self.shape),
             "duplicate": asdict(self.duplicate) if self.duplicate else None,
+            "heterogeneity": self.heterogeneity,
             "subjects": [asdict(s) | {"quirks": list(s.quirks)} for s in self.subjects],
         }
 
@@ -185,7 +187,7 @@ def read_synth_summary(out: str | Path) -> SynthSummary:
         subjects = tuple(SynthSubject(**(s | {"quirks": tuple(s["quirks"])})) for s in raw["subjects"])
         duplicate = DuplicatePair(**raw["duplicate"]) if raw["duplicate"] else None
         return SynthSummary(Path(out), int(raw["seed"]), int(raw["subjects_per_dataset"]),
-                            tuple(raw["shape"]), subjects, duplicate)
+                            tuple(raw["shape"]), subjects, duplicate, raw.get("heterogeneity"))
     except FileNotFoundError as exc:
         raise DataError(f"{path} not found: run `cmrfed synth --out {out}` first") from exc
     except (KeyError, TypeError, ValueError) as exc:
@@ -241,19 +243,76 @@ def _vendor_counts(total: int, sites: Sequence[_Site]) -> list[int]:
     return [f + e for f, e in zip(floors, extra, strict=True)]
 
 
-def _pathology_deck(count: int, mix: Sequence[tuple[str, int]], normal_floor: float) -> list[str]:
-    """``count`` pathology codes: normals at least ``normal_floor``, the rest by the real mix."""
+def _floored_normals(count: int, mix: Sequence[tuple[str, int]], normal_floor: float) -> int:
+    """Normals of a vendor group today: at least ``normal_floor`` of it, else the real share, and
+    (from two subjects on) at least one abnormal."""
     total = sum(n for _, n in mix)
     real_normal = dict(mix).get(NORMAL, 0) / total
     normals = min(count, math.ceil(count * max(real_normal, normal_floor)))
-    if count >= 2:
-        normals = min(normals, count - 1)
+    return min(normals, count - 1) if count >= 2 else normals
+
+
+@dataclass(frozen=True)
+class LabelShift:
+    """The label-shift knob: each site's normal share moved away from the pooled share.
+
+    ``today`` holds each site's (client's) normal share in the default cohort (the real
+    per-vendor mixes, the small vendors' normals floored) and ``pooled`` the share of the whole
+    cohort. A (dataset, vendor) group of a site gets ``group_today + (level - 1) * (site_today -
+    pooled)``: at 1 today's mix exactly, at 0 every site the pooled mix, and larger values push
+    each site further the way it already leans. Counts are rounded and keep one subject of each
+    label in a group of two or more.
+    """
+
+    level: float = 1.0
+    pooled: float = 0.0
+    today: tuple[tuple[str, float], ...] = ()
+
+    def normals(self, today: int, count: int, client: str) -> int:
+        if count == 0:
+            return 0
+        lean = dict(self.today)[client] - self.pooled
+        share = today / count + (self.level - 1.0) * lean
+        low, high = (1, count - 1) if count >= 2 else (0, count)
+        return int(min(max(round(count * share), low), high))
+
+
+def _pathology_deck(count: int, mix: Sequence[tuple[str, int]], normals: int) -> list[str]:
+    """``count`` pathology codes: ``normals`` normals, the abnormal rest by the real mix."""
     abnormal = [(code, n) for code, n in mix if code != NORMAL]
     deck = [NORMAL] * normals
     for (code, _), n in zip(abnormal, _largest_remainder(count - normals, [n for _, n in abnormal]),
                             strict=True):
         deck += [code] * n
     return deck
+
+
+def _acdc_normals(n: int) -> int:
+    """ACDC's normals in the default cohort: its five groups are equal (NOR listed first)."""
+    return _largest_remainder(n, [w for _, w in _SITES["acdc"][0].mix])[0]
+
+
+def _today_normals(n: int) -> list[tuple[str, int, int]]:
+    """(client, normals, subjects) of every (dataset, vendor) group of the default cohort of size
+    ``n``."""
+    groups = [(_SITES["acdc"][0].client, _acdc_normals(n), n)]
+    for dataset in ("mnms", "mnms2"):
+        sites = _SITES[dataset]
+        groups += [(site.client, _floored_normals(count, site.mix, NORMAL_SHARE_FLOOR), count)
+                   for site, count in zip(sites, _vendor_counts(n, sites), strict=True)]
+    return groups
+
+
+def label_shift(n: int, level: float) -> LabelShift:
+    """The knob at ``level`` for a cohort of ``n`` subjects per dataset: the pooled normal share
+    and each site's, in the default cohort."""
+    groups = _today_normals(n)
+    normals, subjects = Counter[str](), Counter[str]()
+    for client, group_normals, count in groups:
+        normals[client] += group_normals
+        subjects[client] += count
+    today = tuple((client, normals[client] / subjects[client]) for client in subjects)
+    return LabelShift(level, sum(normals.values()) / sum(subjects.values()), today)
 
 
 def _split_counts(count: int, shares: Sequence[tuple[str, float]]) -> list[str]:
@@ -278,12 +337,12 @@ def _label(pathology: str) -> int:
     return 0 if pathology == NORMAL else 1
 
 
-def _plan_acdc(n: int, rng: np.random.Generator) -> list[_Planned]:
+def _plan_acdc(n: int, rng: np.random.Generator, shift: LabelShift) -> list[_Planned]:
     site = _SITES["acdc"][0]
-    codes = [code for code, _ in site.mix]
-    per_group = _largest_remainder(n, [w for _, w in site.mix])
+    assert site.mix[0][0] == NORMAL  # the deck below lists normals first, as the mix does
+    per_group = Counter(_pathology_deck(n, site.mix, shift.normals(_acdc_normals(n), n, site.client)))
     entries: list[tuple[str, str]] = []
-    for code, count in zip(codes, per_group, strict=True):
+    for code, count in ((code, per_group[code]) for code, _ in site.mix):
         n_train = math.ceil(count * 2 / 3)  # ACDC: 100 training, 50 testing
         entries += [(code, "training")] * n_train + [(code, "testing")] * (count - n_train)
     order = rng.permutation(len(entries))
@@ -303,11 +362,13 @@ def _plan_acdc(n: int, rng: np.random.Generator) -> list[_Planned]:
     return sorted(planned, key=lambda p: p.subject.subject_id)
 
 
-def _plan_mnms(n: int, rng: np.random.Generator) -> list[_Planned]:
+def _plan_mnms(n: int, rng: np.random.Generator, shift: LabelShift) -> list[_Planned]:
     sites = _SITES["mnms"]
     entries: list[tuple[_Site, str, str]] = []
     for site, count in zip(sites, _vendor_counts(n, sites), strict=True):
-        deck = _pathology_deck(count, site.mix, NORMAL_SHARE_FLOOR)
+        normals = shift.normals(_floored_normals(count, site.mix, NORMAL_SHARE_FLOOR), count,
+                                 site.client)
+        deck = _pathology_deck(count, site.mix, normals)
         deck = [deck[i] for i in rng.permutation(len(deck))]
         # Fewer unlabelled than the real third of vendor C, so the GE client keeps its labels.
         unlabelled = max(1, round(count / 6)) if site.vendor == "C" and count >= 3 else 0
@@ -335,11 +396,13 @@ def _plan_mnms(n: int, rng: np.random.Generator) -> list[_Planned]:
     return planned
 
 
-def _plan_mnms2(n: int, rng: np.random.Generator) -> list[_Planned]:
+def _plan_mnms2(n: int, rng: np.random.Generator, shift: LabelShift) -> list[_Planned]:
     sites = _SITES["mnms2"]
     entries: list[tuple[_Site, str]] = []
     for site, count in zip(sites, _vendor_counts(n, sites), strict=True):
-        entries += [(site, code) for code in _pathology_deck(count, site.mix, NORMAL_SHARE_FLOOR)]
+        normals = shift.normals(_floored_normals(count, site.mix, NORMAL_SHARE_FLOOR), count,
+                                 site.client)
+        entries += [(site, code) for code in _pathology_deck(count, site.mix, normals)]
     entries = [entries[i] for i in rng.permutation(len(entries))]
     range_counts = _largest_remainder(n, [hi - lo + 1 for _, lo, hi in MNMS2_CODE_RANGES])
     # RV and TRI never fall in the training range: fill it with the other diseases first.
@@ -381,13 +444,14 @@ def _plant_duplicate(mnms: list[_Planned], mnms2: list[_Planned],
     return [*mnms2[:j], copy, *mnms2[j + 1:]], pair
 
 
-def plan_cohort(seed: int, subjects: int) -> tuple[list[_Planned], DuplicatePair | None]:
-    """Who is in the cohort: a pure function of the seed and the size, drawn before any image."""
+def plan_cohort(seed: int, subjects: int, label_shift_level: float = 1.0
+                ) -> tuple[list[_Planned], DuplicatePair | None]:
+    """Who is in the cohort: a pure function of the seed, the size and the label-shift knob, drawn
+    before any image."""
     rng = np.random.default_rng(seed)
-    acdc = _plan_acdc(subjects, rng)
-    mnms = _plan_mnms(subjects, rng)
-    mnms2 = _plan_mnms2(subjects, rng)
+    shift = label_shift(subjects, label_shift_level)
+    acdc = _plan_acdc(subjects, rng, shift)
+    mnms = _plan_mnms(subjects, rng, shift)
+    mnms2 = _plan_mnms2(subjects, rng, shift)
     mnms2, duplicate = _plant_duplicate(mnms, mnms2, rng)
     return acdc + mnms + mnms2, duplicate
-
-

@@ -154,9 +154,10 @@ def results_markdown(work: Path) -> list[str]:
     for knob, names in SWEEPS.items():
         lines += [f"### {knob.replace('_', ' ')}", ""]
         lines += ["Macro test balanced accuracy (mean over sites), mean +- sd over seeds 0, 1, 2; per-site "
-                  "means; duallora against each method: Wilcoxon over (seed, site) pairs, mean "
-                  "difference (duallora minus method) and Holm-corrected p.", ""]
-        header = ["level", "method", "macro bal.acc", *SITES, "duallora - method", "p (Holm)"]
+                  "means over seeds; duallora against each method: Wilcoxon signed-rank over the 12 "
+                  "(seed, site) pairs, the Hodges-Lehmann median of (duallora - method) and the "
+                  "Holm-corrected p.", ""]
+        header = ["level", "method", "macro bal.acc", *SITES, "HL(duallora - method)", "p (Holm)"]
         lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         for name in names:
             doc = _report(work, name)
@@ -206,7 +207,7 @@ def plot(work: Path, path: Path) -> None:
                 mean, sd = _macro(_methods(doc)[method])
                 xs.append(next(getattr(p, knob) for p in POINTS if p.name == name))
                 ys.append(mean)
-                errs.append(sd if math.isfinite(sd) else 0.0)
+                errs.append(sd if sd is not None and math.isfinite(sd) else 0.0)
             if xs:
                 ax.errorbar([x + 0.03 * (index - 2.5) for x in xs], ys, yerr=errs, marker="o",
                             capsize=3, label=method, linestyle="--" if method == "central" else "-")

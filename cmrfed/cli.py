@@ -227,6 +227,23 @@ def study(study_file: str | None, out: str | None, resume: bool, overwrite: bool
     run_study(load_study(study_file), out, resume=resume, overwrite=overwrite, device=device)
 
 
+@cli.command(params=[*declared.INSPECT])
+def inspect(prepared: str, backbone: str, out: str | None, seed: int, device: str, overwrite: bool) -> None:
+    """How non-IID a consortium is, before anyone trains: per site the label mix and its divergence
+    from the pooled mix, intensity distances, site identifiability from frozen backbone features and
+    the site-to-site transfer of a linear probe. Writes inspect.json, inspect.md and inspect.png."""
+    from pathlib import Path
+
+    from cmrfed import paths
+    from cmrfed.eval.consortium import inspect_consortium, inspect_table
+
+    target = Path(out) if out is not None else paths.inspect_dir(Path(prepared))
+    doc = inspect_consortium(prepared, target, backbone=backbone, seed=seed, device=device,
+                             overwrite=overwrite)
+    Console().print(inspect_table(doc))
+    Console().print(f"written: {target}", highlight=False)
+
+
 # --- end of commands -----------------------------------------------------------------------
 
 

@@ -275,6 +275,18 @@ DEMO: list[click.Parameter] = [
     click.Option(["--resume"], is_flag=True, help="Continue an interrupted demo."),
 ]
 
+INSPECT: list[click.Parameter] = [
+    click.Argument(["prepared"], type=click.Path(path_type=str)),
+    click.Option(["--backbone"], default="tiny-pretrained", show_default=True,
+                 help="Frozen encoder whose features are compared: tiny|small|base, tiny-pretrained or a "
+                      "CineMA safetensors file."),
+    click.Option(["--out"], type=click.Path(path_type=str), help="Folder to write [PREPARED/inspect]."),
+    click.Option(["--seed"], default=0, show_default=True, type=int,
+                 help="Cross-validation folds (and a random backbone's init)."),
+    click.Option(["--device"], default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
+    click.Option(["--overwrite"], is_flag=True, help="Replace an existing inspect folder."),
+]
+
 STUDY: list[click.Parameter] = [
     click.Argument(["study_file"], required=False, type=click.Path(path_type=str)),
     click.Option(["--out"], type=click.Path(path_type=str), help="STUDY folder to write."),
@@ -303,6 +315,7 @@ COMMANDS: dict[str, list[click.Parameter]] = {
     "pretrain": PRETRAIN,
     "demo": DEMO,
     "study": STUDY,
+    "inspect": INSPECT,
 }
 """Command name -> its parameters (the ``flower`` subcommands are declared above by name)."""
 

@@ -137,6 +137,25 @@ def synth_summary_path(cohort: Path) -> Path:
     return Path(cohort) / SYNTH_SUMMARY
 
 
+# consortium inspection (``cmrfed inspect``)
+def inspect_json_path(out: Path) -> Path:
+    """Every measure of how non-IID the consortium is."""
+    return Path(out) / "inspect.json"
+
+
+def inspect_md_path(out: Path) -> Path:
+    return Path(out) / "inspect.md"
+
+
+def inspect_figure_path(out: Path) -> Path:
+    return Path(out) / "inspect.png"
+
+
+def inspect_dir(prepared: Path) -> Path:
+    """Where ``cmrfed inspect PREPARED`` writes unless told otherwise."""
+    return Path(prepared) / "inspect"
+
+
 # pretrained backbones (``cmrfed pretrain``)
 def pretrain_checkpoint_dir(backbone: Path) -> Path:
     """The resumable state of ``cmrfed pretrain --out BACKBONE.safetensors``: BACKBONE.checkpoint/."""

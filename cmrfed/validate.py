@@ -147,12 +147,14 @@ def _check_path(param: click.Parameter, value: str) -> str | None:
 
 
 def _check_backbone(value: str) -> str | None:
-    from cmrfed.model.cinema import HUB_SCHEME, SIZES
+    from cmrfed.model.cinema import HUB_SCHEME, SHIPPED, SIZES
 
-    if value in SIZES or value.startswith(HUB_SCHEME) or Path(value).expanduser().is_file():
+    if value in SIZES or value in SHIPPED or value.startswith(HUB_SCHEME):
         return None
-    return (f"--backbone {value!r}: not a size ({', '.join(SIZES)}), a CineMA .safetensors file "
-            "or hf://owner/repo/file")
+    if Path(value).expanduser().is_file():
+        return None
+    return (f"--backbone {value!r}: not a size ({', '.join(SIZES)}), a shipped backbone "
+            f"({', '.join(SHIPPED)}), a CineMA .safetensors file or hf://owner/repo/file")
 
 
 def _check_method(value: str) -> str | None:

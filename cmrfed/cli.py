@@ -111,21 +111,21 @@ def evaluate(run: str, site_evals: tuple[str, ...], split: str, which: str, thre
     Site by site, with nothing pooled: each site runs `evaluate RUN --client SITE --private DIR
     --data PREPARED`, then `evaluate RUN --merge SITE_EVAL...` writes RUN/eval/.
     """
-    from cmrfed.eval.site_eval import check_evaluate_modes
+    from cmrfed.eval.evaluate_site import check_evaluate_modes
 
     mode = check_evaluate_modes(site_evals, client=client, private=private, data=data, out=out,
                                 metrics_only=metrics_only, merge=merge, member_run=member_run)
     if mode == "merge":
-        from cmrfed.eval.site_eval import merge_evaluations
+        from cmrfed.eval.evaluate_site import merge_evaluations
 
         merge_evaluations(run, list(site_evals), member_run=member_run)
     elif mode == "site":
-        from cmrfed.eval.site_eval import evaluate_site
+        from cmrfed.eval.evaluate_site import evaluate_site
 
         evaluate_site(run, str(client), str(data), private=private, out=out, split=split, which=which,
                       threshold=threshold, n_boot=n_boot, metrics_only=metrics_only, device=device)
     else:
-        from cmrfed.eval.evaluate import evaluate_run
+        from cmrfed.eval.evaluate_run import evaluate_run
 
         evaluate_run(run, split=split, which=which, threshold=threshold, n_boot=n_boot, device=device,
                      data=data)

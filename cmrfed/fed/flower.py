@@ -51,7 +51,6 @@ from cmrfed.fed.client import Client
 from cmrfed.fed.config import FederateConfig, parse_blocks
 from cmrfed.fed.inprocess import RunSummary
 from cmrfed.fed.methods import MethodSpec, resolve_method
-from cmrfed.fed.participation import participants
 from cmrfed.fed.runlog import (
     analytic_params_per_message,
     append_round,
@@ -66,6 +65,7 @@ from cmrfed.fed.runlog import (
     val_metrics,
     write_result,
 )
+from cmrfed.fed.sampling import participants
 from cmrfed.fed.strategy import FedAvg, FitResult, TensorState
 from cmrfed.fed.task import RunModel, build_client, build_run_model, resolve_device
 from cmrfed.fed.wire import num_params

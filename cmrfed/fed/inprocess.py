@@ -28,7 +28,6 @@ from cmrfed.errors import DataError, UsageError
 from cmrfed.faults import fault_point
 from cmrfed.fed.client import Client, concat_splits
 from cmrfed.fed.config import FederateConfig
-from cmrfed.fed.participation import participants
 from cmrfed.fed.privacy import (
     check_dp_model,
     plan_run,
@@ -54,6 +53,7 @@ from cmrfed.fed.runlog import (
     val_metrics,
     write_result,
 )
+from cmrfed.fed.sampling import participants
 from cmrfed.fed.strategy import FedAvg, FitResult, TensorState
 from cmrfed.fed.task import build_clients, build_run_model, resolve_device
 from cmrfed.fed.views import concat_views

@@ -193,6 +193,11 @@ def study_compare_dir(study: Path, setting: str) -> Path:
     return Path(study) / "compare" / setting
 
 
+def study_inspect_dir(study: Path) -> Path:
+    """STUDY/inspect/: ``cmrfed inspect`` of the study's prepared data with its backbone."""
+    return Path(study) / "inspect"
+
+
 def study_report_dir(study: Path) -> Path:
     """STUDY/report/: the main and ablation tables, figures and report.html."""
     return Path(study) / "report"

@@ -26,7 +26,7 @@ run-time dependencies is needed; every fold assignment comes from ``seed``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,9 +38,10 @@ from scipy.spatial.distance import jensenshannon
 from scipy.stats import wasserstein_distance
 
 from cmrfed import paths
-from cmrfed.atomic import atomic_dir, write_json
+from cmrfed.atomic import atomic_dir, read_json_or_none, write_json
 from cmrfed.data.shards import SPLITS, load_manifest, load_split
 from cmrfed.errors import UsageError
+from cmrfed.fed.task import resolve_device
 from cmrfed.model.cinema import backbone_fingerprint, load_backbone
 from cmrfed.outputs import INSPECT
 from cmrfed.provenance import versions
@@ -258,6 +259,7 @@ def consortium_document(prepared: Path, backbone: str, seed: int, device: torch.
         "format_version": INSPECT_FORMAT_VERSION,
         "created_by": "cmrfed inspect",
         "prepared": str(prepared),
+        "manifest_sha256": load_manifest(prepared).sha256,
         "backbone": backbone,
         "backbone_fingerprint": fingerprint,
         "seed": seed,
@@ -276,40 +278,55 @@ def _num(value: Any, digits: int = 3) -> str:
     return "-" if value is None or not math.isfinite(float(value)) else f"{float(value):.{digits}f}"
 
 
+def headline(doc: dict[str, Any]) -> list[str]:
+    """The consortium in three sentences (the study report opens with them)."""
+    ident = doc["identifiability"]
+    return [
+        f"Consortium of {len(doc['clients'])} sites, {doc['pooled']['subjects']} subjects, pooled abnormal "
+        f"share {_num(doc['pooled']['abnormal_share'], 2)}; frozen backbone `{doc['backbone']}`.",
+        f"Site identifiability from frozen features: balanced accuracy {_num(ident['balanced_accuracy'])} "
+        f"(chance {_num(ident['chance'])}; {ident['classifier']}).",
+        f"Linear-probe transfer between sites: mean off-diagonal balanced accuracy "
+        f"{_num(doc['transfer']['mean_off_diagonal'])}. Label divergence: {doc['divergence']}. "
+        f"Intensity: {doc['intensity']['distance']}.",
+    ]
+
+
+def site_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["site", "subjects", "normal", "abnormal", "abnormal share", "label JS divergence",
+              "mean intensity W1", "identified (recall)"]
+    recall = doc["identifiability"]["per_site_recall"]
+    rows = [[row["client"], str(row["subjects"]), str(row["normal"]), str(row["abnormal"]),
+             _num(row["abnormal_share"], 2), _num(row["label_js_divergence"], 4),
+             _num(row["mean_intensity_distance"], 4), _num(recall.get(row["client"]), 2)]
+            for row in doc["sites"]]
+    return header, rows
+
+
+def transfer_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["probe trained on \\ scored on", *doc["clients"]]
+    rows = [[client, *(_num(v, 2) for v in row)]
+            for client, row in zip(doc["clients"], doc["transfer"]["matrix"], strict=True)]
+    return header, rows
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
 def summary_lines(doc: dict[str, Any]) -> list[str]:
     """The markdown summary (inspect.md; the study report opens with it)."""
-    ident = doc["identifiability"]
-    clients = doc["clients"]
-    lines = [
-        f"Consortium of {len(clients)} sites, {doc['pooled']['subjects']} subjects, pooled abnormal "
-        f"share {_num(doc['pooled']['abnormal_share'], 2)}. Frozen backbone `{doc['backbone']}`.",
-        "",
-        f"- Site identifiability from frozen features: balanced accuracy "
-        f"**{_num(ident['balanced_accuracy'])}** (chance {_num(ident['chance'])}; {ident['classifier']}).",
-        f"- Linear-probe transfer: mean off-diagonal balanced accuracy "
-        f"**{_num(doc['transfer']['mean_off_diagonal'])}**.",
-        "",
-        "| site | subjects | normal | abnormal | abnormal share | label JS divergence | mean intensity W1 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for row in doc["sites"]:
-        lines.append(f"| {row['client']} | {row['subjects']} | {row['normal']} | {row['abnormal']} | "
-                     f"{_num(row['abnormal_share'], 2)} | {_num(row['label_js_divergence'], 4)} | "
-                     f"{_num(row['mean_intensity_distance'], 4)} |")
-    lines += ["", f"Label divergence: {doc['divergence']}. Intensity: {doc['intensity']['distance']}.", "",
-              "Transfer of a linear probe (rows: trained on; columns: scored on; balanced accuracy):", "",
-              "| trained on \\ scored on | " + " | ".join(clients) + " |",
-              "| --- |" + " ---: |" * len(clients)]
-    for client, row in zip(clients, doc["transfer"]["matrix"], strict=True):
-        lines.append(f"| {client} | " + " | ".join(_num(v, 2) for v in row) + " |")
-    return lines
+    return [*(f"- {line}" for line in headline(doc)), "", *_md_table(*site_rows(doc)), "",
+            "Transfer of a linear probe (balanced accuracy; the diagonal: the site's own "
+            "cross-validation):", "", *_md_table(*transfer_rows(doc))]
 
 
 def _markdown(doc: dict[str, Any]) -> str:
     return "\n".join(["# How non-IID is this consortium? (`cmrfed inspect`)", "", *summary_lines(doc), ""])
 
 
-def _plot(doc: dict[str, Any], path: Path) -> None:
+def plot_consortium(doc: Mapping[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -346,15 +363,24 @@ def _plot(doc: dict[str, Any], path: Path) -> None:
 def inspect_consortium(prepared: str | Path, out: str | Path, backbone: str = "tiny-pretrained",
                        seed: int = 0, device: str = "auto", overwrite: bool = False) -> dict[str, Any]:
     """Measure the consortium in PREPARED and write OUT/inspect.{json,md,png} atomically."""
-    from cmrfed.fed.task import resolve_device
-
     prepared = Path(prepared)
     doc = consortium_document(prepared, backbone, seed, resolve_device(device))
     with atomic_dir(out, overwrite=overwrite, kind=INSPECT) as tmp:
         write_json(paths.inspect_json_path(tmp), doc)
         paths.inspect_md_path(tmp).write_text(_markdown(doc), encoding="utf-8")
-        _plot(doc, paths.inspect_figure_path(tmp))
+        plot_consortium(doc, paths.inspect_figure_path(tmp))
     return doc
+
+
+def study_consortium(prepared: Path, out: Path, backbone: str, seed: int, device: str) -> dict[str, Any]:
+    """A study's inspection: read back from OUT when it was made of this PREPARED with this backbone
+    (same manifest, same backbone name), else measured and written there."""
+    previous = read_json_or_none(paths.inspect_json_path(out))
+    manifest = load_manifest(prepared)
+    if (previous is not None and previous.get("backbone") == backbone
+            and previous.get("manifest_sha256") == manifest.sha256):
+        return previous
+    return inspect_consortium(prepared, out, backbone=backbone, seed=seed, device=device, overwrite=True)
 
 
 def inspect_table(doc: dict[str, Any]) -> Table:

@@ -31,6 +31,7 @@ from cmrfed import options as declared
 from cmrfed.atomic import read_json_or_none, write_json
 from cmrfed.data.shards import load_manifest
 from cmrfed.errors import UsageError
+from cmrfed.eval.consortium import study_consortium
 from cmrfed.eval.evaluate_run import evaluate_run
 from cmrfed.eval.report import compare_runs
 from cmrfed.faults import fault_point
@@ -320,8 +321,10 @@ def _run_study(study: StudyConfig, out: Path, resume: bool, overwrite: bool, dev
                 runs, study.compare["test"], reference=study.compare["reference"],
                 metric=study.compare["metric"], out=paths.study_compare_dir(out, name), overwrite=True,
                 console=Console(quiet=True))
+        consortium = study_consortium(prepared, paths.study_inspect_dir(out), study.base.backbone,
+                                      study.base.seed, device)
         report = write_study_report(study, out, {c.name: found[c.name].run for c in cells}, grid,
-                                    comparisons, tuple(newcomers.values()))
+                                    comparisons, tuple(newcomers.values()), consortium)
         progress.current = "done"
     save("complete")
     console.print(f"\nstudy: {len(cells)} cells ({skipped} already complete, {trained} trained now); "

@@ -372,11 +372,15 @@ def inspect_consortium(prepared: str | Path, out: str | Path, backbone: str = "t
     return doc
 
 
-def study_consortium(prepared: Path, out: Path, backbone: str, seed: int, device: str) -> dict[str, Any]:
+def study_consortium(prepared: Path, out: Path, backbone: str, seed: int,
+                     device: str) -> dict[str, Any] | None:
     """A study's inspection: read back from OUT when it was made of this PREPARED with this backbone
-    (same manifest, same backbone name), else measured and written there."""
+    (same manifest, same backbone name), else measured and written there; None for data of a
+    single site (nothing to compare)."""
     previous = read_json_or_none(paths.inspect_json_path(out))
     manifest = load_manifest(prepared)
+    if len({s.client for s in manifest.subjects}) < 2:
+        return None
     if (previous is not None and previous.get("backbone") == backbone
             and previous.get("manifest_sha256") == manifest.sha256):
         return previous

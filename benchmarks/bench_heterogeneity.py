@@ -26,7 +26,7 @@ FIGURE = RESULTS / "heterogeneity.png"
 METHODS = ("duallora", "fedlora", "ffalora", "fedsa", "local", "central")
 SEEDS = (0, 1, 2)
 SITES = ("siemens", "philips", "ge", "canon")
-COHORT = {"seed": 0, "subjects": 40, "shape": (48, 48, 6), "frames": 6}
+COHORT = {"seed": 0, "subjects": 40, "shape": (64, 64, 8), "frames": 8}
 
 
 @dataclass(frozen=True)
@@ -50,15 +50,15 @@ STUDY = f"""
 acdc = "cohort/acdc"
 mnms = "cohort/mnms"
 mnms2 = "cohort/mnms2"
-spacing = [4.0, 4.0, 10.0]
-shape = [32, 32, 4]
+spacing = [2.0, 2.0, 10.0]
+shape = [64, 64, 8]
 split = [0.6, 0.2, 0.2]
 seed = 0
 
 [federate]
 backbone = "tiny-pretrained"
-rounds = 4
-local-epochs = 1
+rounds = 5
+local-epochs = 2
 batch-size = 8
 lr = 3e-3
 augment = "none"

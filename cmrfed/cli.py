@@ -57,27 +57,41 @@ def cli() -> None:
 
 @cli.command(params=[*declared.SYNTH])
 def synth(out: str, seed: int, subjects: int, shape: str, frames: int | None, appearance: float,
-          label_shift: float, concept_shift: float, overwrite: bool) -> None:
-    """Write a synthetic multi-vendor cine CMR cohort in the ACDC / M&Ms-1 / M&Ms-2 layouts."""
+          label_shift: float, concept_shift: float, site: str | None, overwrite: bool) -> None:
+    """Write a synthetic multi-vendor cine CMR cohort in the ACDC / M&Ms-1 / M&Ms-2 layouts, or
+    (--site) one hospital site as a CSV plus DICOM series."""
     from cmrfed.data.synth import Heterogeneity, cohort_table, write_synthetic_cohort
+    from cmrfed.errors import UsageError
 
+    triple = declared.int_triple(shape, "--shape")
     dial = Heterogeneity(appearance, label_shift, concept_shift)
-    summary = write_synthetic_cohort(out, seed=seed, subjects=subjects,
-                                     shape=declared.int_triple(shape, "--shape"), frames=frames,
+    if site is not None:
+        if dial != Heterogeneity():
+            raise UsageError("--appearance, --label-shift and --concept-shift set how the vendor sites "
+                             "of the multi-vendor cohort differ; --site writes one hospital: drop one "
+                             "or the other")
+        from cmrfed.data.synth_site import site_table, write_synthetic_site
+
+        written = write_synthetic_site(out, site, seed=seed, subjects=subjects, shape=triple, frames=frames,
+                                       overwrite=overwrite)
+        Console().print(site_table(Path(out), site, written))
+        return
+    summary = write_synthetic_cohort(out, seed=seed, subjects=subjects, shape=triple, frames=frames,
                                      overwrite=overwrite, dial=dial)
     Console().print(cohort_table(summary))
 
 
 @cli.command(params=[*declared.PREPARE])
-def prepare(acdc: str | None, mnms: str | None, mnms2: str | None, out: str, spacing: str, shape: str,
-            split: str, seed: int, workers: int, skip_invalid: bool, overwrite: bool,
-            tables: str | None) -> None:
-    """Read ACDC / M&Ms-1 / M&Ms-2 as downloaded into per-vendor HDF5 shards + manifest.json."""
+def prepare(acdc: str | None, mnms: str | None, mnms2: str | None, csv: tuple[str, ...], out: str,
+            spacing: str, shape: str, split: str, seed: int, workers: int, skip_invalid: bool,
+            overwrite: bool, tables: str | None) -> None:
+    """Read ACDC / M&Ms-1 / M&Ms-2 as downloaded, and sites listed in CSVs, into per-client HDF5
+    shards + manifest.json."""
 
     from cmrfed.data.prepare import prepare as run_prepare
 
     run_prepare(declared.prepare_options(dict(
-        out=out, acdc=acdc, mnms=mnms, mnms2=mnms2, spacing=spacing, shape=shape, split=split,
+        out=out, acdc=acdc, mnms=mnms, mnms2=mnms2, csv=csv, spacing=spacing, shape=shape, split=split,
         seed=seed, workers=workers, skip_invalid=skip_invalid, overwrite=overwrite, tables=tables,
     )))
 

@@ -65,6 +65,8 @@ SYNTH: list[click.Parameter] = [
                  help="Heterogeneity dial: how far each site's wall-thickness cut-off for an abnormal "
                       "heart departs from the common one; 0 one rule everywhere (today's cohort), 1 a "
                       "realistic spread of centres' criteria."),
+    click.Option(["--site"], default=None,
+                 help="Write instead a hospital site of this name: a CSV plus DICOM series (prepare --csv)."),
     click.Option(["--overwrite"], is_flag=True, help="Replace an existing OUT folder."),
 ]
 
@@ -73,6 +75,8 @@ PREPARE: list[click.Parameter] = [
     click.Option(["--mnms"], type=click.Path(path_type=str),
                  help="M&Ms-1 folder (holding OpenDataset/, or it)."),
     click.Option(["--mnms2"], type=click.Path(path_type=str), help="M&Ms-2 folder (holding MnM2/, or it)."),
+    click.Option(["--csv"], multiple=True, type=click.Path(path_type=str),
+                 help="A site's CSV of its own exams (DICOM or NIfTI); repeatable."),
     click.Option(["--out"], required=True, type=click.Path(path_type=str), help="PREPARED folder to write."),
     click.Option(["--spacing"], default="1,1,10", show_default=True,
                  help="Target voxel spacing in mm (x,y,z)."),
@@ -340,6 +344,7 @@ def prepare_options(options: dict[str, object]) -> PrepareOptions:
         acdc=as_path(options["acdc"]),
         mnms=as_path(options["mnms"]),
         mnms2=as_path(options["mnms2"]),
+        csv=tuple(Path(str(path)) for path in options.get("csv") or ()),
         spacing=float_triple(str(options["spacing"]), "--spacing"),
         shape=int_triple(str(options["shape"]), "--shape"),
         split=parse_split(str(options["split"])),

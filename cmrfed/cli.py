@@ -56,22 +56,28 @@ def cli() -> None:
 
 
 @cli.command(params=[*declared.SYNTH])
-def synth(out: str, seed: int, subjects: int, shape: str, frames: int | None, site: str | None,
-          overwrite: bool) -> None:
+def synth(out: str, seed: int, subjects: int, shape: str, frames: int | None, appearance: float,
+          label_shift: float, concept_shift: float, site: str | None, overwrite: bool) -> None:
     """Write a synthetic multi-vendor cine CMR cohort in the ACDC / M&Ms-1 / M&Ms-2 layouts, or
     (--site) one hospital site as a CSV plus DICOM series."""
+    from cmrfed.data.synth import Heterogeneity, cohort_table, write_synthetic_cohort
+    from cmrfed.errors import UsageError
+
     triple = declared.int_triple(shape, "--shape")
+    dial = Heterogeneity(appearance, label_shift, concept_shift)
     if site is not None:
+        if dial != Heterogeneity():
+            raise UsageError("--appearance, --label-shift and --concept-shift set how the vendor sites "
+                             "of the multi-vendor cohort differ; --site writes one hospital: drop one "
+                             "or the other")
         from cmrfed.data.synth_site import site_table, write_synthetic_site
 
         written = write_synthetic_site(out, site, seed=seed, subjects=subjects, shape=triple, frames=frames,
                                        overwrite=overwrite)
         Console().print(site_table(Path(out), site, written))
         return
-    from cmrfed.data.synth import cohort_table, write_synthetic_cohort
-
     summary = write_synthetic_cohort(out, seed=seed, subjects=subjects, shape=triple, frames=frames,
-                                     overwrite=overwrite)
+                                     overwrite=overwrite, dial=dial)
     Console().print(cohort_table(summary))
 
 
@@ -238,6 +244,23 @@ def study(study_file: str | None, out: str | None, resume: bool, overwrite: bool
 
     run_study(load_study(study_file), out, resume=resume, overwrite=overwrite, device=device, jobs=jobs,
               devices=devices)
+
+
+@cli.command(params=[*declared.INSPECT])
+def inspect(prepared: str, backbone: str, out: str | None, seed: int, device: str, overwrite: bool) -> None:
+    """How non-IID a consortium is, before anyone trains: per site the label mix and its divergence
+    from the pooled mix, intensity distances, site identifiability from frozen backbone features and
+    the site-to-site transfer of a linear probe. Writes inspect.json, inspect.md and inspect.png."""
+    from pathlib import Path
+
+    from cmrfed import paths
+    from cmrfed.eval.consortium import inspect_consortium, inspect_table
+
+    target = Path(out) if out is not None else paths.inspect_dir(Path(prepared))
+    doc = inspect_consortium(prepared, target, backbone=backbone, seed=seed, device=device,
+                             overwrite=overwrite)
+    Console().print(inspect_table(doc))
+    Console().print(f"written: {target}", highlight=False)
 
 
 # --- end of commands -----------------------------------------------------------------------

@@ -70,6 +70,12 @@ class Owned(click.Choice):
 
 # --- the options of each command ------------------------------------------------------------
 
+def device_option() -> click.Option:
+    """``--device``, as every command that computes takes it (a fresh object per command)."""
+    return click.Option(["--device"], default="auto", show_default=True,
+                        type=Owned("cmrfed.fed.task:DEVICES"))
+
+
 SYNTH: list[click.Parameter] = [
     click.Option(["--out"], required=True, type=click.Path(path_type=str),
                  help="Folder to write the acdc/, mnms/ and mnms2/ trees into."),
@@ -78,6 +84,16 @@ SYNTH: list[click.Parameter] = [
     click.Option(["--shape"], default="96,96,8", show_default=True,
                  help="Nominal matrix x,y,z (each vendor's protocol scales it)."),
     click.Option(["--frames"], default=None, type=int, help="Cine frames for all [per-vendor range]."),
+    click.Option(["--appearance"], default=1.0, show_default=True, type=float,
+                 help="Heterogeneity dial: how far each vendor's image chain (contrast curve, SNR, bias "
+                      "field, resolution) departs from a common one; 0 alike, 1 today's vendors."),
+    click.Option(["--label-shift"], default=1.0, show_default=True, type=float,
+                 help="Heterogeneity dial: how far each site's normal/abnormal mix departs from the "
+                      "pooled mix; 0 alike, 1 the real per-vendor mixes."),
+    click.Option(["--concept-shift"], default=0.0, show_default=True, type=float,
+                 help="Heterogeneity dial: how far each site's wall-thickness cut-off for an abnormal "
+                      "heart departs from the common one; 0 one rule everywhere (today's cohort), 1 a "
+                      "realistic spread of centres' criteria."),
     click.Option(["--site"], default=None,
                  help="Write instead a hospital site of this name: a CSV plus DICOM series (prepare --csv)."),
     click.Option(["--overwrite"], is_flag=True, help="Replace an existing OUT folder."),
@@ -182,7 +198,7 @@ FEDERATE: list[click.Parameter] = [
     click.Option(["--sites-per-round"], default=None, type=int,
                  help="Ask K sites per round (seeded by seed and round) [every site]."),
     click.Option(["--holdout"], default=None, help="Leave this site out of training (leave-one-vendor-out)."),
-    click.Option(["--device"], default="auto", show_default=True, type=Owned("cmrfed.fed.task:DEVICES")),
+    device_option(),
     click.Option(["--out"], required=True, type=click.Path(path_type=str), help="RUN folder to write."),
     click.Option(["--resume"], is_flag=True, help="Continue an interrupted run from its last round."),
     click.Option(["--overwrite"], is_flag=True, help="Replace an existing RUN folder."),
@@ -219,7 +235,7 @@ EVALUATE: list[click.Parameter] = [
                       "gap)."),
     click.Option(["--precision"], default=None, type=Owned("cmrfed.precision:CHOICES"),
                  help="Forward-pass precision [the run's, as run.json records it]."),
-    click.Option(["--device"], default="auto", show_default=True, type=Owned("cmrfed.fed.task:DEVICES")),
+    device_option(),
 ]
 
 ADAPT: list[click.Parameter] = [
@@ -238,7 +254,7 @@ ADAPT: list[click.Parameter] = [
     click.Option(["--overwrite"], is_flag=True, help="Replace an existing ADAPTED folder."),
     click.Option(["--precision"], default=None, type=Owned("cmrfed.precision:CHOICES"),
                  help="Forward-pass precision [the run's, as run.json records it]."),
-    click.Option(["--device"], default="auto", show_default=True, type=Owned("cmrfed.fed.task:DEVICES")),
+    device_option(),
 ]
 
 COMPARE: list[click.Parameter] = [
@@ -282,7 +298,7 @@ PRETRAIN: list[click.Parameter] = [
     click.Option(["--precision"], default="fp32", show_default=True, type=Owned("cmrfed.precision:CHOICES"),
                  help="Forward pass in float32 or under bfloat16 autocast (float32 weights and optimiser; "
                       "bf16 is faster but not bitwise repeatable here); auto: bf16 where native."),
-    click.Option(["--device"], default="auto", show_default=True, type=Owned("cmrfed.fed.task:DEVICES")),
+    device_option(),
     click.Option(["--out"], required=True, type=click.Path(path_type=str),
                  help="BACKBONE.safetensors to write."),
     click.Option(["--resume"], is_flag=True, help="Continue an interrupted run from its last epoch."),
@@ -295,7 +311,7 @@ FLOWER_SITE_CONFIG: list[click.Parameter] = [
                  help="This site's PREPARED folder (holding its shard)."),
     click.Option(["--site-dir"], required=True, type=click.Path(path_type=str),
                  help="Folder where this site keeps its private tensors."),
-    click.Option(["--device"], default="auto", show_default=True, type=Owned("cmrfed.fed.task:DEVICES")),
+    device_option(),
 ]
 
 FLOWER_RUN_OWN: list[click.Parameter] = [
@@ -332,6 +348,18 @@ DEMO: list[click.Parameter] = [
                  help="Cells run at once, each in a worker process (as `cmrfed study --jobs`)."),
 ]
 
+INSPECT: list[click.Parameter] = [
+    click.Argument(["prepared"], type=click.Path(path_type=str)),
+    click.Option(["--backbone"], default="tiny-pretrained", show_default=True,
+                 help="Frozen encoder whose features are compared: tiny|small|base, tiny-pretrained or a "
+                      "CineMA safetensors file."),
+    click.Option(["--out"], type=click.Path(path_type=str), help="Folder to write [PREPARED/inspect]."),
+    click.Option(["--seed"], default=0, show_default=True, type=int,
+                 help="Cross-validation folds (and a random backbone's init)."),
+    device_option(),
+    click.Option(["--overwrite"], is_flag=True, help="Replace an existing inspect folder."),
+]
+
 STUDY: list[click.Parameter] = [
     click.Argument(["study_file"], required=False, type=click.Path(path_type=str)),
     click.Option(["--out"], type=click.Path(path_type=str), help="STUDY folder to write."),
@@ -364,6 +392,7 @@ COMMANDS: dict[str, list[click.Parameter]] = {
     "pretrain": PRETRAIN,
     "demo": DEMO,
     "study": STUDY,
+    "inspect": INSPECT,
 }
 """Command name -> its parameters (the ``flower`` subcommands are declared above by name)."""
 

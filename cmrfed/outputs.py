@@ -67,6 +67,11 @@ def _is_study(folder: Path) -> bool:
     return raw is not None and raw.get("created_by") == "cmrfed study"
 
 
+def _is_inspect(folder: Path) -> bool:
+    raw = _json(paths.inspect_json_path(folder))
+    return raw is not None and raw.get("created_by") == "cmrfed inspect"
+
+
 def _is_demo(folder: Path) -> bool:
     """``cmrfed demo``'s OUT: its cohort/ and the study/ it runs on it."""
     return _is_cohort(folder / "cohort") or _is_study(folder / "study")
@@ -78,6 +83,7 @@ RUN = OutputKind("RUN folder", "cmrfed federate", _is_run)
 REPORT = OutputKind("REPORT folder", "cmrfed compare", _is_report)
 STUDY = OutputKind("STUDY folder", "cmrfed study", _is_study)
 DEMO = OutputKind("demo folder", "cmrfed demo", _is_demo)
+INSPECT = OutputKind("inspect folder", "cmrfed inspect", _is_inspect)
 
 
 def visible_entries(folder: Path) -> list[str]:

@@ -137,6 +137,25 @@ def synth_summary_path(cohort: Path) -> Path:
     return Path(cohort) / SYNTH_SUMMARY
 
 
+# consortium inspection (``cmrfed inspect``)
+def inspect_json_path(out: Path) -> Path:
+    """Every measure of how non-IID the consortium is."""
+    return Path(out) / "inspect.json"
+
+
+def inspect_md_path(out: Path) -> Path:
+    return Path(out) / "inspect.md"
+
+
+def inspect_figure_path(out: Path) -> Path:
+    return Path(out) / "inspect.png"
+
+
+def inspect_dir(prepared: Path) -> Path:
+    """Where ``cmrfed inspect PREPARED`` writes unless told otherwise."""
+    return Path(prepared) / "inspect"
+
+
 # pretrained backbones (``cmrfed pretrain``)
 def pretrain_checkpoint_dir(backbone: Path) -> Path:
     """The resumable state of ``cmrfed pretrain --out BACKBONE.safetensors``: BACKBONE.checkpoint/."""
@@ -172,6 +191,11 @@ def study_newcomer_dir(study: Path, cell: str) -> Path:
 def study_compare_dir(study: Path, setting: str) -> Path:
     """STUDY/compare/<setting>/: the `compare` report of one (blocks, rank) setting."""
     return Path(study) / "compare" / setting
+
+
+def study_inspect_dir(study: Path) -> Path:
+    """STUDY/inspect/: ``cmrfed inspect`` of the study's prepared data with its backbone."""
+    return Path(study) / "inspect"
 
 
 def study_report_dir(study: Path) -> Path:

@@ -46,8 +46,13 @@ def test_demo_runs_every_stage_and_writes_a_readable_report(tmp_path):
     assert {m["method"] for m in report["main"]["methods"]} == {"duallora", "fedlora", "ffalora"}
     assert [(r["method"], r["site"]) for r in report["participation"]["rows"]] == [(m, "ge") for m in methods]
     assert result.report.html == where["report"] / "report.html"
+    summary = json.loads((where["cohort"] / "synth_summary.json").read_text())
+    assert {k: summary["heterogeneity"][k] for k in ("appearance", "label_shift", "concept_shift")} == {
+        "appearance": 1.0, "label_shift": 1.0, "concept_shift": 1.0}  # the realistic vendor profile
+    assert set(report["consortium"]["clients"]) == set(report["clients"])
+    assert "The consortium" in (where["report"] / "report.md").read_text()
     pngs = sorted(where["report"].glob("*.png"))
-    assert len(pngs) == 5
+    assert len(pngs) == 6
     for png in pngs:
         image = imread(png)
         assert image.shape[0] > 200 and image.shape[1] > 200

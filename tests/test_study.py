@@ -178,13 +178,15 @@ def test_report_html_is_self_contained_and_embeds_every_figure(toy_study):
     page.feed((report / "report.html").read_text(encoding="utf-8"))
     page.close()
     figures = result.report.document["figures"]
-    assert len(page.images) == len(figures) == len(list(report.glob("*.png"))) == 5
+    # the consortium (cmrfed inspect) first, then the ablation and the main setting's four
+    assert len(page.images) == len(figures) == len(list(report.glob("*.png"))) == 6
+    assert figures[0] == "consortium.png"
     for src, name in zip(page.images, figures, strict=True):
         assert src.startswith("data:image/png;base64,")
         data = base64.b64decode(src.split(",", 1)[1], validate=True)
         assert data == (report / name).read_bytes()
     assert page.external == []  # nothing to fetch: the page works offline and when mailed
-    assert page.tables == 3
+    assert page.tables == 5  # consortium sites and probe transfer, main, per site, ablation
     text = " ".join(page.text)
     for method in ("duallora", "fedlora", "ffalora"):
         assert method in text

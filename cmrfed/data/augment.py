@@ -14,6 +14,14 @@ cinema/classification/{acdc,mnms,mnms2}/config.yaml) composes, on the training i
    ``scale_range: 0.2`` as the range of the *first* axis only (the others are padded with 1),
    so the stretch is along x before rotation; we do the same.
 
+Scale of the intensity steps: CineMA stores its images as uint8 (cinema/data/sitk.py,
+``cast_to_uint8``) and hands those 0..255 values to steps 1 and 2, before the rescale of step 3.
+Its noise therefore has a std of at most 0.1 *on a 0..255 scale*, 0.1 / 255 of the image's range.
+cmrfed's model input is the same uint8 image rescaled to [0, 1], so the intensity steps first map
+it back onto CineMA's scale (``AugmentSpec.intensity_scale`` = 255); adding std 0.1 to the [0, 1]
+input, as cmrfed once did, is 255 times too strong. The gamma step is scale-free (it normalises
+first), so only the noise depends on this.
+
 CineMA's translation is in voxels of its 192-voxel, 1 mm grid; cmrfed prepares other grids too
 (e.g. 64 voxels of 2 mm in the demo), so it is expressed here as a fraction of the in-plane size,
 60 / 192, which is CineMA's own translation at the default ``prepare`` geometry.
@@ -51,6 +59,7 @@ class AugmentSpec:
     scale: float = 0.2
     gamma: tuple[float, float] = (0.5, 1.5)
     noise_std: float = 0.1
+    intensity_scale: float = 255.0  # the value range the gamma and noise see (CineMA: uint8)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -96,12 +105,13 @@ def affine_resample(image: torch.Tensor, angle_deg: float, shift: tuple[float, f
     """Resample (C, X, Y, Z) under an in-plane affine about the volume centre, bilinear, zero
     padding; z is untouched (each slice maps onto itself).
 
-    An output voxel at centred coordinates p (voxels) samples the input at R(angle) (S p + t),
-    with S = diag(scale_x, 1), t = ``shift``; this is MONAI's rotate @ translate @ scale order.
-    A positive angle of 90 degrees equals ``np.rot90(image, 1, axes=(1, 2))`` on a square plane.
+    An output voxel at centred coordinates p (voxels) samples the input at R(-angle) (S p + t),
+    with S = diag(scale_x, 1), t = ``shift``; this is MONAI's rotate @ translate @ scale order, and
+    ``angle_deg`` is MONAI's z rotation (``Affine(rotate_params=(0, 0, radians(angle_deg)))``).
+    An angle of -90 degrees equals ``np.rot90(image, 1, axes=(1, 2))`` on a square plane.
     """
     _, nx, ny, nz = image.shape
-    theta = math.radians(angle_deg)
+    theta = -math.radians(angle_deg)  # MONAI's sign: its angle turns the content the other way
     cos, sin = math.cos(theta), math.sin(theta)
     dtype = torch.float64
     px = torch.arange(nx, dtype=dtype) - (nx - 1) / 2
@@ -123,32 +133,55 @@ def affine_resample(image: torch.Tensor, angle_deg: float, shift: tuple[float, f
     return out[0].to(image.dtype)
 
 
-def augment_image(image: torch.Tensor, generator: torch.Generator, spec: AugmentSpec) -> torch.Tensor:
-    """One random view of one subject's (C, X, Y, Z) image, drawn from ``generator``.
+@dataclass(frozen=True)
+class AugmentDraw:
+    """Every random number of one view: which steps apply, and their parameters."""
 
-    Draws, always in this order and always all of them: 3 apply-or-not coins, gamma, noise std,
-    the noise field, angle, shift x, shift y, scale.
-    """
-    if image.ndim != 4:
-        raise ValueError(f"expected one image (C, X, Y, Z), got shape {tuple(image.shape)}")
-    image = image.to(torch.float32)
+    coins: tuple[bool, bool, bool]  # gamma, noise, affine applied
+    gamma: float
+    std: float  # noise std on the ``intensity_scale`` scale
+    noise: torch.Tensor  # standard normal, the image's shape
+    angle: float  # degrees
+    shift: tuple[float, float]  # voxels
+    scale_x: float
+
+
+def draw_augment(shape: tuple[int, ...], generator: torch.Generator, spec: AugmentSpec) -> AugmentDraw:
+    """The random numbers of one view of a (C, X, Y, Z) image, drawn from ``generator`` always in
+    this order and always all of them: 3 apply-or-not coins, gamma, noise std, the noise field,
+    angle, shift x, shift y, scale."""
     coins = torch.rand(3, generator=generator, dtype=torch.float64) < spec.prob
     gamma = _uniform(generator, *spec.gamma)
     std = _uniform(generator, 0.0, spec.noise_std)
-    noise = torch.randn(image.shape, generator=generator, dtype=torch.float32)
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
     angle = _uniform(generator, -spec.rotate_deg, spec.rotate_deg)
-    _, nx, ny, _ = image.shape
+    _, nx, ny, _ = shape
     shift = (_uniform(generator, -1, 1) * spec.translate_frac * nx,
              _uniform(generator, -1, 1) * spec.translate_frac * ny)
     scale_x = 1.0 + _uniform(generator, -spec.scale, spec.scale)
-    if coins[0]:
-        image = adjust_gamma(image, gamma)
-    if coins[1]:
-        image = image + noise * std
+    return AugmentDraw((bool(coins[0]), bool(coins[1]), bool(coins[2])), gamma, std, noise, angle,
+                       shift, scale_x)
+
+
+def apply_augment(image: torch.Tensor, draw: AugmentDraw, spec: AugmentSpec) -> torch.Tensor:
+    """CineMA's steps with the numbers of ``draw``: gamma and noise on the image mapped onto
+    ``intensity_scale`` (CineMA's uint8 values), the rescale to [0, 1], the affine."""
+    image = image.to(torch.float32) * spec.intensity_scale
+    if draw.coins[0]:
+        image = adjust_gamma(image, draw.gamma)
+    if draw.coins[1]:
+        image = image + draw.noise * draw.std
     image = rescale(image)
-    if coins[2]:
-        image = affine_resample(image, angle, shift, scale_x)
+    if draw.coins[2]:
+        image = affine_resample(image, draw.angle, draw.shift, draw.scale_x)
     return image
+
+
+def augment_image(image: torch.Tensor, generator: torch.Generator, spec: AugmentSpec) -> torch.Tensor:
+    """One random view of one subject's (C, X, Y, Z) image, drawn from ``generator``."""
+    if image.ndim != 4:
+        raise ValueError(f"expected one image (C, X, Y, Z), got shape {tuple(image.shape)}")
+    return apply_augment(image, draw_augment(tuple(image.shape), generator, spec), spec)
 
 
 def augment_batch(images: torch.Tensor, seeds: list[int], spec: AugmentSpec) -> torch.Tensor:

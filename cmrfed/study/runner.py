@@ -34,6 +34,7 @@ from cmrfed import options as declared
 from cmrfed.atomic import read_json_or_none, write_json
 from cmrfed.data.shards import Manifest, load_manifest
 from cmrfed.errors import UsageError
+from cmrfed.eval.consortium import study_consortium
 from cmrfed.eval.report import compare_runs
 from cmrfed.faults import fault_point
 from cmrfed.fed.task import parse_devices, resolve_device
@@ -345,9 +346,12 @@ def _run_study(study: StudyConfig, out: Path, resume: bool, overwrite: bool, dev
         live.refresh()
         with times.phase("compare"):
             comparisons = _compare_settings(study, out, grid, found)
+        with times.phase("inspect"):
+            consortium = study_consortium(prepared, paths.study_inspect_dir(out), study.base.backbone,
+                                          study.base.seed, device)
         with times.phase("report"):
             report = write_study_report(study, out, {c.name: found[c.name].run for c in cells}, grid,
-                                        comparisons, tuple(newcomers.values()))
+                                        comparisons, tuple(newcomers.values()), consortium)
         progress.current = "done"
     save("complete")
     elapsed = time.perf_counter() - started_at

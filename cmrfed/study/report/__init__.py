@@ -11,6 +11,8 @@ is the study's shape:
   count; trainable parameters, bytes per client per round and total bytes;
 - the ablation: the tested metric with its CI against adapted blocks and rank, with the
   communication and the measured time per round beside it;
+- first, how non-IID the consortium is (``cmrfed inspect`` of the study's prepared data with its
+  backbone: label mixes, intensity distances, site identifiability, probe transfer);
 - the participation gap, when the study holds sites out: per method and held-out site, the
   tested metric of the site zero-shot, after ``cmrfed adapt`` and as a full member (the grid
   cell of the same method and seed), mean ± sd over seeds.
@@ -31,12 +33,13 @@ from typing import Any
 
 from cmrfed import paths
 from cmrfed.atomic import atomic_dir, write_json
+from cmrfed.eval.consortium import plot_consortium
 from cmrfed.eval.report import FIGURES, ComparisonResult
 from cmrfed.faults import fault_point
 from cmrfed.study.config import StudyConfig
 from cmrfed.study.newcomers import Newcomer
 from cmrfed.study.plan import Cell
-from cmrfed.study.report.document import ABLATION_FIGURE, study_document
+from cmrfed.study.report.document import ABLATION_FIGURE, CONSORTIUM_FIGURE, study_document
 from cmrfed.study.report.figure import plot_ablation
 from cmrfed.study.report.markdown import markdown
 from cmrfed.study.report.page import html_page
@@ -52,9 +55,11 @@ class StudyReport:
 
 def write_study_report(study: StudyConfig, out: Path, runs: Mapping[str, Path], cells: Sequence[Cell],
                        comparisons: Mapping[tuple[int | str, int], ComparisonResult],
-                       newcomers: Sequence[Newcomer] = ()) -> StudyReport:
-    """Write STUDY/report/ (replacing an older one only once the new one is complete)."""
-    doc = study_document(study, runs, cells, comparisons, newcomers)
+                       newcomers: Sequence[Newcomer] = (),
+                       consortium: Mapping[str, Any] | None = None) -> StudyReport:
+    """Write STUDY/report/ (replacing an older one only once the new one is complete); it opens
+    with ``consortium``, the ``cmrfed inspect`` document of the study's data, when given."""
+    doc = study_document(study, runs, cells, comparisons, newcomers, consortium)
     target = paths.study_report_dir(out)
     main_compare = comparisons[(study.main_blocks, study.main_rank)].out
     with atomic_dir(target) as tmp:
@@ -65,7 +70,11 @@ def write_study_report(study: StudyConfig, out: Path, runs: Mapping[str, Path], 
         write_csv(tmp / "ablation.csv", *ablation_csv(doc))
         if doc["participation"]:
             write_csv(tmp / "participation.csv", *participation_csv(doc))
-        figures = {ABLATION_FIGURE: paths.report_figure_path(tmp, ABLATION_FIGURE)}
+        figures = {}
+        if consortium is not None:
+            figures[CONSORTIUM_FIGURE] = paths.report_figure_path(tmp, CONSORTIUM_FIGURE)
+            plot_consortium(consortium, figures[CONSORTIUM_FIGURE])
+        figures[ABLATION_FIGURE] = paths.report_figure_path(tmp, ABLATION_FIGURE)
         plot_ablation(doc, figures[ABLATION_FIGURE])
         fault_point("study.report-write")
         for name in FIGURES:

@@ -35,6 +35,7 @@ MAIN_METRICS = ("balanced_accuracy", "sensitivity", "specificity", "auc", "f1", 
 
 
 ABLATION_FIGURE = "ablation"
+CONSORTIUM_FIGURE = "consortium"
 
 PARTICIPATION = (("held_out", "held out, zero-shot"), ("adapted", "after adapt"), ("member", "full member"))
 
@@ -171,8 +172,10 @@ def participation_document(study: StudyConfig, runs: Mapping[str, Path],
 
 def study_document(study: StudyConfig, runs: Mapping[str, Path], cells: Sequence[Cell],
                    comparisons: Mapping[tuple[int | str, int], ComparisonResult],
-                   newcomers: Sequence[Newcomer] = ()) -> dict[str, Any]:
-    """Every number of the report as one JSON-ready dict (report.json)."""
+                   newcomers: Sequence[Newcomer] = (),
+                   consortium: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every number of the report as one JSON-ready dict (report.json); ``consortium``: the
+    ``cmrfed inspect`` document of the study's data."""
     settings = []
     for blocks, rank in grid_settings(study):
         setting_runs = {c.name: runs[c.name] for c in cells if c.setting == (blocks, rank)}
@@ -204,6 +207,8 @@ def study_document(study: StudyConfig, runs: Mapping[str, Path], cells: Sequence
         "settings": settings,
         "privacy": privacy,
         "participation": participation_document(study, runs, newcomers),
-        "figures": [f"{ABLATION_FIGURE}.png", *(f"{name}.png" for name in FIGURES)],
+        "consortium": dict(consortium) if consortium is not None else None,
+        "figures": [*([f"{CONSORTIUM_FIGURE}.png"] if consortium is not None else []),
+                    f"{ABLATION_FIGURE}.png", *(f"{name}.png" for name in FIGURES)],
         "versions": versions(),
     })

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from cmrfed.eval.consortium import summary_lines
 from cmrfed.eval.report import FIGURES
 from cmrfed.fed.privacy import privacy_markdown
 from cmrfed.fed.strategy import AGGREGATE_RULES
-from cmrfed.study.report.document import ABLATION_FIGURE
+from cmrfed.study.report.document import ABLATION_FIGURE, CONSORTIUM_FIGURE
 from cmrfed.study.report.rows import ablation_table, main_table, participation_table, site_table
 
 
@@ -77,8 +78,16 @@ def privacy_lines(doc: Mapping[str, Any]) -> list[str]:
     return privacy_markdown(runs, doc["privacy"]["summaries"])
 
 
+def consortium_lines(doc: Mapping[str, Any]) -> list[str]:
+    """The report's opening: how non-IID the study's sites are (``cmrfed inspect``)."""
+    if not doc.get("consortium"):
+        return []
+    return ["## The consortium: how non-IID are the sites? (`cmrfed inspect`)", "",
+            *summary_lines(doc["consortium"]), "", f"![consortium]({CONSORTIUM_FIGURE}.png)", ""]
+
+
 def markdown(doc: Mapping[str, Any]) -> str:
-    lines = [f"# {doc['title']}", "", *(f"- {note}" for note in notes(doc)), "",
+    lines = [f"# {doc['title']}", "", *(f"- {note}" for note in notes(doc)), "", *consortium_lines(doc),
              f"## Main table (blocks {doc['main']['blocks']}, rank {doc['main']['rank']})", "",
              *md_table(*main_table(doc)), "", "## Per site", "", *md_table(*site_table(doc)), "",
              "## Ablation: adapted blocks and rank", "", *md_table(*ablation_table(doc)), "",

@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cmrfed.study.report.document import ABLATION_FIGURE
+from cmrfed.eval.consortium import headline, site_rows, transfer_rows
+from cmrfed.study.report.document import ABLATION_FIGURE, CONSORTIUM_FIGURE
 from cmrfed.study.report.markdown import notes, participation_lines, privacy_lines, report_warnings
 from cmrfed.study.report.rows import ablation_table, main_table, site_table
 
@@ -31,6 +32,9 @@ figcaption{font-size:.85em;color:#556}.warn{color:#8a5a00}
 
 
 FIGURE_CAPTIONS = {
+    CONSORTIUM_FIGURE: "The consortium before training (cmrfed inspect): each site's abnormal share against "
+                       "the pooled one, the intensity distances between sites, and the transfer of a "
+                       "linear probe on frozen features from one site to another.",
     ABLATION_FIGURE: "Ablation: the tested metric with its 95% CI, the bytes each client sends and "
                      "receives per round, and the measured time per round, against the adapted blocks.",
     "metric_by_client": "Main setting: the tested metric per site and macro (mean over seeds, 95% CI).",
@@ -86,6 +90,22 @@ def section_html(lines: list[str]) -> list[str]:
     return parts
 
 
+def _figure(name: str, path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (f'<figure id="fig-{name}"><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(FIGURE_CAPTIONS.get(name, name))}</figcaption></figure>")
+
+
+def _consortium_html(doc: Mapping[str, Any], figures: Mapping[str, Path]) -> list[str]:
+    consortium = doc.get("consortium")
+    if not consortium:
+        return []
+    return ["<h2>The consortium: how non-IID are the sites? (cmrfed inspect)</h2>",
+            '<ul class="notes">' + "".join(f"<li>{html.escape(n)}</li>" for n in headline(consortium))
+            + "</ul>", _html_table(*site_rows(consortium)), _html_table(*transfer_rows(consortium)),
+            _figure(CONSORTIUM_FIGURE, figures[CONSORTIUM_FIGURE])]
+
+
 def html_page(doc: Mapping[str, Any], figures: Mapping[str, Path]) -> str:
     reference = doc["reference"]
     parts = [
@@ -94,6 +114,7 @@ def html_page(doc: Mapping[str, Any], figures: Mapping[str, Path]) -> str:
         f"<title>{html.escape(doc['title'])}</title><style>{_CSS}</style></head><body>",
         f"<h1>{html.escape(doc['title'])}</h1>",
         '<ul class="notes">' + "".join(f"<li>{_inline(n)}</li>" for n in notes(doc)) + "</ul>",
+        *_consortium_html(doc, figures),
         f"<h2>Main table (blocks {html.escape(str(doc['main']['blocks']))}, rank "
         f"{html.escape(str(doc['main']['rank']))})</h2>",
         _html_table(*main_table(doc), reference=reference),
@@ -103,12 +124,11 @@ def html_page(doc: Mapping[str, Any], figures: Mapping[str, Path]) -> str:
         *section_html(privacy_lines(doc)),
     ]
     for name, path in figures.items():
+        if name == CONSORTIUM_FIGURE:
+            continue  # shown with the consortium, at the top
         if name == "metric_by_client":
             parts.append("<h2>Main setting: figures</h2>")
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
-        parts.append(f'<figure id="fig-{name}"><img alt="{html.escape(name)}" '
-                     f'src="data:image/png;base64,{data}"><figcaption>'
-                     f"{html.escape(FIGURE_CAPTIONS.get(name, name))}</figcaption></figure>")
+        parts.append(_figure(name, path))
     if warnings := report_warnings(doc):
         parts.append("<h2>Warnings</h2><ul>" + "".join(
             f'<li class="warn">{html.escape(w)}</li>' for w in warnings) + "</ul>")

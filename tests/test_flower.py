@@ -37,14 +37,15 @@ from cmrfed.data.synth import write_synthetic_cohort
 from cmrfed.errors import DataError, UsageError
 from cmrfed.eval.evaluate import evaluate_run
 from cmrfed.fed.config import FederateConfig
-from cmrfed.fed.flower import (
+from cmrfed.fed.flower_config import (
     SiteConfig,
-    check_shared_keys,
+    config_text,
     federate_config_of,
     run_config_of,
     site_node_config,
 )
 from cmrfed.fed.flower_launch import COMPONENTS, run_flower, write_app
+from cmrfed.fed.flower_server import check_shared_keys
 from cmrfed.fed.inprocess import federate
 from cmrfed.fed.methods import resolve_method
 from cmrfed.fed.participation import participants
@@ -105,45 +106,53 @@ def test_server_refuses_a_private_tensor() -> None:
         check_shared_keys([*shared, private[0]], spec, "ge")
 
 
-def test_a_held_out_site_is_refused_before_it_opens_its_data(tmp_path: Path) -> None:
+def _instruction(cfg: FederateConfig, round_index: int = 0, **extra):
+    """The server's instruction of a message, as :class:`FlowerTransport` writes it."""
+    from flwr.app import ConfigRecord
+
+    return ConfigRecord({"round": round_index, "config": config_text(cfg), "token": "t", "epoch": 1,
+                         "run_name": "RUN", "best_round": 0, **extra})
+
+
+def _context(node_config: dict, run_config: dict | None = None):
     from flwr.app import Context, RecordDict
 
-    from cmrfed.fed.flower import _open_site
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
+                   run_config=run_config or {})
 
-    run_config = run_config_of(FederateConfig(data="", holdout="ge"), tmp_path / "RUN", sites=3)
+
+def test_a_held_out_site_is_refused_before_it_opens_its_data(tmp_path: Path) -> None:
+    from cmrfed.fed.flower_client import _open_site
+
     node_config = {"client": "ge", "prepared": str(tmp_path / "absent"), "site-dir": str(tmp_path / "s")}
-    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
     with pytest.raises(UsageError, match="held out"):  # not a DataError about the missing PREPARED
-        _open_site(context)
+        _open_site(_context(node_config), _instruction(FederateConfig(data="", holdout="ge")))
 
 
 def test_a_site_that_missed_an_aggregate_trains_from_it(small_prepared: Path, tmp_path: Path) -> None:
     """A site that was down when an aggregate was sent gets it with its next train message; it
-    then trains exactly as the same site in-process from that aggregate."""
+    then trains exactly as the same site in-process from that aggregate. A site whose SuperNode
+    restarted (a fresh Flower context) continues from the state it kept in its site folder."""
     from dataclasses import replace
 
-    from flwr.app import Context, RecordDict
-
-    from cmrfed.fed.flower import train_site
+    from cmrfed.fed.flower_client import _open_site, train_site
     from cmrfed.fed.task import build_client
 
     cfg = FederateConfig(data=str(small_prepared), method="duallora", rounds=3, rank=4, seed=3)
-    run_config = run_config_of(cfg, tmp_path / "RUN", sites=4)
-    node_config = {"client": "ge", "prepared": str(small_prepared), "site-dir": str(tmp_path / "s"),
-                   "device": "cpu"}
 
-    def context() -> Context:
-        return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
-                       run_config=run_config)
+    def site(folder: str, round_index: int):
+        node_config = {"client": "ge", "prepared": str(small_prepared), "site-dir": str(tmp_path / folder),
+                       "device": "cpu"}
+        return _open_site(_context(node_config), _instruction(cfg, round_index))
 
     # Execute: round 1; round 2's aggregate never arrived; round 3's train message carries it
-    synced, stale = context(), context()
-    _, first = train_site(synced, 1, None)
-    aggregate = {k: v + 0.01 for k, v in first.shared.items()}
-    _, got = train_site(synced, 3, aggregate)
-    train_site(stale, 1, None)
-    _, without = train_site(stale, 3, None)
-    # Assert: the same as in-process from that aggregate, not as from the stale state
+    first, _, _ = train_site(site("synced", 1), 1, None, best_round=0)
+    aggregate = {k: v + 0.01 for k, v in first.items()}
+    got, _, _ = train_site(site("synced", 3), 3, aggregate, best_round=0)  # a new context each time
+    train_site(site("fresh", 1), 1, None, best_round=0)
+    (tmp_path / "fresh" / ".state").rename(tmp_path / "lost")  # a site that lost its state
+    without, _, _ = train_site(site("fresh", 3), 3, aggregate, best_round=0)
+    # Assert: the same as in-process from that aggregate, not as from a fresh init
     manifest = load_manifest(small_prepared)
     run_model = build_run_model(replace(cfg, data=str(small_prepared)), tuple(manifest.shape))
     client, _ = build_client(cfg, small_prepared, manifest, "ge", run_model, torch.device("cpu"),
@@ -151,10 +160,13 @@ def test_a_site_that_missed_an_aggregate_trains_from_it(small_prepared: Path, tm
     client.fit(run_model.model, 1, torch.device("cpu"))
     client.set_shared(aggregate)
     want = client.fit(run_model.model, 3, torch.device("cpu")).shared
-    assert got.shared.keys() == want.keys()
+    assert got.keys() == want.keys()
     for key in want:
-        torch.testing.assert_close(got.shared[key], want[key], atol=0, rtol=0)
-    assert any(not torch.equal(without.shared[k], want[k]) for k in want)
+        torch.testing.assert_close(got[key], want[key], atol=0, rtol=0)
+    assert any(not torch.equal(without[k], want[k]) for k in want)
+    with pytest.raises(DataError, match="without the aggregate"):  # holds round 1, asked for round 3
+        train_site(site("synced2", 1), 1, None, best_round=0)
+        train_site(site("synced2", 3), 3, None, best_round=0)
 
 
 def test_min_sites_must_be_reachable(tmp_path: Path) -> None:

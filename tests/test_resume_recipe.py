@@ -17,7 +17,7 @@ from conftest import quiet_console
 from safetensors.torch import load_file
 
 from cmrfed import paths
-from cmrfed.fed import inprocess
+from cmrfed.fed import inprocess, rounds
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.methods import METHODS
 
@@ -44,19 +44,19 @@ def test_resume_with_augmentation_and_schedule_is_bit_identical(small_prepared, 
     reference = tmp_path / "reference"
     inprocess.federate(cfg, reference, device="cpu", console=quiet_console())
 
-    real = inprocess._write_checkpoint
+    real = rounds._write_checkpoint
 
-    def crash_at_round_2(run, clients, server, progress, best):
+    def crash_at_round_2(run, progress, last, best):
         if progress.round == 2:
             raise Crash
-        real(run, clients, server, progress, best)
+        real(run, progress, last, best)
 
     interrupted = tmp_path / "interrupted"
-    monkeypatch.setattr(inprocess, "_write_checkpoint", crash_at_round_2)
+    monkeypatch.setattr(rounds, "_write_checkpoint", crash_at_round_2)
     with pytest.raises(Crash):
         inprocess.federate(cfg, interrupted, device="cpu", console=quiet_console())
-    monkeypatch.setattr(inprocess, "_write_checkpoint", real)
-    assert inprocess.read_checkpoint(interrupted)[0].round == 1
+    monkeypatch.setattr(rounds, "_write_checkpoint", real)
+    assert rounds.read_checkpoint(interrupted)[0].round == 1
     inprocess.federate(cfg, interrupted, device="cpu", resume=True, console=quiet_console())
 
     for which in ("final", "best"):

@@ -28,6 +28,7 @@ import pytest
 pytest.importorskip("flwr", reason="Flower is an optional extra: pip install 'cmrfed[flower]'")
 
 import torch
+from flower_loopback import LoopbackGrid
 from safetensors.torch import load_file
 
 from cmrfed import paths
@@ -45,9 +46,9 @@ from cmrfed.fed.flower_config import (
     site_node_config,
 )
 from cmrfed.fed.flower_launch import COMPONENTS, run_flower, write_app
-from cmrfed.fed.flower_server import check_shared_keys
+from cmrfed.fed.flower_server import check_shared_keys, serve
 from cmrfed.fed.inprocess import federate
-from cmrfed.fed.methods import resolve_method
+from cmrfed.fed.methods import METHODS, resolve_method
 from cmrfed.fed.participation import participants
 from cmrfed.fed.task import build_run_model
 from cmrfed.model.classifier import param_group
@@ -264,35 +265,83 @@ def _quiet():
     return Console(quiet=True)
 
 
+class Federation:
+    """A SuperLink and one SuperNode per client of ``prepared`` on loopback, kept for several runs."""
+
+    def __init__(self, prepared: Path, root: Path) -> None:
+        self.prepared, self.root = prepared, root
+        self.processes = _Processes(root)
+        self.clients = list(load_manifest(prepared).clients)
+        self.nodes: dict[str, subprocess.Popen] = {}
+        self.port = _free_port()
+        self.link, link_log = self.processes.start("superlink", [
+            "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+            "--host", "127.0.0.1", "--port", str(self.port)])
+        _wait_for_port(self.port, self.link, link_log)
+        for client in self.clients:
+            self.start_node(client)
+
+    @property
+    def superlink(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def site_dir(self, client: str) -> Path:
+        return self.root / f"site-{client}"
+
+    def start_node(self, client: str) -> subprocess.Popen:
+        """A SuperNode for ``client``, always with the same node config (its restart too)."""
+        node_config = site_node_config(client, self.prepared, self.site_dir(client), device="cpu")
+        self.nodes[client], _ = self.processes.start(f"supernode-{client}-{len(self.processes.started)}", [
+            "flower-supernode", "--insecure", "--superlink", self.superlink,
+            "--host", "127.0.0.1", "--port", str(_free_port()), "--node-config", node_config,
+            "--max-wait-time", str(START_TIMEOUT_S)])
+        return self.nodes[client]
+
+    def command(self, out: Path, *options: str) -> list[str]:
+        """`cmrfed flower run` of this federation, as the README documents it."""
+        return [sys.executable, "-m", "cmrfed.cli", "flower", "run", "--superlink", self.superlink,
+                "--insecure", "--sites", str(len(self.clients)), "--data", str(self.prepared),
+                "--out", str(out), *options]
+
+    def serverapps(self) -> list[psutil.Process]:
+        """The ServerApp processes the SuperLink has started and that are still alive."""
+        family = psutil.Process(self.link.pid).children(recursive=True)
+        return [p for p in family if _is_serverapp(p)]
+
+
+def _is_serverapp(process: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return any("flwr-serverapp" in part for part in process.cmdline())
+    return False
+
+
 @pytest.fixture(scope="module")
-def runs(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The same duallora run twice: in-process, and over a loopback Flower federation."""
+def federation(cohort: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One loopback federation for every run of this module that kills no SuperNode."""
+    deployed = Federation(cohort, tmp_path_factory.mktemp("federation"))
+    try:
+        yield deployed
+    finally:
+        deployed.processes.stop()
+
+
+@pytest.fixture(scope="module")
+def runs(cohort: Path, federation: Federation, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The same duallora run twice: in-process, and over the loopback Flower federation."""
     root = tmp_path_factory.mktemp("flower-runs")
     cfg = FederateConfig(data=str(cohort), method="duallora", rounds=2, backbone="tiny", seed=3)
     federate(cfg, root / "inprocess", device="cpu", console=_quiet())
-    clients = json.loads(paths.run_config_path(root / "inprocess").read_text())["clients"]
-
-    processes = _Processes(root)
     started = time.perf_counter()
     try:
-        link_port = _free_port()
-        link, link_log = processes.start("superlink", [
-            "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1", "--port", str(link_port)])
-        _wait_for_port(link_port, link, link_log)
-        for client in clients:
-            node_config = site_node_config(client, cohort, root / f"site-{client}", device="cpu")
-            processes.start(f"supernode-{client}", [
-                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                "--host", "127.0.0.1", "--port", str(_free_port()), "--node-config", node_config,
-                "--max-wait-time", str(START_TIMEOUT_S)])
-        summary = run_flower(cfg, root / "flower", sites=len(clients), superlink=f"127.0.0.1:{link_port}",
-                             insecure=True, node_timeout_s=120.0, wait_s=RUN_TIMEOUT_S, console=_quiet())
+        summary = run_flower(cfg, root / "flower", sites=len(federation.clients),
+                             superlink=federation.superlink, insecure=True, node_timeout_s=120.0,
+                             wait_s=RUN_TIMEOUT_S, console=_quiet())
     except Exception as exc:
-        raise AssertionError(f"the loopback Flower run failed: {exc}\n{processes.logs()}") from exc
-    finally:
-        processes.stop()
-    return {"root": root, "cfg": cfg, "clients": list(clients), "summary": summary,
+        raise AssertionError(f"the loopback Flower run failed: {exc}\n{federation.processes.logs()}") from exc
+    for client in federation.clients:  # the sites' RUN-shaped folders, as each site keeps them
+        shutil.copytree(paths.site_run_dir(federation.site_dir(client), "flower"),
+                        paths.site_run_dir(root / f"site-{client}", "flower"))
+    return {"root": root, "cfg": cfg, "clients": federation.clients, "summary": summary,
             "flower_s": time.perf_counter() - started}
 
 
@@ -369,6 +418,75 @@ def test_evaluate_reads_the_flower_run_once_sites_copy_their_private_tensors(run
 def _rows(path: Path) -> list[dict[str, str]]:
     with path.open(newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
+
+
+# --- a ServerApp killed mid-run, resumed -------------------------------------------------------------
+# one kill point per method (sampled to keep the suite's time), each a different moment of a round
+KILLS = {"duallora": "federate.round-logged:1", "fedlora": "federate.checkpoint-write:2",
+         "ffalora": "federate.trained:2", "fedsa": "federate.final-write:1"}
+
+
+def _rounds_without_time(run: Path) -> list[dict]:
+    records = [json.loads(line) for line in paths.rounds_log_path(run).read_text().splitlines()]
+    for record in records:
+        record.pop("wall_s")
+    return records
+
+
+def _wait_until(condition, what: str, timeout_s: float = RUN_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("method", sorted(KILLS))
+def test_a_killed_serverapp_resumes_to_the_uninterrupted_run(cohort, federation, tmp_path, method):
+    """The ServerApp SIGKILLs itself at a fault point; `cmrfed flower run --resume` then continues
+    RUN from its checkpoint, the sites from their own, and ends where an uninterrupted Flower run
+    (the same apps over :class:`LoopbackGrid`) ends: tensors, rounds.jsonl and metrics."""
+    assert set(KILLS) == {name for name, spec in METHODS.items() if spec.federated}
+    options = {"method": method, "rounds": 2, "rank": 2, "seed": 4}
+    cfg = FederateConfig(data=str(cohort), **options)
+    reference = tmp_path / "reference"
+    grid = LoopbackGrid([{"client": c, "prepared": str(cohort), "site-dir": str(tmp_path / f"site-{c}"),
+                          "device": "cpu"} for c in federation.clients])
+    serve(grid, run_config_of(cfg, reference, sites=len(federation.clients)), console=_quiet())
+
+    out = tmp_path / f"resumed-{method}"
+    args = [f"--{k}={v}" for k, v in options.items()] + ["--node-timeout", "120"]
+    log = tmp_path / "killed.log"
+    try:
+        with log.open("wb") as handle:
+            killed = subprocess.Popen(federation.command(out, *args), stdout=handle, stderr=subprocess.STDOUT,
+                                      env=dict(federation.processes.env, CMRFED_FAULT=KILLS[method]),
+                                      start_new_session=True)
+        _wait_until(lambda: paths.run_config_path(out).exists(), "the killed run to start")
+        _wait_until(lambda: not federation.serverapps(), "the ServerApp to kill itself")
+        os.killpg(killed.pid, signal.SIGKILL)  # the submitting client: it would stream until Flower
+        killed.wait(timeout=15)  # notices the dead ServerApp (its heartbeat), which we need not wait for
+        assert "result" not in json.loads(paths.run_config_path(out).read_text())
+        resumed = subprocess.run(federation.command(out, "--resume"), env=federation.processes.env,
+                                 capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    except Exception as exc:
+        raise AssertionError(f"{exc}\n{log.read_text()[-3000:]}\n{federation.processes.logs()}") from exc
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    for which in ("final", "best"):
+        want = load_file(str(paths.shared_tensors_path(reference, which)))
+        got = load_file(str(paths.shared_tensors_path(out, which)))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), which
+        for client in federation.clients:
+            want = load_file(str(paths.private_tensors_path(
+                paths.site_run_dir(tmp_path / f"site-{client}", reference.name), client, which)))
+            got = load_file(str(paths.private_tensors_path(
+                paths.site_run_dir(federation.site_dir(client), out.name), client, which)))
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), client
+    assert _rounds_without_time(out) == _rounds_without_time(reference)
+    infos = [json.loads(paths.run_config_path(run).read_text()) for run in (out, reference)]
+    assert infos[0]["config"] == infos[1]["config"] and infos[0]["result"] == infos[1]["result"]
 
 
 # --- drop-outs: real SuperNodes killed mid-run ------------------------------------------------------

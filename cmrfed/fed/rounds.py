@@ -298,6 +298,7 @@ def run_rounds(cfg: FederateConfig, out: Path, transport: Transport, *, resume: 
             bar.update(task, description=f"{spec.name}: round {round_index}")
             exchange = Exchange()
             transport.train(round_index, asked, server, exchange)
+            fault_point("federate.trained")  # the sites have trained, nothing of the round is kept
             needed = len(asked) if min_sites is None else min_sites
             if len(exchange.results) < needed and not spec.pooled:
                 failures = "; ".join(f"{k}: {v}" for k, v in exchange.failed.items())

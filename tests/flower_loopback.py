@@ -25,23 +25,28 @@ from cmrfed.fed.flower_client import client_app
 OFFLINE = 1  # an error code, as Flower's SuperLink reports an unreachable node
 
 
+def as_serverapp() -> None:
+    """Who is sending: what a ServerApp process is told when Flower starts it."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
+
+
 class LoopbackGrid(Grid):
     """Nodes are site node configs; a message is executed when it is pushed, unless it expired."""
 
     def __init__(self, node_configs: Iterable[dict]) -> None:
-        # who is sending: what a ServerApp process is told when Flower starts it
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
+        as_serverapp()
         self._ids = itertools.count(101)
         self.nodes: dict[int, dict] = {next(self._ids): dict(c) for c in node_configs}
         self.offline: set[int] = set()
         self.replies: dict[str, Message] = {}
         self.executed: list[tuple[int, str]] = []  # (node, message type) of every message run
+        self.ttls: list[float] = []  # the TTL of every message pushed
 
-    def set_run(self, run) -> None:  # noqa: ANN001 - Flower's Run
+    def set_run(self, run) -> None:
         self._run = run
 
     @property
-    def run(self):  # noqa: ANN201
+    def run(self):
         return self._run
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
@@ -64,6 +69,7 @@ class LoopbackGrid(Grid):
         ids = []
         for message in messages:
             message.metadata.__dict__["_message_id"] = str(uuid4())
+            self.ttls.append(message.metadata.ttl)
             ids.append(message.metadata.message_id)
             self.replies[message.metadata.message_id] = self._deliver(message)
         return ids
@@ -77,7 +83,7 @@ class LoopbackGrid(Grid):
         self.executed.append((node, message.metadata.message_type))
         try:
             return client_app(message, context)
-        except Exception as exc:  # noqa: BLE001 - a ClientApp that raises replies with an error
+        except Exception as exc:  # a ClientApp that raises replies with an error
             return Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:

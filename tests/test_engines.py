@@ -59,7 +59,8 @@ def test_both_engines_give_identical_tensors(small_prepared, tmp_path, method, d
     cfg = FederateConfig(data=str(small_prepared), method=method, **OPTIONS, **(DP if dp else {}))
     federate(cfg, tmp_path / "inprocess", device="cpu", console=quiet_console())
     grid = LoopbackGrid(node_configs(small_prepared, tmp_path))
-    flower_run(cfg, tmp_path / "flower", grid)
+    flower_run(cfg, tmp_path / "flower", grid, node_timeout_s=300.0)
+    assert grid.ttls and set(grid.ttls) == {300.0}  # every message expires with --node-timeout
 
     inprocess, flower = tmp_path / "inprocess", tmp_path / "flower"
     for which in ("final", "best"):

@@ -28,7 +28,7 @@ import pytest
 pytest.importorskip("flwr", reason="Flower is an optional extra: pip install 'cmrfed[flower]'")
 
 import torch
-from flower_loopback import LoopbackGrid
+from flower_loopback import LoopbackGrid, as_serverapp
 from safetensors.torch import load_file
 
 from cmrfed import paths
@@ -168,6 +168,32 @@ def test_a_site_that_missed_an_aggregate_trains_from_it(small_prepared: Path, tm
     with pytest.raises(DataError, match="without the aggregate"):  # holds round 1, asked for round 3
         train_site(site("synced2", 1), 1, None, best_round=0)
         train_site(site("synced2", 3), 3, None, best_round=0)
+
+
+def test_every_message_expires_with_the_node_timeout_and_an_expired_one_is_not_executed(tmp_path):
+    """The server's messages carry a TTL of --node-timeout: the SuperLink drops an undelivered one
+    after it, and a site that receives one late (a SuperNode that pulled it, then stalled) refuses
+    it instead of training on a round the server has given up on."""
+    from flwr.app import Context, RecordDict
+
+    from cmrfed.fed.flower_client import client_app
+    from cmrfed.fed.flower_config import ROUND, TRAIN
+    from cmrfed.fed.flower_server import message
+
+    as_serverapp()
+    cfg = FederateConfig(data="", method="duallora", rounds=2, rank=2)
+    fresh = message(RecordDict({ROUND: _instruction(cfg, 1)}), 7, TRAIN, 1, ttl_s=42.0)
+    assert fresh.metadata.ttl == 42.0 and fresh.metadata.message_type == TRAIN
+    late = message(RecordDict({ROUND: _instruction(cfg, 1)}), 7, TRAIN, 1, ttl_s=5.0)
+    late.metadata.created_at -= 6.0  # sent 6 s ago: its 5 s have passed
+    late.metadata.__dict__["_message_id"] = "late"
+    site_dir = tmp_path / "site"
+    node_config = {"client": "ge", "prepared": str(tmp_path / "prepared"), "site-dir": str(site_dir),
+                   "device": "cpu"}
+    with pytest.raises(DataError, match="after its TTL"):
+        client_app(late, Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
+                                 run_config={}))
+    assert not site_dir.exists()  # refused before the site opened anything: nothing trained or kept
 
 
 def test_min_sites_must_be_reachable(tmp_path: Path) -> None:
@@ -592,3 +618,53 @@ def _logged_rounds(run: Path) -> list[int]:
     if not log.exists():
         return []
     return [json.loads(line)["round"] for line in log.read_text().splitlines() if line.endswith("}")]
+
+
+# --- a site rejoins: its SuperNode killed after round 1 and restarted -----------------------------
+@pytest.mark.e2e
+def test_a_restarted_supernode_rejoins_from_its_own_state(cohort, federation, tmp_path):
+    """A SuperNode SIGKILLed after round 1 and restarted with the same node config comes back
+    under a new node id; the server knows it by its client name, and the site continues from the
+    state it kept in its site folder (not a fresh init): the run ends with the uninterrupted run's
+    final tensors. It is not asked in round 2 (so the others need not wait for it) and misses that
+    round's aggregate, which its round 3 train message carries. Runs last: it replaces a node of
+    the module's federation."""
+    clients = federation.clients
+    victim = clients[0]
+    seed = next(s for s in range(100) if participants(clients, 1, s, 2) != [victim]
+                and participants(clients, 1, s, 3) == [victim])
+    options = {"method": "duallora", "rounds": 3, "rank": 2, "seed": seed, "sites-per-round": 1}
+    cfg = FederateConfig(data=str(cohort), method="duallora", rounds=3, rank=2, seed=seed, sites_per_round=1)
+    reference = tmp_path / "reference"
+    grid = LoopbackGrid([{"client": c, "prepared": str(cohort), "site-dir": str(tmp_path / f"site-{c}"),
+                          "device": "cpu"} for c in clients])
+    serve(grid, run_config_of(cfg, reference, sites=len(clients)), console=_quiet())
+
+    out = tmp_path / "rejoined"
+    log = tmp_path / "cli.log"
+    try:
+        with log.open("wb") as handle:
+            cli = subprocess.Popen(federation.command(out, *(f"--{k}={v}" for k, v in options.items()),
+                                                      "--node-timeout", "120"),
+                                   env=federation.processes.env, stdout=handle, stderr=subprocess.STDOUT)
+        _wait_until(lambda: _logged_rounds(out) == [1] or cli.poll() is not None, "round 1")
+        _kill_tree(federation.nodes[victim])
+        federation.start_node(victim)
+        code = cli.wait(timeout=RUN_TIMEOUT_S)
+    except Exception as exc:
+        raise AssertionError(f"{exc}\n{log.read_text()[-3000:]}\n{federation.processes.logs()}") from exc
+    assert code == 0, log.read_text()[-3000:]
+    rounds = [json.loads(line) for line in paths.rounds_log_path(out).read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert list(rounds[1]["failed"]) == [victim] and rounds[1]["failed"][victim].startswith("evaluate")
+    assert rounds[2]["participants"] == [victim] and rounds[2]["failed"] == {}
+    assert rounds[2]["clients"][victim]["train_loss"] is not None  # it trained again, in round 3
+    got, want = (load_file(str(paths.shared_tensors_path(run))) for run in (out, reference))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    got = load_file(str(paths.private_tensors_path(paths.site_run_dir(federation.site_dir(victim), out.name),
+                                                   victim)))
+    want = load_file(str(paths.private_tensors_path(paths.site_run_dir(tmp_path / f"site-{victim}",
+                                                                       reference.name), victim)))
+    assert got and got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    engine = json.loads(paths.run_config_path(out).read_text())["engine"]
+    assert "node_id" not in engine["sites"][victim]  # sites are known by name, not by node id

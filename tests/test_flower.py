@@ -45,7 +45,7 @@ from cmrfed.fed.flower_config import (
     run_config_of,
     site_node_config,
 )
-from cmrfed.fed.flower_launch import COMPONENTS, run_flower, write_app
+from cmrfed.fed.flower_launch import COMPONENTS, CONNECTION, run_flower, write_app, write_connection
 from cmrfed.fed.flower_server import check_shared_keys, serve
 from cmrfed.fed.inprocess import federate
 from cmrfed.fed.methods import METHODS, resolve_method
@@ -668,3 +668,97 @@ def test_a_restarted_supernode_rejoins_from_its_own_state(cohort, federation, tm
     assert got and got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     engine = json.loads(paths.run_config_path(out).read_text())["engine"]
     assert "node_id" not in engine["sites"][victim]  # sites are known by name, not by node id
+
+
+# --- TLS and SuperNode authentication ------------------------------------------------------------
+def _write_pki(folder: Path, sites: list[str]) -> None:
+    """What docs/flower.md has a consortium make: a CA, the SuperLink's certificate for 127.0.0.1
+    (its address here) and an EC key pair per SuperNode (OpenSSH format, as Flower reads them)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    def pem(key: ec.EllipticCurvePrivateKey, fmt: serialization.PrivateFormat) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
+
+    now = datetime.datetime.now(datetime.UTC)
+    folder.mkdir(parents=True)
+    ca_key, server_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    ca = (x509.CertificateBuilder().subject_name(name("cmrfed test CA")).issuer_name(name("cmrfed test CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA384()))
+    server = (x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
+              .public_key(server_key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+              .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                          x509.DNSName("localhost")]), critical=False)
+              .sign(ca_key, hashes.SHA384()))
+    (folder / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (folder / "server.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    (folder / "server.key").write_bytes(pem(server_key, serialization.PrivateFormat.PKCS8))
+    for site in sites:
+        key = ec.generate_private_key(ec.SECP384R1())
+        (folder / f"{site}.key").write_bytes(pem(key, serialization.PrivateFormat.OpenSSH))
+        (folder / f"{site}.pub").write_bytes(key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+
+
+@pytest.mark.e2e
+def test_tls_and_supernode_authentication_admit_registered_sites_and_refuse_others(cohort, tmp_path):
+    """The commands of docs/flower.md's TLS section: a SuperLink with TLS and
+    --enable-supernode-auth, each site's public key registered with `flwr supernode register`,
+    SuperNodes over TLS with their private keys. The registered sites complete a run; a SuperNode
+    whose key was never registered is refused (and so never counts among the run's sites)."""
+    sites = list(load_manifest(cohort).clients)
+    pki = tmp_path / "pki"
+    _write_pki(pki, [*sites, "intruder"])
+    processes = _Processes(tmp_path)
+    port = _free_port()
+    superlink = f"127.0.0.1:{port}"
+    out = tmp_path / "run-tls"
+    try:
+        link, link_log = processes.start("superlink", [
+            "flower-superlink", "--ssl-ca-certfile", str(pki / "ca.crt"), "--ssl-certfile",
+            str(pki / "server.pem"), "--ssl-keyfile", str(pki / "server.key"), "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)])
+        _wait_for_port(port, link, link_log)
+        home = tmp_path / "admin"  # the consortium's Flower config: one TLS connection to the SuperLink
+        write_connection(home, superlink, insecure=False, root_certificates=pki / "ca.crt")
+        for site in sites:
+            register = ["flwr", "supernode", "register", str(pki / f"{site}.pub"), CONNECTION]
+            registered = subprocess.run(register, env=dict(processes.env, FLWR_HOME=str(home)),
+                                        capture_output=True, text=True, timeout=120)
+            assert registered.returncode == 0, registered.stdout + registered.stderr
+        nodes = {}
+        for site in [*sites, "intruder"]:
+            node_config = site_node_config(sites[0] if site == "intruder" else site, cohort,
+                                           tmp_path / f"site-{site}", device="cpu")
+            nodes[site], _ = processes.start(f"supernode-{site}", [
+                "flower-supernode", "--root-certificates", str(pki / "ca.crt"), "--superlink", superlink,
+                "--auth-supernode-private-key", str(pki / f"{site}.key"), "--host", "127.0.0.1",
+                "--port", str(_free_port()), "--node-config", node_config,
+                "--max-wait-time", str(START_TIMEOUT_S)])
+        refused = nodes["intruder"].wait(timeout=2 * START_TIMEOUT_S)
+        cli = subprocess.run([sys.executable, "-m", "cmrfed.cli", "flower", "run", "--superlink", superlink,
+                              "--root-certificates", str(pki / "ca.crt"), "--sites", str(len(sites)),
+                              "--data", str(cohort), "--method", "fedsa", "--rounds", "1", "--rank", "2",
+                              "--node-timeout", "120", "--out", str(out)],
+                             env=processes.env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    except Exception as exc:
+        raise AssertionError(f"the TLS run failed: {exc}\n{processes.logs()}") from exc
+    finally:
+        processes.stop()
+    intruder_log = (tmp_path / "supernode-intruder.log").read_text()
+    assert refused != 0 and "Failed to activate SuperNode" in intruder_log, intruder_log[-3000:]
+    assert cli.returncode == 0, cli.stdout[-3000:] + cli.stderr[-3000:] + processes.logs()
+    info = json.loads(paths.run_config_path(out).read_text())
+    assert info["result"]["completed_rounds"] == 1 and sorted(info["clients"]) == sorted(sites)

@@ -22,7 +22,7 @@ from common import CohortSpec, Suite, make_cohort, markdown_table, median, stand
 from rich.console import Console
 
 from cmrfed import paths
-from cmrfed.eval.evaluate import evaluate_run
+from cmrfed.eval.evaluate_run import evaluate_run
 from cmrfed.fed.config import FederateConfig
 
 NAME = "dp"

@@ -56,27 +56,36 @@ def cli() -> None:
 
 
 @cli.command(params=[*declared.SYNTH])
-def synth(out: str, seed: int, subjects: int, shape: str, frames: int | None,
+def synth(out: str, seed: int, subjects: int, shape: str, frames: int | None, site: str | None,
           overwrite: bool) -> None:
-    """Write a synthetic multi-vendor cine CMR cohort in the ACDC / M&Ms-1 / M&Ms-2 layouts."""
+    """Write a synthetic multi-vendor cine CMR cohort in the ACDC / M&Ms-1 / M&Ms-2 layouts, or
+    (--site) one hospital site as a CSV plus DICOM series."""
+    triple = declared.int_triple(shape, "--shape")
+    if site is not None:
+        from cmrfed.data.synth_site import site_table, write_synthetic_site
+
+        written = write_synthetic_site(out, site, seed=seed, subjects=subjects, shape=triple, frames=frames,
+                                       overwrite=overwrite)
+        Console().print(site_table(Path(out), site, written))
+        return
     from cmrfed.data.synth import cohort_table, write_synthetic_cohort
 
-    summary = write_synthetic_cohort(out, seed=seed, subjects=subjects,
-                                     shape=declared.int_triple(shape, "--shape"), frames=frames,
+    summary = write_synthetic_cohort(out, seed=seed, subjects=subjects, shape=triple, frames=frames,
                                      overwrite=overwrite)
     Console().print(cohort_table(summary))
 
 
 @cli.command(params=[*declared.PREPARE])
-def prepare(acdc: str | None, mnms: str | None, mnms2: str | None, out: str, spacing: str, shape: str,
-            split: str, seed: int, workers: int, skip_invalid: bool, overwrite: bool,
-            tables: str | None) -> None:
-    """Read ACDC / M&Ms-1 / M&Ms-2 as downloaded into per-vendor HDF5 shards + manifest.json."""
+def prepare(acdc: str | None, mnms: str | None, mnms2: str | None, csv: tuple[str, ...], out: str,
+            spacing: str, shape: str, split: str, seed: int, workers: int, skip_invalid: bool,
+            overwrite: bool, tables: str | None) -> None:
+    """Read ACDC / M&Ms-1 / M&Ms-2 as downloaded, and sites listed in CSVs, into per-client HDF5
+    shards + manifest.json."""
 
     from cmrfed.data.prepare import prepare as run_prepare
 
     run_prepare(declared.prepare_options(dict(
-        out=out, acdc=acdc, mnms=mnms, mnms2=mnms2, spacing=spacing, shape=shape, split=split,
+        out=out, acdc=acdc, mnms=mnms, mnms2=mnms2, csv=csv, spacing=spacing, shape=shape, split=split,
         seed=seed, workers=workers, skip_invalid=skip_invalid, overwrite=overwrite, tables=tables,
     )))
 
@@ -110,21 +119,21 @@ def evaluate(run: str, site_evals: tuple[str, ...], split: str, which: str, thre
     Site by site, with nothing pooled: each site runs `evaluate RUN --client SITE --private DIR
     --data PREPARED`, then `evaluate RUN --merge SITE_EVAL...` writes RUN/eval/.
     """
-    from cmrfed.eval.site_eval import check_evaluate_modes
+    from cmrfed.eval.evaluate_site import check_evaluate_modes
 
     mode = check_evaluate_modes(site_evals, client=client, private=private, data=data, out=out,
                                 metrics_only=metrics_only, merge=merge, member_run=member_run)
     if mode == "merge":
-        from cmrfed.eval.site_eval import merge_evaluations
+        from cmrfed.eval.evaluate_site import merge_evaluations
 
         merge_evaluations(run, list(site_evals), member_run=member_run)
     elif mode == "site":
-        from cmrfed.eval.site_eval import evaluate_site
+        from cmrfed.eval.evaluate_site import evaluate_site
 
         evaluate_site(run, str(client), str(data), private=private, out=out, split=split, which=which,
                       threshold=threshold, n_boot=n_boot, metrics_only=metrics_only, device=device)
     else:
-        from cmrfed.eval.evaluate import evaluate_run
+        from cmrfed.eval.evaluate_run import evaluate_run
 
         evaluate_run(run, split=split, which=which, threshold=threshold, n_boot=n_boot, device=device,
                      data=data)

@@ -55,6 +55,8 @@ SYNTH: list[click.Parameter] = [
     click.Option(["--shape"], default="96,96,8", show_default=True,
                  help="Nominal matrix x,y,z (each vendor's protocol scales it)."),
     click.Option(["--frames"], default=None, type=int, help="Cine frames for all [per-vendor range]."),
+    click.Option(["--site"], default=None,
+                 help="Write instead a hospital site of this name: a CSV plus DICOM series (prepare --csv)."),
     click.Option(["--overwrite"], is_flag=True, help="Replace an existing OUT folder."),
 ]
 
@@ -63,6 +65,8 @@ PREPARE: list[click.Parameter] = [
     click.Option(["--mnms"], type=click.Path(path_type=str),
                  help="M&Ms-1 folder (holding OpenDataset/, or it)."),
     click.Option(["--mnms2"], type=click.Path(path_type=str), help="M&Ms-2 folder (holding MnM2/, or it)."),
+    click.Option(["--csv"], multiple=True, type=click.Path(path_type=str),
+                 help="A site's CSV of its own exams (DICOM or NIfTI); repeatable."),
     click.Option(["--out"], required=True, type=click.Path(path_type=str), help="PREPARED folder to write."),
     click.Option(["--spacing"], default="1,1,10", show_default=True,
                  help="Target voxel spacing in mm (x,y,z)."),
@@ -320,6 +324,7 @@ def prepare_options(options: dict[str, object]) -> PrepareOptions:
         acdc=as_path(options["acdc"]),
         mnms=as_path(options["mnms"]),
         mnms2=as_path(options["mnms2"]),
+        csv=tuple(Path(str(path)) for path in options.get("csv") or ()),
         spacing=float_triple(str(options["spacing"]), "--spacing"),
         shape=int_triple(str(options["shape"]), "--shape"),
         split=parse_split(str(options["split"])),

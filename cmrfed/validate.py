@@ -163,7 +163,13 @@ def _check_method(value: str) -> str | None:
     return f"--reference {value!r}: not a method; choose among {', '.join(METHODS)}"
 
 
-NAMED = {"backbone": _check_backbone, "reference": _check_method}
+def _check_site(value: str) -> str | None:
+    from cmrfed.data.tables import CLIENT_NAME, CLIENT_NAME_RULE
+
+    return None if CLIENT_NAME.fullmatch(value) else f"--site {value!r}: not {CLIENT_NAME_RULE}"
+
+
+NAMED = {"backbone": _check_backbone, "reference": _check_method, "site": _check_site}
 """Text parameters checked by name: parameter name -> check of its value (message or None)."""
 
 

@@ -18,13 +18,13 @@ from cmrfed import paths
 from cmrfed.atomic import sha256_file
 from cmrfed.cli import cli
 from cmrfed.errors import DataError, UsageError
-from cmrfed.eval.evaluate import evaluate_run
-from cmrfed.eval.runinfo import load_run, load_shared
-from cmrfed.eval.site_eval import evaluate_site
+from cmrfed.eval.evaluate_run import evaluate_run
+from cmrfed.eval.evaluate_site import evaluate_site
 from cmrfed.fed.adapt import adapt, newcomer_client, open_site
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.inprocess import federate
 from cmrfed.fed.methods import METHODS, resolve_method
+from cmrfed.fed.runinfo import load_run, load_shared
 from cmrfed.model.classifier import param_group
 
 NEW = "siemens"

@@ -12,7 +12,7 @@ from torch import nn
 
 from cmrfed import paths
 from cmrfed.data.shards import load_manifest
-from cmrfed.eval.evaluate import evaluate_run
+from cmrfed.eval.evaluate_run import evaluate_run
 from cmrfed.fed.client import Client, SplitTensors, TrainConfig
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.inprocess import federate

@@ -35,6 +35,7 @@ BAD_TEXT: dict[str, list[str]] = {
     "targets": ["", "q,nope"],
     "backbone": ["huge"],
     "reference": ["fedprox"],
+    "site": ["Hospital A", "1st"],
 }
 """Bad values of text options, by parameter name."""
 

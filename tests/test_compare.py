@@ -30,8 +30,8 @@ from cmrfed.errors import DataError, UsageError
 from cmrfed.eval.compare import compare
 from cmrfed.eval.metrics import binary_metrics, bootstrap_ci
 from cmrfed.eval.report import FIGURES, compare_runs
+from cmrfed.eval.run_evaluation import load_evaluation
 from cmrfed.eval.stats import delong_test
-from cmrfed.eval.tables import load_evaluation
 from cmrfed.fed.config import FederateConfig
 
 CLIENTS = ("ge", "philips", "siemens")

@@ -13,7 +13,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from cmrfed import paths
 from cmrfed.errors import DataError
-from cmrfed.eval.evaluate import PREDICTION_COLUMNS, evaluate_run
+from cmrfed.eval.evaluate_run import PREDICTION_COLUMNS, evaluate_run
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.inprocess import federate
 

@@ -36,7 +36,7 @@ from cmrfed.data.prepare import PrepareOptions, prepare
 from cmrfed.data.shards import load_manifest
 from cmrfed.data.synth import write_synthetic_cohort
 from cmrfed.errors import DataError, UsageError
-from cmrfed.eval.evaluate import evaluate_run
+from cmrfed.eval.evaluate_run import evaluate_run
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.flower_config import (
     SiteConfig,
@@ -49,7 +49,7 @@ from cmrfed.fed.flower_launch import COMPONENTS, CONNECTION, run_flower, write_a
 from cmrfed.fed.flower_server import check_shared_keys, serve
 from cmrfed.fed.inprocess import federate
 from cmrfed.fed.methods import METHODS, resolve_method
-from cmrfed.fed.participation import participants
+from cmrfed.fed.sampling import participants
 from cmrfed.fed.task import build_run_model
 from cmrfed.model.classifier import param_group
 

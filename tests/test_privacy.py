@@ -21,7 +21,7 @@ from torch import nn
 from cmrfed import paths
 from cmrfed.cli import cli
 from cmrfed.errors import UsageError
-from cmrfed.eval.evaluate import evaluate_run
+from cmrfed.eval.evaluate_run import evaluate_run
 from cmrfed.eval.report import compare_runs
 from cmrfed.fed import inprocess, rounds
 from cmrfed.fed.client import derive_seed

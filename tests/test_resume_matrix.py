@@ -28,7 +28,7 @@ from conftest import quiet_console
 from safetensors.torch import load_file
 
 from cmrfed import paths
-from cmrfed.eval.evaluate import evaluate_run
+from cmrfed.eval.evaluate_run import evaluate_run
 from cmrfed.faults import ENV
 from cmrfed.fed import inprocess
 from cmrfed.fed.config import FederateConfig

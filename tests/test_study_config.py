@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from cmrfed.cli import cli
-from cmrfed.options import federate_config
 from cmrfed.errors import UsageError
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.methods import METHODS
+from cmrfed.options import federate_config
 from cmrfed.study import template_text
 from cmrfed.study.config import NOT_STUDY_KEYS, load_study, parse_study
 from cmrfed.study.plan import plan_cells

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from cmrfed import paths
 from cmrfed.errors import UsageError
-from cmrfed.eval.site_eval import evaluate_site
+from cmrfed.eval.evaluate_site import evaluate_site
 from cmrfed.study.config import load_study, parse_study
 from cmrfed.study.runner import run_study
 

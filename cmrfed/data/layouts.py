@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import csv
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cmrfed.data.nifti import NiftiVolume, read_nifti
+from cmrfed.data.dicom import read_dicom_cine
+from cmrfed.data.nifti import NiftiVolume, labels_onto, read_nifti, same_grid
 from cmrfed.data.tables import Tables
 from cmrfed.errors import DataError
 
@@ -31,11 +32,13 @@ DATASET_NAMES = {"acdc": "ACDC", "mnms": "M&Ms-1", "mnms2": "M&Ms-2"}
 
 @dataclass(frozen=True)
 class FrameSource:
-    """Where one cardiac phase lives: a 3-D file (``file_index`` None) or a frame of a 4-D file."""
+    """Where one cardiac phase lives: a 3-D file, or a frame of a 4-D cine (a NIfTI file or a
+    DICOM series folder) that ED and ES then share."""
 
     image: Path
     labels: Path | None
-    file_index: int | None  # 0-based frame of a 4-D ``image``; None for a 3-D file
+    file_index: int | None  # 0-based frame of a 4-D ``image``; None for a 3-D file or where the
+    # two labelled frames of a 4-D label file will give it
     cine_index: int | None  # 0-based frame of the subject's cine, when the dataset says it
 
 
@@ -55,7 +58,10 @@ class Subject:
     cine: Path | None
     lv_label: int
     frames_from: Path  # the metadata file ED/ES came from, named in errors
-    rederive_frames: bool  # M&Ms-1: trust the labelled frames over the CSV indices
+    rederive_frames: bool  # M&Ms-1, CSV sites: trust the labelled frames over the CSV indices
+    series: str | None = None  # the SeriesInstanceUID to read where ``image`` is a DICOM folder
+    row: str | None = None  # a CSV site's "SITE.csv row N (subject S)", put before its errors
+    attrs: tuple[tuple[str, str | int], ...] = ()  # more to record in the shard (a CSV's row, extras)
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,7 @@ class DatasetScan:
     subjects: tuple[Subject, ...]
     invalid: tuple[Invalid, ...]
     warnings: tuple[str, ...]
+    record: dict[str, Any] = field(default_factory=dict)  # more for the manifest (a CSV's sha256)
 
 
 @dataclass(frozen=True)
@@ -390,7 +397,8 @@ def _most_changed_frame(cine: NiftiVolume, ed: int) -> int:
     return int(np.argmax(change))
 
 
-def _read_labels(path: Path | None, subject: Subject, ndim: int, warnings: list[str]) -> NiftiVolume | None:
+def _read_labels(path: Path | None, subject: Subject, ndim: int | tuple[int, ...],
+                 warnings: list[str]) -> NiftiVolume | None:
     if path is None:
         warnings.append(f"{subject.subject_id}: no ground-truth labels; used the label-free centre")
         return None
@@ -401,37 +409,62 @@ def _read_labels(path: Path | None, subject: Subject, ndim: int, warnings: list[
 
 
 def _check_same_grid(subject: Subject, image: NiftiVolume, other: NiftiVolume) -> None:
-    if image.array.shape != other.array.shape:
+    if image.array.shape[: other.array.ndim] != other.array.shape:
         raise DataError(
             f"{other.path}: shape {other.array.shape} does not match {image.path.name}"
             f" {image.array.shape} ({subject.subject_id})"
         )
 
 
+def read_cine(path: Path, series: str | None = None) -> NiftiVolume:
+    """A 4-D cine from a NIfTI file or from a folder holding its DICOM series."""
+    return read_dicom_cine(path, series) if path.is_dir() else read_nifti(path, ndim=4)
+
+
+def _labels_on_cine_grid(subject: Subject, cine: NiftiVolume, labels: NiftiVolume,
+                         warnings: list[str]) -> NiftiVolume:
+    """The labels on the cine's voxels: as stored where both share one grid, else resampled by
+    world position (a segmentation exported by another tool than the cine's)."""
+    if labels.array.ndim == 4 and labels.n_frames != cine.n_frames:
+        raise DataError(f"{labels.path}: {labels.n_frames} frames where {cine.path.name} has"
+                        f" {cine.n_frames} ({subject.subject_id}); give a 3-D ED label file or one"
+                        " with the cine's frames")
+    if same_grid(cine, labels):
+        return labels
+    warnings.append(f"{labels.path}: on another voxel grid than {cine.path.name}; resampled onto it"
+                    f" (nearest neighbour, by world position) for {subject.subject_id}")
+    return NiftiVolume(labels.path, labels_onto(labels, cine), cine.spacing, labels.sha256,
+                       cine.origin, cine.direction, cine.orientation_from)
+
+
 def _read_4d_subject(
     subject: Subject, read: list[NiftiVolume], warnings: list[str]
 ) -> tuple[NiftiVolume, NiftiVolume | None, int, int]:
-    """M&Ms-1: ED/ES are 0-based indices into one 4-D file, re-derived from the labelled frames."""
-    cine = read_nifti(subject.ed.image, ndim=4)
+    """One 4-D cine (M&Ms-1, CSV sites): ED/ES are 0-based indices into it, re-derived from the
+    labelled frames of a 4-D label file (the larger LV is ED); a 3-D label file labels ED."""
+    cine = read_cine(subject.ed.image, subject.series)
     read.append(cine)
-    labels = _read_labels(subject.ed.labels, subject, 4, warnings)
+    labels = _read_labels(subject.ed.labels, subject, (3, 4), warnings)
     if labels is not None:
         read.append(labels)
+        labels = _labels_on_cine_grid(subject, cine, labels, warnings)
     ed, es = subject.ed.file_index, subject.es.file_index
-    if ed is None or es is None:
-        raise TypeError(f"{subject.subject_id}: a 4-D layout needs frame indices")
-    if labels is not None:
-        _check_same_grid(subject, cine, labels)
-        labelled = _labelled_frames(labels, subject.lv_label) if subject.rederive_frames else []
+    if labels is not None and labels.array.ndim == 4 and subject.rederive_frames:
+        labelled = _labelled_frames(labels, subject.lv_label)
         if len(labelled) == 2:
             (t0, v0), (t1, v1) = labelled
             derived = (t0, t1) if v0 >= v1 else (t1, t0)
-            if derived != (ed, es):
+            if ed is not None and es is not None and derived != (ed, es):
                 warnings.append(
                     f"{subject.subject_id}: {subject.frames_from.name} gives ED/ES {ed}/{es} but the"
                     f" labelled frames give {derived[0]}/{derived[1]} (larger LV = ED); used the labels"
                 )
             ed, es = derived
+    if ed is None or es is None:
+        found = len(_labelled_frames(labels, subject.lv_label)) if labels is not None else 0
+        raise DataError(f"{subject.frames_from}: {subject.subject_id} has no ED/ES frame indices and"
+                        f" its label file does not give them ({found} labelled frame(s), two needed);"
+                        " give ed and es")
     _check_index(subject, "ED", ed, cine.n_frames)
     _check_index(subject, "ES", es, cine.n_frames)
     if labels is not None and not labels.frame(ed).any():
@@ -446,10 +479,22 @@ def _read_4d_subject(
 
 
 def read_subject(subject: Subject) -> SubjectFrames:
-    """Load a subject's ED and ES volumes, ED labels and, if the crop needs it, the cine."""
+    """Load a subject's ED and ES volumes, ED labels and, if the crop needs it, the cine.
+
+    A CSV site's errors start with the subject's row (``Subject.row``), so that one line names
+    the CSV row and subject whatever file or check failed."""
+    try:
+        return _read_subject(subject)
+    except DataError as exc:
+        if subject.row is None:
+            raise
+        raise DataError(f"{subject.row}: {exc}") from exc
+
+
+def _read_subject(subject: Subject) -> SubjectFrames:
     warnings: list[str] = []
     read: list[NiftiVolume] = []
-    if subject.ed.file_index is not None:
+    if subject.ed.image == subject.es.image:
         cine, labels, ed_index, es_index = _read_4d_subject(subject, read, warnings)
         ed, es = cine.frame(ed_index), cine.frame(es_index)
         ed_labels = labels.frame(ed_index) if labels is not None else None
@@ -474,7 +519,7 @@ def read_subject(subject: Subject) -> SubjectFrames:
         ed_labels = None
     if ed_labels is None and cine_array is None:
         cine_array = _optional_cine(subject, ed.shape, read, warnings)
-    if geometry.orientation_from != "SimpleITK":
+    if geometry.orientation_from == "nibabel":
         warnings.append(f"{geometry.path}: SimpleITK cannot read its orientation; took it from"
                         " nibabel's affine (CineMA's resampling depends on it)")
     return SubjectFrames(

@@ -34,11 +34,13 @@ from cmrfed.errors import DataError
 _GZIP_MAGIC = b"\x1f\x8b"
 _NIFTI2_HEADER_SIZE = 540
 _SUPPORTED = "NIfTI-1 or NIfTI-2 (.nii or .nii.gz)"
+_WHAT = {3: "3-D short-axis volume (x, y, z)", 4: "4-D cine (x, y, z, t)"}
 
 
 @dataclass(frozen=True)
 class NiftiVolume:
-    """One file's voxels in stored (i, j, k[, t]) order, its spatial spacing in mm and its hash."""
+    """One volume in stored (i, j, k[, t]) order, its spacing in mm and its hash: a NIfTI file, or a
+    DICOM series (:mod:`cmrfed.data.dicom`; ``path`` its folder, ``sha256`` one over its files)."""
 
     path: Path
     array: np.ndarray
@@ -46,7 +48,7 @@ class NiftiVolume:
     sha256: str
     origin: tuple[float, float, float] = (0.0, 0.0, 0.0)  # ITK (LPS) world mm of voxel (0, 0, 0)
     direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)  # ITK, row-major
-    orientation_from: str = "SimpleITK"  # or "nibabel" where SimpleITK refused the header
+    orientation_from: str = "SimpleITK"  # "nibabel" where SimpleITK refused the header; "DICOM"
 
     @property
     def n_frames(self) -> int:
@@ -76,11 +78,12 @@ def _decode(path: Path, raw: bytes) -> nib.Nifti1Image | nib.Nifti2Image:
         raise DataError(f"{path}: not a readable {_SUPPORTED} file ({exc})") from exc
 
 
-def read_nifti(path: Path, *, ndim: int, labels: bool = False) -> NiftiVolume:
-    """Read and validate one NIfTI file expected to hold ``ndim`` (3 or 4) dimensions.
+def read_nifti(path: Path, *, ndim: int | tuple[int, ...], labels: bool = False) -> NiftiVolume:
+    """Read and validate one NIfTI file expected to hold ``ndim`` (3 or 4, or either) dimensions.
 
-    Trailing singleton axes beyond ``ndim`` are dropped (some writers store (x, y, z, 1)); fewer
-    than ``ndim`` axes, or a single slice, is a 2-D image where a short-axis stack is expected.
+    Trailing singleton axes beyond the largest ``ndim`` are dropped (some writers store
+    (x, y, z, 1)); fewer axes, or a single slice, is a 2-D image where a short-axis stack is
+    expected.
     Label files are rounded to integers; image files must hold only finite values.
     """
     try:
@@ -96,12 +99,13 @@ def read_nifti(path: Path, *, ndim: int, labels: bool = False) -> NiftiVolume:
         raise DataError(
             f"{path}: voxel data is truncated or unreadable ({exc}); re-download the file"
         ) from exc
-    while array.ndim > ndim and array.shape[-1] == 1:
+    accepted = (ndim,) if isinstance(ndim, int) else ndim
+    while array.ndim > max(accepted) and array.shape[-1] == 1:
         array = array[..., 0]
-    what = "4-D cine (x, y, z, t)" if ndim == 4 else "3-D short-axis volume (x, y, z)"
+    what = " or ".join(_WHAT[n] for n in accepted)
     if array.ndim < 3 or array.shape[2] < 2:
         raise DataError(f"{path}: image is 2-D (shape {array.shape}) where a {what} is expected")
-    if array.ndim != ndim:
+    if array.ndim not in accepted:
         raise DataError(f"{path}: image has shape {array.shape} where a {what} is expected")
     zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
     if len(zooms) != 3 or not all(np.isfinite(z) and z > 0 for z in zooms):
@@ -170,3 +174,33 @@ def to_sitk(
 def from_sitk(image: sitk.Image) -> np.ndarray:
     """The (i, j, k) numpy array of a 3-D SimpleITK image (its numpy view transposed)."""
     return sitk.GetArrayFromImage(image).transpose(2, 1, 0)
+
+
+def same_grid(a: NiftiVolume, b: NiftiVolume, tolerance_mm: float = 0.01) -> bool:
+    """Whether two volumes put their voxels at the same places: same (x, y, z) shape, and voxel
+    centres no further apart than ``tolerance_mm`` anywhere in the volume (origin, spacing and
+    direction compared through the positions they give)."""
+    if a.array.shape[:3] != b.array.shape[:3]:
+        return False
+    steps_a = np.array(a.direction).reshape(3, 3) * np.array(a.spacing)  # column c: one voxel along c
+    steps_b = np.array(b.direction).reshape(3, 3) * np.array(b.spacing)
+    span = np.array(a.array.shape[:3], dtype=np.float64) - 1
+    drift = np.abs(np.subtract(a.origin, b.origin)) + np.abs(steps_a - steps_b) @ span
+    return bool(drift.max() <= tolerance_mm)
+
+
+def labels_onto(labels: NiftiVolume, image: NiftiVolume) -> np.ndarray:
+    """A label volume (3-D or 4-D) sampled at ``image``'s voxel centres, nearest neighbour, by
+    world position: a segmentation exported on another grid than its image (e.g. rows flipped
+    by a DICOM-to-NIfTI converter) lands on the image's voxels; outside it is 0."""
+    def one(frame: np.ndarray) -> np.ndarray:
+        moving = to_sitk(frame, labels.spacing, labels.origin, labels.direction)
+        reference = to_sitk(np.zeros(image.array.shape[:3], dtype=frame.dtype), image.spacing,
+                            image.origin, image.direction)
+        out = sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0,
+                            moving.GetPixelID())
+        return from_sitk(out)
+
+    if labels.array.ndim == 3:
+        return one(labels.array)
+    return np.stack([one(labels.frame(t)) for t in range(labels.n_frames)], axis=-1)

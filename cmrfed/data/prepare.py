@@ -21,7 +21,7 @@ import shutil
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cmrfed.atomic import atomic_dir, sha256_file
+from cmrfed.data.csvsite import scan_csv
 from cmrfed.data.layouts import DatasetScan, Invalid, Subject, read_subject, scan_dataset
 from cmrfed.data.preprocess import NORMALISATION, fingerprint, preprocess
 from cmrfed.data.shards import SPLITS, ShardEntry, write_image_file, write_manifest, write_shard
@@ -58,6 +59,7 @@ class PrepareOptions:
     acdc: Path | None = None
     mnms: Path | None = None
     mnms2: Path | None = None
+    csv: tuple[Path, ...] = ()  # site CSVs (cmrfed.data.csvsite)
     spacing: Triple = (1.0, 1.0, 10.0)
     shape: Shape = (192, 192, 16)
     split: Triple = (0.6, 0.2, 0.2)
@@ -134,6 +136,7 @@ def _process(subject: Subject, spacing: Triple, shape: Shape, scratch: Path) -> 
         "centre_from": result.centre_from,
         "crop_start": list(result.crop_start),
         "n_slices": int(result.image.shape[3]),
+        **dict(subject.attrs),
     }
     warnings = frames.warnings + tuple(f"{subject.subject_id}: {w}" for w in result.warnings)
     return _Outcome(subject.subject_id, attrs=attrs, fingerprint=fingerprint(result.image), warnings=warnings)
@@ -240,13 +243,39 @@ def count_table(
 
 def _scan_inputs(options: PrepareOptions, tables: Tables) -> tuple[list[DatasetScan], list[Invalid]]:
     scans = [scan_dataset(name, path, tables) for name, path in options.inputs().items()]
+    scans += [scan_csv(Path(path), tables) for path in options.csv]
     invalid = [item for scan in scans for item in scan.invalid]
-    return scans, invalid
+    seen: dict[str, Subject] = {}
+    kept = []
+    for scan in scans:  # one subject id twice (two CSVs list it, or a CSV site named like a dataset)
+        unique = []
+        for subject in scan.subjects:
+            first = seen.setdefault(subject.subject_id, subject)
+            if first is subject:
+                unique.append(subject)
+            else:
+                where, before = subject.row or subject.frames_from, first.row or first.frames_from
+                invalid.append(Invalid(subject.subject_id, f"{where}: duplicate subject"
+                                       f" {subject.subject_id}, already given by {before}"))
+        kept.append(replace(scan, subjects=tuple(unique)))
+    return kept, invalid
+
+
+def _input_record(scans: Sequence[DatasetScan]) -> dict[str, Any]:
+    """Where each input was read, per dataset; site CSVs as a list, with their sha256."""
+    record: dict[str, Any] = {}
+    for scan in scans:
+        entry = {"given": str(scan.given.resolve()), "root": str(scan.root.resolve()), **scan.record}
+        if scan.dataset in DATASETS:
+            record[scan.dataset] = entry
+        else:
+            record.setdefault(scan.dataset, []).append(entry)
+    return record
 
 
 def _check_options(options: PrepareOptions) -> None:
-    if not options.inputs():
-        raise UsageError("give at least one of --acdc, --mnms, --mnms2")
+    if not options.inputs() and not options.csv:
+        raise UsageError("give at least one of --acdc, --mnms, --mnms2, --csv")
     if options.workers < 1:
         raise UsageError(f"--workers {options.workers}: must be at least 1")
     _check_split(tuple(options.split))
@@ -330,7 +359,8 @@ def _prepare(options: PrepareOptions, console: Console | None = None) -> Prepare
         ids = [o.subject_id for o in done]
         duplicates = find_duplicates(ids, np.stack([o.fingerprint for o in done]))
         client_of, split_of = _place([by_id[i] for i in ids], duplicates, options, warnings)
-        clients = [c for c in tables.clients if c in set(client_of.values())]
+        used = set(client_of.values())
+        clients = [c for c in tables.clients if c in used] + sorted(used - set(tables.clients))
         params = _preprocessing_params(options)
         attrs_of = {o.subject_id: {**o.attrs, "split": split_of[o.subject_id]} for o in done}
         shards = {}
@@ -345,7 +375,9 @@ def _prepare(options: PrepareOptions, console: Console | None = None) -> Prepare
 
         listed = [
             {"subject_id": i, "dataset": by_id[i].dataset, "client": client_of[i], "split": split_of[i],
-             "label": by_id[i].label, "pathology": by_id[i].pathology, "vendor": by_id[i].vendor}
+             "label": by_id[i].label, "pathology": by_id[i].pathology, "vendor": by_id[i].vendor,
+             "sources": [[path, digest] for path, digest in zip(attrs_of[i]["source_files"],
+                                                                 attrs_of[i]["source_sha256"], strict=True)]}
             for i in ids
         ]
         manifest = {
@@ -355,9 +387,7 @@ def _prepare(options: PrepareOptions, console: Console | None = None) -> Prepare
                 "split": list(options.split), "seed": options.seed, "workers": options.workers,
                 "skip_invalid": options.skip_invalid, "tables": tables.source,
             },
-            "inputs": {
-                s.dataset: {"given": str(s.given.resolve()), "root": str(s.root.resolve())} for s in scans
-            },
+            "inputs": _input_record(scans),
             "preprocessing": params,
             "clients": clients,
             "subjects": listed,

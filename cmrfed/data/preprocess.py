@@ -262,11 +262,16 @@ def fingerprint(image: np.ndarray) -> np.ndarray:
 
     Two datasets holding the same scan give (near) identical vectors even if stored with other
     intensity scaling or file encoding, because the preprocessing is intensity-affine invariant.
+    Every vector has the grid's length, so images of any size compare: an axis shorter than its
+    number of blocks repeats its voxels (nearest neighbour) instead of being averaged.
     """
     volume = image[0].astype(np.float64)
     for axis, blocks in enumerate(_FINGERPRINT_GRID):
         n = volume.shape[axis]
-        starts = np.linspace(0, n, min(blocks, n) + 1).astype(int)[:-1]
+        if n < blocks:
+            volume = np.take(volume, (np.arange(blocks) * n) // blocks, axis=axis)
+            continue
+        starts = np.linspace(0, n, blocks + 1).astype(int)[:-1]
         counts = np.diff(np.append(starts, n))
         shape = [1] * volume.ndim
         shape[axis] = len(counts)

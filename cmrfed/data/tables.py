@@ -6,6 +6,7 @@ without touching code. Every lookup failure names the dataset, the value and the
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -15,6 +16,9 @@ from typing import Any
 from cmrfed.errors import DataError, UsageError
 
 DATASETS: tuple[str, ...] = ("acdc", "mnms", "mnms2")
+SITE_LABELS = "csv"  # the pathology table of sites listed in a CSV (optional in a --tables copy)
+CLIENT_NAME = re.compile(r"[a-z][a-z0-9_]*")
+CLIENT_NAME_RULE = "a lowercase identifier (a-z, 0-9, _; a letter first); it names the client"
 NORMAL_CODE = "NOR"
 _WILDCARD = "*"
 _REQUIRED_LAYOUT_KEYS = {
@@ -51,7 +55,10 @@ class Tables:
 
     def label_for(self, dataset: str, code: str, where: str) -> int:
         """Binary label of a pathology code (NOR = 0, any pathology = 1)."""
-        table = self.labels[dataset]
+        table = self.labels.get(dataset)
+        if table is None:
+            raise DataError(f"{where}: labels.toml in {self.source} has no [{dataset}] table; copy it"
+                            " from data_manifests/ (or give the label column instead)")
         key = str(code).strip()
         if key not in table:
             known = ", ".join(sorted(table))
@@ -82,6 +89,18 @@ def _read_toml(directory: Path | None, name: str) -> dict[str, Any]:
         raise DataError(f"table {name} in {directory or 'data_manifests'} is not valid TOML: {exc}") from exc
 
 
+def _label_table(labels_raw: dict[str, Any], name: str, source: str) -> dict[str, int]:
+    label_table = labels_raw.get(name)
+    if not isinstance(label_table, dict) or not label_table:
+        raise DataError(f"labels.toml in {source}: missing table [{name}]")
+    bad = sorted(k for k, v in label_table.items() if v not in (0, 1) or isinstance(v, bool))
+    if bad:
+        raise DataError(f"labels.toml in {source}: [{name}] codes {bad} must map to 0 or 1")
+    if label_table.get(NORMAL_CODE) != 0:
+        raise DataError(f"labels.toml in {source}: [{name}] must map {NORMAL_CODE} to 0")
+    return {str(k): int(v) for k, v in label_table.items()}
+
+
 def load_tables(directory: str | Path | None = None) -> Tables:
     """Load and validate the tables, from the packaged ``data_manifests`` or from ``directory``."""
     folder = Path(directory) if directory is not None else None
@@ -105,15 +124,7 @@ def load_tables(directory: str | Path | None = None) -> Tables:
             raise DataError(f"vendors.toml in {source}: [{dataset}] maps to unknown clients {unknown}")
         vendors[dataset] = {str(k): str(v) for k, v in vendor_table.items()}
 
-        label_table = labels_raw.get(dataset)
-        if not isinstance(label_table, dict) or not label_table:
-            raise DataError(f"labels.toml in {source}: missing table [{dataset}]")
-        bad = sorted(k for k, v in label_table.items() if v not in (0, 1) or isinstance(v, bool))
-        if bad:
-            raise DataError(f"labels.toml in {source}: [{dataset}] codes {bad} must map to 0 or 1")
-        if label_table.get(NORMAL_CODE) != 0:
-            raise DataError(f"labels.toml in {source}: [{dataset}] must map {NORMAL_CODE} to 0")
-        labels[dataset] = {str(k): int(v) for k, v in label_table.items()}
+        labels[dataset] = _label_table(labels_raw, dataset, source)
 
         layout = layouts_raw.get(dataset)
         if not isinstance(layout, dict):
@@ -122,4 +133,6 @@ def load_tables(directory: str | Path | None = None) -> Tables:
         if missing:
             raise DataError(f"layouts.toml in {source}: [{dataset}] lacks keys {missing}")
         layouts[dataset] = layout
+    if SITE_LABELS in labels_raw:
+        labels[SITE_LABELS] = _label_table(labels_raw, SITE_LABELS, source)
     return Tables(clients=clients, vendors=vendors, labels=labels, layouts=layouts, source=source)

@@ -1,6 +1,6 @@
 """``cmrfed compare`` as a pure function: evaluated runs in, paired significance tests out.
 
-:func:`compare` takes the runs read by :func:`cmrfed.eval.tables.load_evaluation` and returns a
+:func:`compare` takes the runs read by :func:`cmrfed.eval.run_evaluation.load_evaluation` and returns a
 :class:`Comparison`; it reads and writes no file, so every number in a report can be recomputed
 from the same records in a test.
 
@@ -35,6 +35,7 @@ from scipy import stats as sps
 
 from cmrfed.errors import DataError, UsageError
 from cmrfed.eval.metrics import METRICS, binary_metrics, roc_curve_points
+from cmrfed.eval.run_evaluation import RunEvaluation
 from cmrfed.eval.stats import (
     MCNEMAR_EXACT_BELOW,
     TestResult,
@@ -45,7 +46,6 @@ from cmrfed.eval.stats import (
     paired_bootstrap,
     wilcoxon_signed_rank,
 )
-from cmrfed.eval.tables import RunEvaluation
 
 TESTS: tuple[str, ...] = ("wilcoxon", "mcnemar", "bootstrap", "delong")
 PER_SUBJECT_TESTS: tuple[str, ...] = ("mcnemar", "bootstrap", "delong")

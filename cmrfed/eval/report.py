@@ -1,6 +1,6 @@
 """``cmrfed compare``'s stage function and its report: JSON, CSV, Markdown and PNG figures.
 
-:func:`compare_runs` is load (:func:`cmrfed.eval.tables.load_evaluation`) -> compare
+:func:`compare_runs` is load (:func:`cmrfed.eval.run_evaluation.load_evaluation`) -> compare
 (:func:`cmrfed.eval.compare.compare`, pure) -> :func:`write_report`. The report folder is written
 atomically: it appears complete or not at all. Figures are drawn on bare matplotlib ``Figure``
 objects with the Agg canvas: no pyplot, no global backend state, no display needed.
@@ -25,7 +25,7 @@ from rich.table import Table
 from cmrfed import paths
 from cmrfed.atomic import atomic_dir, write_json
 from cmrfed.eval.compare import Comparison, MethodSummary, MetricSummary, TestRow, compare
-from cmrfed.eval.tables import load_evaluation
+from cmrfed.eval.run_evaluation import load_evaluation
 from cmrfed.fed.privacy import privacy_markdown, run_privacy
 from cmrfed.lock import folder_lock
 from cmrfed.outputs import REPORT, check_replaceable

@@ -33,8 +33,8 @@ from cmrfed import paths
 from cmrfed.atomic import atomic_dir, sha256_file, write_json
 from cmrfed.data.shards import load_manifest
 from cmrfed.errors import DataError, UsageError
-from cmrfed.eval.runinfo import RunInfo, load_run, load_shared, round_index, shared_path
 from cmrfed.fed.client import Client, SplitTensors, class_weights
+from cmrfed.fed.runinfo import RunInfo, load_run, load_shared, round_index, shared_path
 from cmrfed.fed.runlog import save_tensors
 from cmrfed.fed.strategy import TensorState
 from cmrfed.fed.task import RunModel, build_client, build_run_model, resolve_device, train_config

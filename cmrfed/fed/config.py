@@ -56,7 +56,7 @@ class FederateConfig:
     min_lr: float = 1e-5
     layer_decay: float = 0.75
     select: str = "mcc"
-    sites_per_round: int | None = None  # partial participation (cmrfed/fed/participation.py)
+    sites_per_round: int | None = None  # per-round site sampling (cmrfed/fed/sampling.py)
     holdout: str | None = None  # a site left out of training entirely (leave-one-vendor-out)
     dp_epsilon: float | None = None
     dp_delta: float | None = None

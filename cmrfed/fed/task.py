@@ -18,7 +18,7 @@ from cmrfed.fed.cache import CacheKey, ViewsKey, load_or_compute, load_or_comput
 from cmrfed.fed.client import Client, SplitTensors, TrainConfig, state_of
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.methods import GLOBAL, LOCAL, MethodSpec, resolve_method
-from cmrfed.fed.participation import training_sites
+from cmrfed.fed.sampling import training_sites
 from cmrfed.fed.strategy import TensorState
 from cmrfed.fed.views import CachedViews, OnTheFlyViews, ViewSource, row_ids, view_seeds
 from cmrfed.fed.windows import split_tensors

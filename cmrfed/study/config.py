@@ -159,6 +159,10 @@ def _argv(source: str, table: str, values: Mapping[str, Any],
             continue
         if isinstance(value, bool | dict):
             raise UsageError(f"{_where(source, table, key)} = {value!r}: takes {_allowed(option)}")
+        if option.multiple:  # a repeatable option: a TOML list gives it once per value
+            for item in value if isinstance(value, list) else [value]:
+                argv += [option.opts[0], str(item)]
+            continue
         if isinstance(value, list):
             value = ",".join(str(v) for v in value)
         argv += [option.opts[0], str(value)]
@@ -301,11 +305,14 @@ def parse_study(text: str, source: str, base_dir: Path) -> StudyConfig:
         for key in ("acdc", "mnms", "mnms2", "tables"):
             if key in prep_raw and isinstance(prep_raw[key], str):
                 prep_raw[key] = _path(base_dir, prep_raw[key])
+        if "csv" in prep_raw:  # one site CSV or a list of them
+            listed = prep_raw["csv"] if isinstance(prep_raw["csv"], list) else [prep_raw["csv"]]
+            prep_raw["csv"] = [_path(base_dir, path) for path in listed]
         prepare_options = _parse_table(source, "prepare", "prepare", prep_raw, required={"out": "-"})
         prepare_options.pop("out")
         prepare_options.pop("overwrite")
-        if not any(prepare_options[k] for k in ("acdc", "mnms", "mnms2")):
-            raise UsageError(f"{source}: [prepare] names no dataset; give acdc, mnms and/or mnms2")
+        if not any(prepare_options[k] for k in ("acdc", "mnms", "mnms2", "csv")):
+            raise UsageError(f"{source}: [prepare] names no dataset; give acdc, mnms, mnms2 and/or csv")
         try:  # the triples and split are checked by the prepare command's own conversion
             declared.prepare_options({**prepare_options, "out": "-", "overwrite": False})
         except (UsageError, click.BadParameter) as exc:

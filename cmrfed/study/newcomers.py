@@ -26,10 +26,10 @@ from rich.console import Console
 
 from cmrfed import paths
 from cmrfed.atomic import read_json_or_none
-from cmrfed.eval.runinfo import load_run
-from cmrfed.eval.site_eval import evaluate_site
+from cmrfed.eval.evaluate_site import evaluate_site
 from cmrfed.faults import fault_point
 from cmrfed.fed.adapt import adapt, run_identity
+from cmrfed.fed.runinfo import load_run
 from cmrfed.study.config import StudyConfig
 from cmrfed.study.plan import Cell
 

@@ -31,7 +31,7 @@ from cmrfed import options as declared
 from cmrfed.atomic import read_json_or_none, write_json
 from cmrfed.data.shards import load_manifest
 from cmrfed.errors import UsageError
-from cmrfed.eval.evaluate import evaluate_run
+from cmrfed.eval.evaluate_run import evaluate_run
 from cmrfed.eval.report import compare_runs
 from cmrfed.faults import fault_point
 from cmrfed.fed.inprocess import federate

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from cmrfed import paths
 from cmrfed.cli import cli
 from cmrfed.errors import DataError, UsageError
-from cmrfed.eval.evaluate import evaluate_run
-from cmrfed.eval.site import SHARED_MODEL
-from cmrfed.eval.site_eval import evaluate_site, merge_evaluations
+from cmrfed.eval.evaluate_run import evaluate_run
+from cmrfed.eval.evaluate_site import evaluate_site, merge_evaluations
+from cmrfed.eval.scoring import SHARED_MODEL
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.inprocess import federate
 from cmrfed.fed.methods import METHODS

@@ -1,4 +1,4 @@
-"""Partial participation (``--sites-per-round K``): which sites train is a pure function of the
+"""Per-round site sampling (``--sites-per-round K``): which sites train is a pure function of the
 run seed and the round; FedAvg is over those that trained; the others keep their state and
 still receive the aggregate; an interrupted run resumes to exactly the uninterrupted one."""
 
@@ -18,7 +18,7 @@ from cmrfed.fed import inprocess
 from cmrfed.fed.client import Client
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.methods import METHODS
-from cmrfed.fed.participation import participants
+from cmrfed.fed.sampling import participants
 from cmrfed.fed.strategy import weighted_average
 from cmrfed.fed.task import build_run_model
 from cmrfed.fed.wire import decode
@@ -59,7 +59,7 @@ def _same_tensors(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize("method", SAMPLED)
-def test_partial_participation_is_seeded_and_resumable(small_prepared, tmp_path, monkeypatch, method):
+def test_site_sampling_is_seeded_and_resumable(small_prepared, tmp_path, monkeypatch, method):
     cfg = FederateConfig(data=str(small_prepared), method=method, rounds=3, seed=4, **FAST)
     inprocess.federate(cfg, tmp_path / "reference", device="cpu", console=quiet_console())
     records = _rounds(tmp_path / "reference")

@@ -1,5 +1,6 @@
-"""``cmrfed evaluate``: every site's own model on its own data, the cross-site matrix, and the
-shared-only model (what a new, unseen site would receive) on every site.
+"""``cmrfed evaluate RUN`` (the command, every site's data on one machine): every site's own model
+on its own data, the cross-site matrix, and the shared-only model (what a new, unseen site would
+receive) on every site.
 
 A site's model is the backbone + the run's shared tensors + its own private tensors, rebuilt
 from run.json exactly as training built it (same seed, so frozen parts are identical).
@@ -19,8 +20,7 @@ from cmrfed import paths
 from cmrfed.atomic import atomic_dir, write_json
 from cmrfed.data.shards import load_manifest
 from cmrfed.errors import DataError, UsageError
-from cmrfed.eval.runinfo import RunInfo, load_run, load_states, round_index
-from cmrfed.eval.site import (
+from cmrfed.eval.scoring import (
     PREDICTION_COLUMNS,
     SHARED_MODEL,
     Scores,
@@ -32,12 +32,13 @@ from cmrfed.eval.site import (
 )
 from cmrfed.fed.client import Client
 from cmrfed.fed.privacy import privacy_line, privacy_summary
+from cmrfed.fed.runinfo import RunInfo, load_run, load_states, round_index
 from cmrfed.fed.task import build_clients, build_run_model, resolve_device
 from cmrfed.lock import folder_lock
 from cmrfed.provenance import versions
 
 EVAL_FORMAT_VERSION = 1
-__all__ = ["PREDICTION_COLUMNS", "evaluate_run"]  # the columns are defined in cmrfed.eval.site
+__all__ = ["PREDICTION_COLUMNS", "evaluate_run"]  # the columns are defined in cmrfed.eval.scoring
 
 
 @dataclass(frozen=True)

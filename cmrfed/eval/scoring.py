@@ -1,4 +1,6 @@
-"""Evaluation one site at a time, and the merge of those per-site results into ``RUN/eval/``.
+"""The evaluation library: one site scored at a time, and the merge of those per-site results
+into ``RUN/eval/`` (the commands are :mod:`cmrfed.eval.evaluate_run` and
+:mod:`cmrfed.eval.evaluate_site`).
 
 A consortium never pools: each site scores its own model (backbone + the run's shared tensors +
 its private tensors) and the shared-only model on its own data, and sends on only metrics and,

@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 from cmrfed import paths
 from cmrfed.atomic import sha256_file
 from cmrfed.errors import DataError
-from cmrfed.eval.runinfo import load_run
+from cmrfed.fed.runinfo import load_run
 
 PREDICTION_COLUMNS = ("subject", "client", "model", "split", "label", "probability", "prediction",
                       "threshold")

@@ -6,7 +6,7 @@ own PREPARED shard. It writes SITE_EVAL/site_eval.json (its metrics, and how it 
 member, a held-out site scored zero-shot, or a site after ``cmrfed adapt``) and, unless it sends
 metrics only, SITE_EVAL/predictions.csv. The merge checks that every result was computed on the
 same shared tensors, then writes RUN/eval/ exactly as the pooled ``cmrfed evaluate RUN`` would
-(see :mod:`cmrfed.eval.site`). Results of sites that did not train (held-out, adapted) are kept
+(see :mod:`cmrfed.eval.scoring`). Results of sites that did not train (held-out, adapted) are kept
 apart under ``newcomers``; with the evaluation of a run in which the site was a member, the
 merge also reports the participation gap.
 """
@@ -26,9 +26,8 @@ from safetensors.torch import load_file
 from cmrfed import paths
 from cmrfed.atomic import atomic_dir, write_json
 from cmrfed.errors import DataError, UsageError
-from cmrfed.eval.evaluate import EvalSummary, eval_header, print_table, write_eval
-from cmrfed.eval.runinfo import ROUND_CHOICES, load_run, load_shared
-from cmrfed.eval.site import (
+from cmrfed.eval.evaluate_run import EvalSummary, eval_header, print_table, write_eval
+from cmrfed.eval.scoring import (
     ADAPTED,
     HELD_OUT,
     MEMBER,
@@ -45,6 +44,7 @@ from cmrfed.eval.site import (
 )
 from cmrfed.fed.adapt import newcomer_client, open_site, read_adapted, run_identity
 from cmrfed.fed.client import Client
+from cmrfed.fed.runinfo import ROUND_CHOICES, load_run, load_shared
 from cmrfed.fed.task import SPLITS, resolve_device
 from cmrfed.provenance import versions
 

@@ -1,4 +1,7 @@
-"""Which sites take part in a round: partial participation, seeded and resumable.
+"""Per-round site sampling (``--sites-per-round``): which sites train in a round, seeded and resumable.
+
+(Not to be confused with a study's ``[participation]`` holdout, the participation gap of a site
+that never trained: that is :mod:`cmrfed.study.newcomers`.)
 
 A real consortium does not ask every hospital every round (McMahan et al., 2017, sample a
 fraction C of the clients per round). ``--sites-per-round K`` asks K of the run's sites to train
@@ -16,7 +19,7 @@ import numpy as np
 
 from cmrfed.errors import UsageError
 
-PARTICIPATION_STREAM = 0x5175  # keeps these draws apart from every other use of the run seed
+SAMPLING_STREAM = 0x5175  # keeps these draws apart from every other use of the run seed
 
 
 def training_sites(clients: Sequence[str], holdout: str | None) -> list[str]:
@@ -45,6 +48,6 @@ def participants(sites: Sequence[str], per_round: int | None, seed: int, round_i
         return names
     if per_round < 1:
         raise UsageError(f"--sites-per-round must be at least 1, got {per_round}")
-    rng = np.random.default_rng(np.random.SeedSequence([PARTICIPATION_STREAM, seed, round_index]))
+    rng = np.random.default_rng(np.random.SeedSequence([SAMPLING_STREAM, seed, round_index]))
     chosen = set(rng.choice(len(names), size=per_round, replace=False).tolist())
     return [name for i, name in enumerate(names) if i in chosen]

@@ -39,7 +39,6 @@ from cmrfed.errors import DataError, UsageError
 from cmrfed.faults import fault_point
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.methods import MethodSpec, resolve_method
-from cmrfed.fed.participation import participants
 from cmrfed.fed.privacy import BUDGET_RTOL, SitePlan, plan_run, recorded_plans, run_privacy_record
 from cmrfed.fed.runlog import (
     append_round,
@@ -52,6 +51,7 @@ from cmrfed.fed.runlog import (
     selection_score,
     write_result,
 )
+from cmrfed.fed.sampling import participants
 from cmrfed.fed.strategy import FedAvg, FitResult, TensorState
 from cmrfed.fed.wire import num_params
 

@@ -193,7 +193,7 @@ def flower() -> None:
 def flower_site_config(client: str, data: str, site_dir: str, device: str) -> None:
     """Check this site's shard and print the --node-config of its flower-supernode."""
 
-    from cmrfed.fed.flower import site_node_config
+    from cmrfed.fed.flower_config import site_node_config
 
     click.echo(site_node_config(client, Path(data), Path(site_dir), device))
 
@@ -206,11 +206,12 @@ def flower_run(**options: object) -> None:
     from cmrfed.fed.flower_launch import run_flower
 
     launch = {k: options.pop(k) for k in ("superlink", "connection", "insecure", "sites", "overwrite",
-                                          "min_sites")}
+                                          "min_sites", "resume")}
     certificates, node_timeout, out = (options.pop(k) for k in ("root_certificates", "node_timeout", "out"))
     config = FederateConfig(**declared.federate_options(options))  # type: ignore[arg-type]
     run_flower(config, Path(str(out)), root_certificates=Path(str(certificates)) if certificates else None,
-               node_timeout_s=float(node_timeout), **launch)  # type: ignore[arg-type]
+               node_timeout_s=float(node_timeout), typed=frozenset(_typed(click.get_current_context())),
+               **launch)  # type: ignore[arg-type]
 
 
 @cli.command(params=[*declared.DEMO])

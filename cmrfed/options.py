@@ -330,6 +330,9 @@ FLOWER_RUN_OWN: list[click.Parameter] = [
     click.Option(["--out"], required=True, type=click.Path(path_type=str),
                  help="RUN folder the ServerApp writes (on the SuperLink's machine)."),
     click.Option(["--overwrite"], is_flag=True, help="Replace an existing RUN folder."),
+    click.Option(["--resume"], is_flag=True,
+                 help="Continue RUN after its ServerApp or SuperLink was killed (with the options "
+                      "recorded in its run.json)."),
 ]
 
 DEMO_JOBS = 2

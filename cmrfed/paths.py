@@ -74,6 +74,12 @@ def site_run_dir(site_dir: Path, run_name: str) -> Path:
     return Path(site_dir) / run_name
 
 
+def site_state_path(site_dir: Path, run_name: str) -> Path:
+    """Flower engine: a site's own checkpoint of a run (its tensors by round), beside its RUN-shaped
+    folder so that copying that folder never carries it."""
+    return Path(site_dir) / ".state" / f"{run_name}.safetensors"
+
+
 # evaluation (``cmrfed evaluate``)
 def eval_dir(run: Path) -> Path:
     return Path(run) / "eval"

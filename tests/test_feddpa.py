@@ -15,10 +15,10 @@ from conftest import SMALL_SHAPE, quiet_console
 from cmrfed import paths
 from cmrfed.cli import cli
 from cmrfed.errors import UsageError
-from cmrfed.fed import inprocess
+from cmrfed.fed import inprocess, rounds
 from cmrfed.fed.client import Client, SplitTensors, TrainConfig
 from cmrfed.fed.config import FederateConfig
-from cmrfed.fed.flower import federate_config_of, run_config_of
+from cmrfed.fed.flower_config import federate_config_of, run_config_of
 from cmrfed.fed.methods import GLOBAL, HEAD, LOCAL, METHODS, PRIVATE, REFERENCE, SHARED, resolve_method
 from cmrfed.fed.mixing import SIMILARITY, instance_weight
 from cmrfed.fed.privacy import plan_run
@@ -299,7 +299,7 @@ def test_a_feddpa_run_sends_no_reference_and_averages_uniformly(small_prepared, 
     ups, down = sent[:len(sites)], sent[len(sites)]
     for key, tensor in down.items():  # the one download: the plain mean of the uploads
         torch.testing.assert_close(tensor, torch.stack([u[key] for u in ups]).mean(0))
-    last = inprocess.read_checkpoint(out)[1]
+    last = rounds.read_checkpoint(out)[1]
     for site in sites:
         assert last[f"client:{site}"][REFERENCE].shape[0] == 3
 

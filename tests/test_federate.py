@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from cmrfed import paths
 from cmrfed.errors import DataError, UsageError
-from cmrfed.fed import inprocess
+from cmrfed.fed import inprocess, rounds
 from cmrfed.fed.accounting import analytic_shared_params
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.methods import METHODS, resolve_method
@@ -54,7 +54,7 @@ def run(prepared: Path, out: Path, monkeypatch=None, **options) -> tuple[Path, P
 
 def client_states(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     """Every owner's whole state after the last round (from the run's checkpoint)."""
-    return inprocess.read_checkpoint(run_dir)[1]
+    return rounds.read_checkpoint(run_dir)[1]
 
 
 def groups_of(keys) -> set[str]:

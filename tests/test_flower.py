@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,7 @@ import pytest
 pytest.importorskip("flwr", reason="Flower is an optional extra: pip install 'cmrfed[flower]'")
 
 import torch
+from flower_loopback import LoopbackGrid, as_serverapp
 from flower_processes import START_TIMEOUT_S, Processes, free_port, wait_for_port
 from safetensors.torch import load_file
 
@@ -36,16 +38,17 @@ from cmrfed.data.synth import write_synthetic_cohort
 from cmrfed.errors import DataError, UsageError
 from cmrfed.eval.evaluate_run import evaluate_run
 from cmrfed.fed.config import FederateConfig
-from cmrfed.fed.flower import (
+from cmrfed.fed.flower_config import (
     SiteConfig,
-    check_shared_keys,
+    config_text,
     federate_config_of,
     run_config_of,
     site_node_config,
 )
 from cmrfed.fed.flower_launch import COMPONENTS, run_flower, write_app
+from cmrfed.fed.flower_server import check_shared_keys, serve
 from cmrfed.fed.inprocess import federate
-from cmrfed.fed.methods import resolve_method
+from cmrfed.fed.methods import METHODS, resolve_method
 from cmrfed.fed.sampling import participants
 from cmrfed.fed.task import build_run_model
 from cmrfed.model.classifier import param_group
@@ -103,45 +106,53 @@ def test_server_refuses_a_private_tensor() -> None:
         check_shared_keys([*shared, private[0]], spec, "ge")
 
 
-def test_a_held_out_site_is_refused_before_it_opens_its_data(tmp_path: Path) -> None:
+def _instruction(cfg: FederateConfig, round_index: int = 0, **extra):
+    """The server's instruction of a message, as :class:`FlowerTransport` writes it."""
+    from flwr.app import ConfigRecord
+
+    return ConfigRecord({"round": round_index, "config": config_text(cfg), "token": "t", "epoch": 1,
+                         "run_name": "RUN", "best_round": 0, **extra})
+
+
+def _context(node_config: dict, run_config: dict | None = None):
     from flwr.app import Context, RecordDict
 
-    from cmrfed.fed.flower import _open_site
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
+                   run_config=run_config or {})
 
-    run_config = run_config_of(FederateConfig(data="", holdout="ge"), tmp_path / "RUN", sites=3)
+
+def test_a_held_out_site_is_refused_before_it_opens_its_data(tmp_path: Path) -> None:
+    from cmrfed.fed.flower_client import _open_site
+
     node_config = {"client": "ge", "prepared": str(tmp_path / "absent"), "site-dir": str(tmp_path / "s")}
-    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
     with pytest.raises(UsageError, match="held out"):  # not a DataError about the missing PREPARED
-        _open_site(context)
+        _open_site(_context(node_config), _instruction(FederateConfig(data="", holdout="ge")))
 
 
 def test_a_site_that_missed_an_aggregate_trains_from_it(small_prepared: Path, tmp_path: Path) -> None:
     """A site that was down when an aggregate was sent gets it with its next train message; it
-    then trains exactly as the same site in-process from that aggregate."""
+    then trains exactly as the same site in-process from that aggregate. A site whose SuperNode
+    restarted (a fresh Flower context) continues from the state it kept in its site folder."""
     from dataclasses import replace
 
-    from flwr.app import Context, RecordDict
-
-    from cmrfed.fed.flower import train_site
+    from cmrfed.fed.flower_client import _open_site, train_site
     from cmrfed.fed.task import build_client
 
     cfg = FederateConfig(data=str(small_prepared), method="duallora", rounds=3, rank=4, seed=3)
-    run_config = run_config_of(cfg, tmp_path / "RUN", sites=4)
-    node_config = {"client": "ge", "prepared": str(small_prepared), "site-dir": str(tmp_path / "s"),
-                   "device": "cpu"}
 
-    def context() -> Context:
-        return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
-                       run_config=run_config)
+    def site(folder: str, round_index: int):
+        node_config = {"client": "ge", "prepared": str(small_prepared), "site-dir": str(tmp_path / folder),
+                       "device": "cpu"}
+        return _open_site(_context(node_config), _instruction(cfg, round_index))
 
     # Execute: round 1; round 2's aggregate never arrived; round 3's train message carries it
-    synced, stale = context(), context()
-    _, first = train_site(synced, 1, None)
-    aggregate = {k: v + 0.01 for k, v in first.shared.items()}
-    _, got = train_site(synced, 3, aggregate)
-    train_site(stale, 1, None)
-    _, without = train_site(stale, 3, None)
-    # Assert: the same as in-process from that aggregate, not as from the stale state
+    first, _, _ = train_site(site("synced", 1), 1, None, best_round=0)
+    aggregate = {k: v + 0.01 for k, v in first.items()}
+    got, _, _ = train_site(site("synced", 3), 3, aggregate, best_round=0)  # a new context each time
+    train_site(site("fresh", 1), 1, None, best_round=0)
+    (tmp_path / "fresh" / ".state").rename(tmp_path / "lost")  # a site that lost its state
+    without, _, _ = train_site(site("fresh", 3), 3, aggregate, best_round=0)
+    # Assert: the same as in-process from that aggregate, not as from a fresh init
     manifest = load_manifest(small_prepared)
     run_model = build_run_model(replace(cfg, data=str(small_prepared)), tuple(manifest.shape))
     client, _ = build_client(cfg, small_prepared, manifest, "ge", run_model, torch.device("cpu"),
@@ -149,10 +160,39 @@ def test_a_site_that_missed_an_aggregate_trains_from_it(small_prepared: Path, tm
     client.fit(run_model.model, 1, torch.device("cpu"))
     client.set_shared(aggregate)
     want = client.fit(run_model.model, 3, torch.device("cpu")).shared
-    assert got.shared.keys() == want.keys()
+    assert got.keys() == want.keys()
     for key in want:
-        torch.testing.assert_close(got.shared[key], want[key], atol=0, rtol=0)
-    assert any(not torch.equal(without.shared[k], want[k]) for k in want)
+        torch.testing.assert_close(got[key], want[key], atol=0, rtol=0)
+    assert any(not torch.equal(without[k], want[k]) for k in want)
+    with pytest.raises(DataError, match="without the aggregate"):  # holds round 1, asked for round 3
+        train_site(site("synced2", 1), 1, None, best_round=0)
+        train_site(site("synced2", 3), 3, None, best_round=0)
+
+
+def test_every_message_expires_with_the_node_timeout_and_an_expired_one_is_not_executed(tmp_path):
+    """The server's messages carry a TTL of --node-timeout: the SuperLink drops an undelivered one
+    after it, and a site that receives one late (a SuperNode that pulled it, then stalled) refuses
+    it instead of training on a round the server has given up on."""
+    from flwr.app import Context, RecordDict
+
+    from cmrfed.fed.flower_client import client_app
+    from cmrfed.fed.flower_config import ROUND, TRAIN
+    from cmrfed.fed.flower_server import message
+
+    as_serverapp()
+    cfg = FederateConfig(data="", method="duallora", rounds=2, rank=2)
+    fresh = message(RecordDict({ROUND: _instruction(cfg, 1)}), 7, TRAIN, 1, ttl_s=42.0)
+    assert fresh.metadata.ttl == 42.0 and fresh.metadata.message_type == TRAIN
+    late = message(RecordDict({ROUND: _instruction(cfg, 1)}), 7, TRAIN, 1, ttl_s=5.0)
+    late.metadata.created_at -= 6.0  # sent 6 s ago: its 5 s have passed
+    late.metadata.__dict__["_message_id"] = "late"
+    site_dir = tmp_path / "site"
+    node_config = {"client": "ge", "prepared": str(tmp_path / "prepared"), "site-dir": str(site_dir),
+                   "device": "cpu"}
+    with pytest.raises(DataError, match="after its TTL"):
+        client_app(late, Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
+                                 run_config={}))
+    assert not site_dir.exists()  # refused before the site opened anything: nothing trained or kept
 
 
 def test_min_sites_must_be_reachable(tmp_path: Path) -> None:
@@ -185,35 +225,83 @@ def _quiet():
     return Console(quiet=True)
 
 
+class Federation:
+    """A SuperLink and one SuperNode per client of ``prepared`` on loopback, kept for several runs."""
+
+    def __init__(self, prepared: Path, root: Path) -> None:
+        self.prepared, self.root = prepared, root
+        self.processes = Processes(root)
+        self.clients = list(load_manifest(prepared).clients)
+        self.nodes: dict[str, subprocess.Popen] = {}
+        self.port = free_port()
+        self.link, link_log = self.processes.start("superlink", [
+            "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+            "--host", "127.0.0.1", "--port", str(self.port)])
+        wait_for_port(self.port, self.link, link_log)
+        for client in self.clients:
+            self.start_node(client)
+
+    @property
+    def superlink(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def site_dir(self, client: str) -> Path:
+        return self.root / f"site-{client}"
+
+    def start_node(self, client: str) -> subprocess.Popen:
+        """A SuperNode for ``client``, always with the same node config (its restart too)."""
+        node_config = site_node_config(client, self.prepared, self.site_dir(client), device="cpu")
+        self.nodes[client], _ = self.processes.start(f"supernode-{client}-{len(self.processes.started)}", [
+            "flower-supernode", "--insecure", "--superlink", self.superlink,
+            "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config,
+            "--max-wait-time", str(START_TIMEOUT_S)])
+        return self.nodes[client]
+
+    def command(self, out: Path, *options: str) -> list[str]:
+        """`cmrfed flower run` of this federation, as the README documents it."""
+        return [sys.executable, "-m", "cmrfed.cli", "flower", "run", "--superlink", self.superlink,
+                "--insecure", "--sites", str(len(self.clients)), "--data", str(self.prepared),
+                "--out", str(out), *options]
+
+    def serverapps(self) -> list[psutil.Process]:
+        """The ServerApp processes the SuperLink has started and that are still alive."""
+        family = psutil.Process(self.link.pid).children(recursive=True)
+        return [p for p in family if _is_serverapp(p)]
+
+
+def _is_serverapp(process: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return any("flwr-serverapp" in part for part in process.cmdline())
+    return False
+
+
 @pytest.fixture(scope="module")
-def runs(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The same duallora run twice: in-process, and over a loopback Flower federation."""
+def federation(cohort: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One loopback federation for every run of this module that kills no SuperNode."""
+    deployed = Federation(cohort, tmp_path_factory.mktemp("federation"))
+    try:
+        yield deployed
+    finally:
+        deployed.processes.stop()
+
+
+@pytest.fixture(scope="module")
+def runs(cohort: Path, federation: Federation, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The same duallora run twice: in-process, and over the loopback Flower federation."""
     root = tmp_path_factory.mktemp("flower-runs")
     cfg = FederateConfig(data=str(cohort), method="duallora", rounds=2, backbone="tiny", seed=3)
     federate(cfg, root / "inprocess", device="cpu", console=_quiet())
-    clients = json.loads(paths.run_config_path(root / "inprocess").read_text())["clients"]
-
-    processes = Processes(root)
     started = time.perf_counter()
     try:
-        link_port = free_port()
-        link, link_log = processes.start("superlink", [
-            "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1", "--port", str(link_port)])
-        wait_for_port(link_port, link, link_log)
-        for client in clients:
-            node_config = site_node_config(client, cohort, root / f"site-{client}", device="cpu")
-            processes.start(f"supernode-{client}", [
-                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config,
-                "--max-wait-time", str(START_TIMEOUT_S)])
-        summary = run_flower(cfg, root / "flower", sites=len(clients), superlink=f"127.0.0.1:{link_port}",
-                             insecure=True, node_timeout_s=120.0, wait_s=RUN_TIMEOUT_S, console=_quiet())
+        summary = run_flower(cfg, root / "flower", sites=len(federation.clients),
+                             superlink=federation.superlink, insecure=True, node_timeout_s=120.0,
+                             wait_s=RUN_TIMEOUT_S, console=_quiet())
     except Exception as exc:
-        raise AssertionError(f"the loopback Flower run failed: {exc}\n{processes.logs()}") from exc
-    finally:
-        processes.stop()
-    return {"root": root, "cfg": cfg, "clients": list(clients), "summary": summary,
+        raise AssertionError(f"the loopback Flower run failed: {exc}\n{federation.processes.logs()}") from exc
+    for client in federation.clients:  # the sites' RUN-shaped folders, as each site keeps them
+        shutil.copytree(paths.site_run_dir(federation.site_dir(client), "flower"),
+                        paths.site_run_dir(root / f"site-{client}", "flower"))
+    return {"root": root, "cfg": cfg, "clients": federation.clients, "summary": summary,
             "flower_s": time.perf_counter() - started}
 
 
@@ -290,6 +378,75 @@ def test_evaluate_reads_the_flower_run_once_sites_copy_their_private_tensors(run
 def _rows(path: Path) -> list[dict[str, str]]:
     with path.open(newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
+
+
+# --- a ServerApp killed mid-run, resumed -------------------------------------------------------------
+# one kill point per method (sampled to keep the suite's time), each a different moment of a round
+KILLS = {"duallora": "federate.round-logged:1", "fedlora": "federate.checkpoint-write:2",
+         "ffalora": "federate.trained:2", "fedsa": "federate.final-write:1"}
+
+
+def _rounds_without_time(run: Path) -> list[dict]:
+    records = [json.loads(line) for line in paths.rounds_log_path(run).read_text().splitlines()]
+    for record in records:
+        record.pop("wall_s")
+    return records
+
+
+def _wait_until(condition, what: str, timeout_s: float = RUN_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("method", sorted(KILLS))
+def test_a_killed_serverapp_resumes_to_the_uninterrupted_run(cohort, federation, tmp_path, method):
+    """The ServerApp SIGKILLs itself at a fault point; `cmrfed flower run --resume` then continues
+    RUN from its checkpoint, the sites from their own, and ends where an uninterrupted Flower run
+    (the same apps over :class:`LoopbackGrid`) ends: tensors, rounds.jsonl and metrics."""
+    assert set(KILLS) == {name for name, spec in METHODS.items() if spec.federated}
+    options = {"method": method, "rounds": 2, "rank": 2, "seed": 4}
+    cfg = FederateConfig(data=str(cohort), **options)
+    reference = tmp_path / "reference"
+    grid = LoopbackGrid([{"client": c, "prepared": str(cohort), "site-dir": str(tmp_path / f"site-{c}"),
+                          "device": "cpu"} for c in federation.clients])
+    serve(grid, run_config_of(cfg, reference, sites=len(federation.clients)), console=_quiet())
+
+    out = tmp_path / f"resumed-{method}"
+    args = [f"--{k}={v}" for k, v in options.items()] + ["--node-timeout", "120"]
+    log = tmp_path / "killed.log"
+    try:
+        with log.open("wb") as handle:
+            killed = subprocess.Popen(federation.command(out, *args), stdout=handle, stderr=subprocess.STDOUT,
+                                      env=dict(federation.processes.env, CMRFED_FAULT=KILLS[method]),
+                                      start_new_session=True)
+        _wait_until(lambda: paths.run_config_path(out).exists(), "the killed run to start")
+        _wait_until(lambda: not federation.serverapps(), "the ServerApp to kill itself")
+        os.killpg(killed.pid, signal.SIGKILL)  # the submitting client: it would stream until Flower
+        killed.wait(timeout=15)  # notices the dead ServerApp (its heartbeat), which we need not wait for
+        assert "result" not in json.loads(paths.run_config_path(out).read_text())
+        resumed = subprocess.run(federation.command(out, "--resume"), env=federation.processes.env,
+                                 capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    except Exception as exc:
+        raise AssertionError(f"{exc}\n{log.read_text()[-3000:]}\n{federation.processes.logs()}") from exc
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    for which in ("final", "best"):
+        want = load_file(str(paths.shared_tensors_path(reference, which)))
+        got = load_file(str(paths.shared_tensors_path(out, which)))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), which
+        for client in federation.clients:
+            want = load_file(str(paths.private_tensors_path(
+                paths.site_run_dir(tmp_path / f"site-{client}", reference.name), client, which)))
+            got = load_file(str(paths.private_tensors_path(
+                paths.site_run_dir(federation.site_dir(client), out.name), client, which)))
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), client
+    assert _rounds_without_time(out) == _rounds_without_time(reference)
+    infos = [json.loads(paths.run_config_path(run).read_text()) for run in (out, reference)]
+    assert infos[0]["config"] == infos[1]["config"] and infos[0]["result"] == infos[1]["result"]
 
 
 # --- drop-outs: real SuperNodes killed mid-run ------------------------------------------------------
@@ -395,3 +552,53 @@ def _logged_rounds(run: Path) -> list[int]:
     if not log.exists():
         return []
     return [json.loads(line)["round"] for line in log.read_text().splitlines() if line.endswith("}")]
+
+
+# --- a site rejoins: its SuperNode killed after round 1 and restarted -----------------------------
+@pytest.mark.e2e
+def test_a_restarted_supernode_rejoins_from_its_own_state(cohort, federation, tmp_path):
+    """A SuperNode SIGKILLed after round 1 and restarted with the same node config comes back
+    under a new node id; the server knows it by its client name, and the site continues from the
+    state it kept in its site folder (not a fresh init): the run ends with the uninterrupted run's
+    final tensors. It is not asked in round 2 (so the others need not wait for it) and misses that
+    round's aggregate, which its round 3 train message carries. Runs last: it replaces a node of
+    the module's federation."""
+    clients = federation.clients
+    victim = clients[0]
+    seed = next(s for s in range(100) if participants(clients, 1, s, 2) != [victim]
+                and participants(clients, 1, s, 3) == [victim])
+    options = {"method": "duallora", "rounds": 3, "rank": 2, "seed": seed, "sites-per-round": 1}
+    cfg = FederateConfig(data=str(cohort), method="duallora", rounds=3, rank=2, seed=seed, sites_per_round=1)
+    reference = tmp_path / "reference"
+    grid = LoopbackGrid([{"client": c, "prepared": str(cohort), "site-dir": str(tmp_path / f"site-{c}"),
+                          "device": "cpu"} for c in clients])
+    serve(grid, run_config_of(cfg, reference, sites=len(clients)), console=_quiet())
+
+    out = tmp_path / "rejoined"
+    log = tmp_path / "cli.log"
+    try:
+        with log.open("wb") as handle:
+            cli = subprocess.Popen(federation.command(out, *(f"--{k}={v}" for k, v in options.items()),
+                                                      "--node-timeout", "120"),
+                                   env=federation.processes.env, stdout=handle, stderr=subprocess.STDOUT)
+        _wait_until(lambda: _logged_rounds(out) == [1] or cli.poll() is not None, "round 1")
+        _kill_tree(federation.nodes[victim])
+        federation.start_node(victim)
+        code = cli.wait(timeout=RUN_TIMEOUT_S)
+    except Exception as exc:
+        raise AssertionError(f"{exc}\n{log.read_text()[-3000:]}\n{federation.processes.logs()}") from exc
+    assert code == 0, log.read_text()[-3000:]
+    rounds = [json.loads(line) for line in paths.rounds_log_path(out).read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert list(rounds[1]["failed"]) == [victim] and rounds[1]["failed"][victim].startswith("evaluate")
+    assert rounds[2]["participants"] == [victim] and rounds[2]["failed"] == {}
+    assert rounds[2]["clients"][victim]["train_loss"] is not None  # it trained again, in round 3
+    got, want = (load_file(str(paths.shared_tensors_path(run))) for run in (out, reference))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    got = load_file(str(paths.private_tensors_path(paths.site_run_dir(federation.site_dir(victim), out.name),
+                                                   victim)))
+    want = load_file(str(paths.private_tensors_path(paths.site_run_dir(tmp_path / f"site-{victim}",
+                                                                       reference.name), victim)))
+    assert got and got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    engine = json.loads(paths.run_config_path(out).read_text())["engine"]
+    assert "node_id" not in engine["sites"][victim]  # sites are known by name, not by node id

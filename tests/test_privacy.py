@@ -23,9 +23,9 @@ from cmrfed.cli import cli
 from cmrfed.errors import UsageError
 from cmrfed.eval.evaluate_run import evaluate_run
 from cmrfed.eval.report import compare_runs
-from cmrfed.fed import inprocess
+from cmrfed.fed import inprocess, rounds
 from cmrfed.fed.config import FederateConfig
-from cmrfed.fed.flower import run_config_of
+from cmrfed.fed.flower_config import run_config_of
 from cmrfed.fed.methods import METHODS
 from cmrfed.fed.privacy import (
     NOISE_STREAM,
@@ -248,7 +248,7 @@ def test_a_run_stops_cleanly_rather_than_overspend(dp_run, small_prepared, tmp_p
     inprocess.federate(cfg, run, device="cpu", resume=True, console=quiet_console())
 
     result = run_json(run)["result"]
-    assert result["completed_rounds"] == 1 and "privacy budget" in result["stopped"]
+    assert result["completed_rounds"] == 1 and "privacy budget" in result["stopped"]["reason"]
     assert all(s["epsilon"] <= DP["dp_epsilon"] for s in result["privacy"].values())
     assert [ln["round"] for ln in rounds_of(run)] == [1]
     assert paths.shared_tensors_path(run).exists()  # the state of round 1 is kept and usable
@@ -268,23 +268,23 @@ class Interrupt(Exception):
 def test_resume_with_dp_repeats_the_same_noise(small_prepared, tmp_path, monkeypatch, method):
     reference = federate(small_prepared, tmp_path / "reference", method=method)
 
-    real = inprocess._write_checkpoint
+    real = rounds._write_checkpoint
 
-    def checkpoint_then_die(run, clients, server, progress, best):  # a kill right after round 1
-        real(run, clients, server, progress, best)
+    def checkpoint_then_die(run, progress, last, best):  # a kill right after round 1
+        real(run, progress, last, best)
         raise Interrupt
 
-    monkeypatch.setattr(inprocess, "_write_checkpoint", checkpoint_then_die)
+    monkeypatch.setattr(rounds, "_write_checkpoint", checkpoint_then_die)
     with pytest.raises(Interrupt):
         federate(small_prepared, tmp_path / "resumed", method=method)
-    monkeypatch.setattr(inprocess, "_write_checkpoint", real)
+    monkeypatch.setattr(rounds, "_write_checkpoint", real)
     cfg = FederateConfig(data=str(small_prepared), **{**DP, "method": method})
     inprocess.federate(cfg, tmp_path / "resumed", device="cpu", resume=True,
                        console=quiet_console())
 
     assert_same_tensors(reference, tmp_path / "resumed")  # final, best, every site's private
-    _, last_a, _ = inprocess.read_checkpoint(reference)
-    _, last_b, _ = inprocess.read_checkpoint(tmp_path / "resumed")
+    _, last_a, _ = rounds.read_checkpoint(reference)
+    _, last_b, _ = rounds.read_checkpoint(tmp_path / "resumed")
     assert last_a.keys() == last_b.keys()
     for owner, state in last_a.items():  # every site's every tensor, private ones included
         assert state.keys() == last_b[owner].keys()
@@ -372,9 +372,8 @@ def test_methods_beyond_lora_and_paths_without_per_sample_grads_are_refused(smal
             check_dp_method(spec)
     with pytest.raises(UsageError, match="per-sample gradients are not supported"):
         check_dp_model(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), "duallora")
-    cfg = FederateConfig(data=str(small_prepared), **DP)
-    with pytest.raises(UsageError, match="in-process engine"):
-        run_config_of(cfg, small_prepared, sites=4)
+    cfg = FederateConfig(data=str(small_prepared), **DP)  # the Flower engine runs DP-SGD too
+    assert run_config_of(cfg, small_prepared, sites=4)["dp_epsilon"] == DP["dp_epsilon"]
 
 
 # --- DP with the defaults: class balancing by private counts ---------------------------------------

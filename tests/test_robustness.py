@@ -153,7 +153,8 @@ def test_flower_server_overwrite_refuses_foreign_folders_and_keeps_the_run_on_a_
     a folder it did not make is refused before anything else, and a server that fails after
     starting (here: no SuperLink to talk to) leaves the finished RUN exactly as it was."""
     pytest.importorskip("flwr")
-    from cmrfed.fed.flower import run_config_of, serve
+    from cmrfed.fed.flower_config import run_config_of
+    from cmrfed.fed.flower_server import serve
 
     cfg = FederateConfig(data="prepared", method="duallora", rounds=1)
     foreign = tmp_path / "foreign"

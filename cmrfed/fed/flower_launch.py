@@ -1,9 +1,11 @@
 """Submitting a Flower run from the command line: ``cmrfed flower run``.
 
 A Flower app is a folder with a pyproject.toml naming its ServerApp and ClientApp; ``flwr run``
-bundles it and hands it to a SuperLink. cmrfed's apps live in :mod:`cmrfed.fed.flower`, so the
-app folder is only that pyproject.toml, carrying the run's options as its run config; it is
-written to a temporary folder for each run.
+bundles it and hands it to a SuperLink. cmrfed's apps live in :mod:`cmrfed.fed.flower_server` and
+:mod:`cmrfed.fed.flower_client`, so the app folder is only that pyproject.toml, carrying the run's
+options as its run config; it is written to a temporary folder for each run. ``--resume`` submits
+a new Flower run that continues RUN from its checkpoint (the ServerApp reads the recorded options
+from RUN/run.json).
 """
 
 from __future__ import annotations
@@ -24,14 +26,16 @@ from rich.console import Console
 import cmrfed
 from cmrfed import paths
 from cmrfed.errors import DataError, UsageError
+from cmrfed.faults import ENV as FAULT_ENV
 from cmrfed.fed.config import FederateConfig
-from cmrfed.fed.flower import run_config_of
-from cmrfed.fed.inprocess import RunSummary
+from cmrfed.fed.flower_config import run_config_of
 from cmrfed.fed.methods import resolve_method
+from cmrfed.fed.rounds import RunSummary
 
 APP_PUBLISHER = "cmrfed"
 CONNECTION = "cmrfed"  # the SuperLink connection in the throw-away Flower config of `--superlink`
-COMPONENTS = {"serverapp": "cmrfed.fed.flower:server_app", "clientapp": "cmrfed.fed.flower:client_app"}
+COMPONENTS = {"serverapp": "cmrfed.fed.flower_server:server_app",
+              "clientapp": "cmrfed.fed.flower_client:client_app"}
 
 
 def write_app(folder: Path, run_config: Mapping[str, Any]) -> Path:
@@ -86,13 +90,17 @@ def run_flower(
     node_timeout_s: float = 600.0,
     min_sites: int | None = None,
     wait_s: float | None = None,
+    resume: bool = False,
+    typed: frozenset[str] = frozenset(),
     console: Console | None = None,
 ) -> RunSummary:
     """Submit a run to a running SuperLink with ``flwr run --stream`` and wait for it to finish.
 
     ``superlink`` (host:port) uses a throw-away Flower config; ``connection`` names one in the
     user's own Flower config instead (needed for SuperLinks with account login). ``wait_s``
-    bounds the whole run (None: wait for as long as it takes).
+    bounds the whole run (None: wait for as long as it takes). ``resume``: continue RUN after a
+    killed ServerApp or SuperLink; ``typed``: the options the user gave, which must then equal
+    the recorded ones. A ``CMRFED_FAULT`` in this environment travels to the ServerApp.
     """
     console = console or Console()
     if (superlink is None) == (connection is None):
@@ -101,7 +109,8 @@ def run_flower(
     if not spec.federated:
         raise UsageError(f"--method {cfg.method} sends nothing to a server; run it with `cmrfed federate`")
     out = Path(out).expanduser().resolve()
-    run_config = run_config_of(cfg, out, sites, overwrite, node_timeout_s, min_sites)
+    run_config = run_config_of(cfg, out, sites, overwrite, node_timeout_s, min_sites, resume=resume,
+                               typed=typed, fault=os.environ.get(FAULT_ENV))
     flwr = _flwr_executable()
     with tempfile.TemporaryDirectory(prefix="cmrfed-flower-") as tmp:
         app = write_app(Path(tmp) / "app", run_config)

@@ -263,7 +263,10 @@ class SitePlan:
 
     def spent(self, rounds_done: int) -> dict[str, Any]:
         """What the site has spent after ``rounds_done`` rounds (cumulative)."""
-        steps = self.steps_per_round * rounds_done
+        return self.spent_steps(self.steps_per_round * rounds_done)
+
+    def spent_steps(self, steps: int) -> dict[str, Any]:
+        """What the site has spent after ``steps`` DP-SGD steps (cumulative)."""
         return {
             "epsilon": self.epsilon(steps), "delta": self.delta, "steps": steps,
             "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
@@ -377,12 +380,6 @@ def plan_run(cfg: Any, sites: Mapping[str, int]) -> dict[str, SitePlan]:
                         phases=phases, count_share=share)
         for name, n in sites.items()
     }
-
-
-def round_fits(plans: Mapping[str, SitePlan], round_index: int) -> bool:
-    """Whether every site stays within its budget after ``round_index`` rounds."""
-    return all(p.epsilon(p.steps_per_round * round_index) <= p.target_epsilon * (1 + BUDGET_RTOL)
-               for p in plans.values())
 
 
 def spent_record(plans: Mapping[str, SitePlan], rounds_done: int) -> dict[str, dict[str, Any]]:
@@ -499,7 +496,7 @@ def privacy_markdown(runs: Sequence[tuple[str, int, str]],
         sites = "; ".join(f"{name} {s['epsilon']:.3g} ({s['noise_multiplier']:.3g}, "
                           f"{s['sample_rate']:.3g}, {s['steps']}, {s['delta']:.2g})"
                           for name, s in summary["sites"].items())
-        stopped = f" (stopped: {summary['stopped']})" if summary.get("stopped") else ""
+        stopped = f" (stopped: {summary['stopped']['reason']})" if summary.get("stopped") else ""
         lines.append(f"| {method} | {seed} | {summary['target_epsilon']:g} | {summary['clip']:g} | "
                      f"{summary['accountant']} | {sites}{stopped} | {_balance_text(summary)} |")
     lines += ["", f"Unit protected: {UNIT}, against anyone who sees what a site sends; the "

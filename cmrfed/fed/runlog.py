@@ -39,16 +39,6 @@ RUN_FORMAT_VERSION = 1
 SELECTION_METRIC = "balanced_accuracy"
 
 
-def start_run_folder(out: Path, overwrite: bool) -> None:
-    """Refuse to mix a new run into an existing, non-empty RUN folder unless told to replace it,
-    and refuse to replace anything but a cmrfed RUN folder (the Flower ServerApp's start)."""
-    out = Path(out)
-    check_replaceable(out, RUN, overwrite)
-    if out.exists() and not is_empty_dir(out):
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
 @dataclass(frozen=True)
 class RunFolder:
     """Where a federate command writes: ``work`` is RUN itself, or (``--overwrite`` of an
@@ -288,11 +278,13 @@ def save_tensors(path: Path, state: TensorState) -> None:
 
 def write_result(out: Path, completed_rounds: int, best_round: int, best_score: float,
                  bytes_up: int, bytes_down: int, select: str = SELECTION_METRIC,
-                 privacy: Mapping[str, Any] | None = None, stopped: str | None = None) -> None:
+                 privacy: Mapping[str, Any] | None = None,
+                 stopped: Mapping[str, Any] | None = None) -> None:
     """Add ``result`` to run.json: the mark ``evaluate`` checks for a finished run. The best round's
     mean val balanced accuracy is always there (read from rounds.jsonl when it was selected by
     another metric), with the selected metric's value next to it. ``privacy``: what each site
-    spent (DP runs); ``stopped``: why the run ended before its last round."""
+    spent (DP runs); ``stopped``: the round the run stopped before, and why (``round``,
+    ``reason``), when it ended before its last round."""
     run_info = json.loads(paths.run_config_path(out).read_text(encoding="utf-8"))
     best_balanced = best_score
     if select != SELECTION_METRIC:
@@ -310,7 +302,7 @@ def write_result(out: Path, completed_rounds: int, best_round: int, best_score: 
     if privacy is not None:
         run_info["result"]["privacy"] = dict(privacy)
     if stopped is not None:
-        run_info["result"]["stopped"] = stopped
+        run_info["result"]["stopped"] = dict(stopped)
     write_json(paths.run_config_path(out), run_info)
 
 

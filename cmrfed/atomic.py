@@ -8,6 +8,11 @@ One naming scheme for everything a writer puts beside its target NAME:
 - ``.NAME.old-PID-XXXXXXXX``: the previous NAME, set aside by PID while it is being replaced
   (:func:`set_aside`); deleted once the replacement is in place, put back if it fails.
 
+One more sibling outlives its process on purpose: ``.RUN.overwrite``, where ``federate
+--overwrite`` builds a replacement run that ``--overwrite --resume`` can continue after a crash
+(:func:`cmrfed.fed.runlog.open_run_folder`); it is swapped in by the same :func:`swap_in`, and
+``--overwrite`` alone discards it.
+
 The pid in the name lets the next writer of the same place recover what a killed process left
 behind (:func:`clean_stale_temporaries`): a dead writer's new content is removed and a replacement
 it did not finish is rolled back (the old NAME put back). Files get the modes the umask gives any

@@ -13,6 +13,7 @@ names its own ``timeout``.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -45,9 +46,19 @@ E2E_TIMEOUT_S = 900
 killed and resumed seven times takes minutes on two busy cores; a hang still fails."""
 
 
+SHARED_FEDERATION = {"federation", "runs"}
+"""Module fixtures of tests/test_flower.py that hold one running Flower federation: the tests using
+them run on one pytest-xdist worker (group ``flower-federation``), so it is started once."""
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # several test workers share the cores: one thread each
+    torch.set_num_threads(1)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
+        if SHARED_FEDERATION & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("flower-federation"))
         if GENERATED & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("flower"):
             item.add_marker(pytest.mark.e2e)
         if item.get_closest_marker("e2e") and not item.get_closest_marker("timeout"):

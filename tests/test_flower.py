@@ -383,7 +383,8 @@ def _rows(path: Path) -> list[dict[str, str]]:
 # --- a ServerApp killed mid-run, resumed -------------------------------------------------------------
 # one kill point per method (sampled to keep the suite's time), each a different moment of a round
 KILLS = {"duallora": "federate.round-logged:1", "fedlora": "federate.checkpoint-write:2",
-         "ffalora": "federate.trained:2", "fedsa": "federate.final-write:1"}
+         "ffalora": "federate.trained:2", "fedsa": "federate.final-write:1",
+         "feddpa": "federate.round-logged:1"}
 
 
 def _rounds_without_time(run: Path) -> list[dict]:

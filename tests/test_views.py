@@ -25,7 +25,9 @@ CLIENT = "ge"
 
 
 def site(prepared, **options):
-    cfg = FederateConfig(data=str(prepared), blocks=2, rank=4, **{"augment_views": 3, **options})
+    # float32: the cached views are compared with the trunk recomputed in float32
+    cfg = FederateConfig(data=str(prepared), blocks=2, rank=4,
+                         **{"precision": "fp32", "augment_views": 3, **options})
     manifest = load_manifest(prepared)
     run_model = build_run_model(cfg, tuple(manifest.shape))
     client, data = build_client(cfg, prepared, manifest, CLIENT, run_model, torch.device("cpu"))
@@ -88,8 +90,8 @@ def test_one_views_file_serves_every_method_and_seed_and_is_keyed_by_the_recipe(
 
 
 def test_a_cached_run_trains_like_an_on_the_fly_run(small_prepared, tmp_path):
-    base = FederateConfig(data=str(small_prepared), method="fedlora", blocks=2, rank=4, rounds=1,
-                          augment_views=2, lr=5e-3)
+    base = FederateConfig(data=str(small_prepared), method="fedlora", precision="fp32", blocks=2, rank=4,
+                          rounds=1, augment_views=2, lr=5e-3)
     for name, cfg in (("cached", base), ("fly", replace(base, cache=False))):
         federate(cfg, tmp_path / name, device="cpu", console=quiet_console())
     a = load_file(str(paths.shared_tensors_path(tmp_path / "cached")))
@@ -104,7 +106,8 @@ def test_augmentation_off_keeps_the_plain_split_and_zero_views_need_no_cache(sma
     assert client.views is None
     with pytest.raises(UsageError, match="--no-cache"):
         site(small_prepared, augment_views=0)
-    cfg = FederateConfig(data=str(small_prepared), blocks=2, rank=4, augment_views=0, cache=False)
+    cfg = FederateConfig(data=str(small_prepared), blocks=2, rank=4, precision="fp32", augment_views=0,
+                         cache=False)
     manifest = load_manifest(small_prepared)
     run_model = build_run_model(cfg, tuple(manifest.shape))
     client, _ = build_client(cfg, small_prepared, manifest, CLIENT, run_model, torch.device("cpu"))

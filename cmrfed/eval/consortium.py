@@ -38,12 +38,12 @@ from scipy.spatial.distance import jensenshannon
 from scipy.stats import wasserstein_distance
 
 from cmrfed import paths
-from cmrfed.atomic import atomic_dir, read_json_or_none, write_json
+from cmrfed.atomic import read_json_or_none, write_json
 from cmrfed.data.shards import SPLITS, load_manifest, load_split
 from cmrfed.errors import UsageError
 from cmrfed.fed.task import resolve_device
 from cmrfed.model.cinema import backbone_fingerprint, load_backbone
-from cmrfed.outputs import INSPECT
+from cmrfed.outputs import INSPECT, new_output
 from cmrfed.provenance import versions
 
 INSPECT_FORMAT_VERSION = 1
@@ -365,7 +365,7 @@ def inspect_consortium(prepared: str | Path, out: str | Path, backbone: str = "t
     """Measure the consortium in PREPARED and write OUT/inspect.{json,md,png} atomically."""
     prepared = Path(prepared)
     doc = consortium_document(prepared, backbone, seed, resolve_device(device))
-    with atomic_dir(out, overwrite=overwrite, kind=INSPECT) as tmp:
+    with new_output(out, INSPECT, overwrite) as tmp:
         write_json(paths.inspect_json_path(tmp), doc)
         paths.inspect_md_path(tmp).write_text(_markdown(doc), encoding="utf-8")
         plot_consortium(doc, paths.inspect_figure_path(tmp))

@@ -50,8 +50,9 @@ SHARED_FEDERATION = {"federation", "runs"}
 """Module fixtures of tests/test_flower.py that hold one running Flower federation: the tests using
 them run on one pytest-xdist worker (group ``flower-federation``), so it is started once."""
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # several test workers share the cores: one thread each
-    torch.set_num_threads(1)
+if os.environ.get("PYTEST_XDIST_WORKER"):  # several test workers share the cores: one thread each,
+    torch.set_num_threads(1)  # and the same in the subprocesses they start (bitwise comparisons)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -109,3 +109,38 @@ def test_cache_is_reused_and_keyed_by_everything_it_depends_on(small_prepared, m
                                  run_model.model.backbone, key, CPU)
     assert calls == [1, 1, 1]  # train, val, test recomputed
     assert os.stat(path).st_mtime_ns != before
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_one_pass_for_several_start_blocks_writes_what_each_key_computes_alone(small_prepared, tmp_path,
+                                                                               monkeypatch, precision):
+    """A study's blocks ablation: the trunk runs once per site for blocks 1 and 2, and each file
+    holds, bit for bit, what federating with that --blocks alone would have computed."""
+    import shutil
+
+    from cmrfed import paths
+    from cmrfed.fed.task import cache_key
+
+    alone, joint = tmp_path / "alone", tmp_path / "joint"
+    for folder in (alone, joint):
+        shutil.copytree(small_prepared, folder, ignore=shutil.ignore_patterns(paths.CACHE_DIR))
+    manifest = load_manifest(small_prepared)
+    site, splits = manifest.clients[0], ("train", "val", "test")
+    models, keys = {}, {}
+    for b in (1, 2):
+        cfg = FederateConfig(data=str(alone), blocks=b, rank=4, precision=precision)
+        models[b] = build_run_model(cfg, tuple(manifest.shape))
+        keys[b] = cache_key(cfg, models[b], manifest, CPU)
+    assert keys[1].start_block == keys[2].start_block + 1
+    cache_module.precompute(joint, site, manifest.shard_sha256[site], models[1].model.backbone,
+                            tuple(keys.values()), CPU)
+    with monkeypatch.context() as patch:  # what precompute wrote is read, never computed again
+        patch.setattr(cache_module, "_compute_splits", lambda *a, **k: pytest.fail("recomputed"))
+        got = {b: cache_module.load_or_compute(joint, site, splits, manifest.shard_sha256[site],
+                                               models[b].model.backbone, key, CPU) for b, key in keys.items()}
+    for b, key in keys.items():
+        want = cache_module.load_or_compute(alone, site, splits, manifest.shard_sha256[site],
+                                            models[b].model.backbone, key, CPU)
+        for split in splits:
+            assert torch.equal(got[b][split].hidden, want[split].hidden), (b, split)
+            assert torch.equal(got[b][split].skips, want[split].skips), (b, split)

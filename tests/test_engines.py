@@ -20,6 +20,7 @@ from flower_loopback import LoopbackGrid
 
 from cmrfed import paths
 from cmrfed.data.shards import load_manifest
+from cmrfed.fed import rounds
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.flower_config import run_config_of
 from cmrfed.fed.flower_server import serve
@@ -87,3 +88,60 @@ def test_both_engines_give_identical_tensors(small_prepared, tmp_path, method, d
         balance = infos[0]["privacy"]["class_balance"]
         assert balance["mode"] == "private counts"
         assert all(len(s["released_counts"]) == 2 for s in balance["sites"].values())
+
+
+# Where the ServerApp is interrupted, per method: after a round is logged but not checkpointed,
+# while writing a checkpoint, after the sites trained, during the final writes.
+# (An exception before round 1 is checkpointed removes the new RUN, so every point is after it.)
+INTERRUPTS = {"duallora": ("federate.round-logged", 2), "fedlora": ("federate.checkpoint-write", 2),
+              "ffalora": ("federate.trained", 2), "fedsa": ("federate.final-write", 1),
+              "feddpa": ("federate.round-logged", 2)}
+
+
+class Interrupt(Exception):
+    """The server dies at a fault point (as the SIGKILL of tests/test_flower.py, in-process)."""
+
+
+@pytest.mark.parametrize("method", FEDERATED)
+def test_an_interrupted_flower_server_resumes_to_the_uninterrupted_run(small_prepared, tmp_path, monkeypatch,
+                                                                      method):
+    """For every federated method: a Flower server interrupted at a fault point, then resumed
+    (`--resume`, the sites continuing from their own state files), ends where an uninterrupted
+    Flower run ends: shared and private tensors, rounds.jsonl and run.json's result. (Real killed
+    ServerApp processes: tests/test_flower.py.)"""
+    assert set(INTERRUPTS) == set(FEDERATED)
+    cfg = FederateConfig(data=str(small_prepared), method=method, **OPTIONS)
+    reference, out = tmp_path / "reference", tmp_path / "resumed"
+    flower_run(cfg, reference, LoopbackGrid(node_configs(small_prepared, tmp_path / "ref")),
+               node_timeout_s=300.0)
+
+    point, nth = INTERRUPTS[method]
+    seen = []
+
+    def fault_point(name: str) -> None:
+        seen.append(name)
+        if seen.count(point) == nth and name == point:
+            raise Interrupt(name)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(rounds, "fault_point", fault_point)
+        with pytest.raises(Interrupt):
+            flower_run(cfg, out, LoopbackGrid(node_configs(small_prepared, tmp_path)), node_timeout_s=300.0)
+    assert "result" not in json.loads(paths.run_config_path(out).read_text())
+    flower_run(cfg, out, LoopbackGrid(node_configs(small_prepared, tmp_path)), node_timeout_s=300.0,
+               resume=True)
+
+    for which in ("final", "best"):
+        assert_same_tensors(load_file(str(paths.shared_tensors_path(out, which))),
+                            load_file(str(paths.shared_tensors_path(reference, which))), which)
+        for client in load_manifest(small_prepared).clients:
+            got = paths.private_tensors_path(paths.site_run_dir(tmp_path / f"site-{client}", out.name),
+                                             client, which)
+            want = paths.private_tensors_path(paths.site_run_dir(tmp_path / "ref" / f"site-{client}",
+                                                                 reference.name), client, which)
+            assert_same_tensors(load_file(str(got)), load_file(str(want)), f"{client} {which}")
+    timeless = [[{k: v for k, v in r.items() if k != "wall_s"} for r in rounds_of(run)]
+                for run in (out, reference)]
+    assert timeless[0] == timeless[1]
+    infos = [json.loads(paths.run_config_path(run).read_text()) for run in (out, reference)]
+    assert infos[0]["config"] == infos[1]["config"] and infos[0]["result"] == infos[1]["result"]

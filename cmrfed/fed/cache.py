@@ -23,8 +23,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,7 +35,7 @@ from torch import nn
 
 from cmrfed.atomic import atomic_file
 from cmrfed.data.augment import AugmentSpec, augment_batch
-from cmrfed.data.shards import load_split
+from cmrfed.data.shards import SPLITS, load_split
 from cmrfed.errors import DataError
 from cmrfed.fed.views import row_ids
 from cmrfed.paths import feature_cache_dir
@@ -108,21 +108,54 @@ def _from_storage(array: np.ndarray, dtype: str) -> torch.Tensor:
 
 
 @torch.no_grad()
+def compute_trunks(
+    encoder: nn.Module, images: np.ndarray, start_blocks: Sequence[int], device: torch.device,
+    batch_size: int, precision: str = FP32,
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Run the frozen part of the encoder once for several start blocks: stem, skips and blocks
+    ``[0, b)`` for each ``b`` of ``start_blocks``, each block run once. A start block's features are
+    bit for bit those of a pass that stops there (the same blocks on the same tensors, in order)."""
+    encoder.eval()
+    starts = sorted(set(start_blocks))
+    hidden: dict[int, list[torch.Tensor]] = {b: [] for b in starts}
+    skips = []
+    for begin in range(0, len(images), batch_size):
+        batch = torch.from_numpy(images[begin : begin + batch_size]).to(device, torch.float32)
+        with autocast(precision, device):
+            h, s = encoder.embed(batch)
+            done = 0
+            for start in starts:
+                h = encoder.forward_blocks(h, done, start)
+                done = start
+                hidden[start].append(h.cpu())
+        skips.append(s.cpu())
+    skip = torch.cat(skips)
+    return {b: (torch.cat(hidden[b]), skip) for b in starts}
+
+
 def compute_trunk(
     encoder: nn.Module, images: np.ndarray, start_block: int, device: torch.device, batch_size: int,
     precision: str = FP32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the frozen part of the encoder: stem, skips and blocks ``[0, start_block)``."""
-    encoder.eval()
-    hidden, skips = [], []
-    for begin in range(0, len(images), batch_size):
-        batch = torch.from_numpy(images[begin : begin + batch_size]).to(device, torch.float32)
-        with autocast(precision, device):
-            h, s = encoder.embed(batch)
-            h = encoder.forward_blocks(h, 0, start_block)
-        hidden.append(h.cpu())
-        skips.append(s.cpu())
-    return torch.cat(hidden), torch.cat(skips)
+    return compute_trunks(encoder, images, (start_block,), device, batch_size, precision)[start_block]
+
+
+def _compute_splits(prepared: Path, client: str, encoder: nn.Module, keys: Sequence[CacheKey],
+                    device: torch.device, batch_size: int) -> dict[int, dict[str, CachedSplit]]:
+    """Every split of ``client`` through the trunk, for each key's start block (one pass)."""
+    starts = sorted({k.start_block for k in keys})
+    computed: dict[int, dict[str, CachedSplit]] = {b: {} for b in starts}
+    for split in SPLITS:
+        arrays = load_split(prepared, client, split)
+        if len(arrays.subject_ids):
+            trunks = compute_trunks(encoder, arrays.images, starts, device, batch_size, keys[0].precision)
+        else:
+            trunks = dict.fromkeys(starts, (torch.zeros(0), torch.zeros(0)))
+        for start, (hidden, skips) in trunks.items():
+            computed[start][split] = CachedSplit(arrays.subject_ids, arrays.labels, hidden, skips,
+                                                 arrays.window_subject)
+    return computed
 
 
 def load_or_compute(
@@ -137,20 +170,36 @@ def load_or_compute(
 ) -> dict[str, CachedSplit]:
     """The cached trunk features of ``client``'s ``splits``, computing and storing them if the
     cache has no valid entry (a missing file, another shard checksum, or missing splits)."""
-
     def compute() -> dict[str, CachedSplit]:
-        computed: dict[str, CachedSplit] = {}
-        for split in ("train", "val", "test"):
-            arrays = load_split(prepared, client, split)
-            if len(arrays.subject_ids):
-                hidden, skips = compute_trunk(encoder, arrays.images, key.start_block, device, batch_size,
-                                              key.precision)
-            else:
-                hidden = skips = torch.zeros(0)
-            computed[split] = CachedSplit(arrays.subject_ids, arrays.labels, hidden, skips,
-                                          arrays.window_subject)
-        return computed
+        return _compute_splits(prepared, client, encoder, (key,), device, batch_size)[key.start_block]
 
+    return _trunk_file(prepared, client, splits, shard_sha256, key, compute)
+
+
+def precompute(prepared: Path, client: str, shard_sha256: str, encoder: nn.Module,
+               keys: Sequence[CacheKey], device: torch.device, batch_size: int = 4) -> None:
+    """Write the missing cache files of ``keys`` (keys equal but for their start block) for
+    ``client`` in one pass of the trunk: the blocks below the lowest start block run once, not once
+    per key (a study with a blocks ablation). Each file holds what :func:`load_or_compute` computes
+    alone. ``encoder`` must leave every block below the highest start block frozen, as the run model
+    with the fewest adapted blocks does (the blocks below a start block are the same plain backbone
+    blocks in every run model)."""
+    if len({replace(k, start_block=0) for k in keys}) != 1:
+        raise ValueError("precompute: the keys differ in more than their start block")
+    joint: dict[int, dict[str, CachedSplit]] = {}
+
+    def compute(start: int) -> dict[str, CachedSplit]:
+        if not joint:  # only when some file is missing or stale
+            joint.update(_compute_splits(prepared, client, encoder, keys, device, batch_size))
+        return joint[start]
+
+    for key in keys:
+        _trunk_file(prepared, client, SPLITS, shard_sha256, key,
+                    lambda start=key.start_block: compute(start))
+
+
+def _trunk_file(prepared: Path, client: str, splits: tuple[str, ...], shard_sha256: str, key: CacheKey,
+                compute: Callable[[], dict[str, CachedSplit]]) -> dict[str, CachedSplit]:
     record = {"backbone_fingerprint": key.backbone_fingerprint, "start_block": key.start_block,
               "input_shape": list(key.input_shape), "dtype": key.dtype,
               "precision": key.precision}

@@ -25,14 +25,18 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
+from cmrfed.data.augment import augment_spec
 from cmrfed.data.shards import Manifest
 from cmrfed.eval.evaluate_run import evaluate_run
 from cmrfed.faults import fault_point
+from cmrfed.fed.cache import CacheKey, precompute
+from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.inprocess import federate
-from cmrfed.fed.task import build_client, build_run_model, cache_key, resolve_device, uses_cache
+from cmrfed.fed.task import RunModel, build_client, build_run_model, cache_key, resolve_device, uses_cache
 from cmrfed.fed.views import CachedViews
 from cmrfed.study.config import StudyConfig
 from cmrfed.study.newcomers import Newcomer, score_newcomer
@@ -96,25 +100,36 @@ def run_cell(job: CellJob, console: Console,
 def build_caches(cells: tuple[Cell, ...], prepared: Path, manifest: Manifest, device: str) -> int:
     """Compute every trunk cache file (plain features and augmented views) the cells will read,
     for every site of the manifest (a held-out site reads its features when it adapts); return
-    how many distinct caches there are. Files already valid are only read."""
+    how many distinct caches there are. Files already valid are only read.
+
+    Plain features whose keys differ only in the start block (a blocks ablation) are computed in
+    one pass of the trunk per site (:func:`cmrfed.fed.cache.precompute`), with the run model that
+    adapts the fewest blocks."""
     torch_device = resolve_device(device)
-    seen = set()
+    plain: dict[CacheKey, dict[CacheKey, RunModel]] = {}  # keys alike but for the start block
+    views: dict[tuple[Any, ...], tuple[FederateConfig, RunModel]] = {}
     for cell in cells:
         cfg = replace(cell.config, holdout=None).resolved(torch_device)
         run_model = build_run_model(cfg, tuple(manifest.shape))
         if not uses_cache(cfg, run_model):
             continue
-        identity = (cache_key(cfg, run_model, manifest, torch_device).digest(), cfg.augment,
-                    cfg.augment_views, cfg.augment_seed)
-        if identity in seen:
-            continue
-        seen.add(identity)
+        key = cache_key(cfg, run_model, manifest, torch_device)
+        plain.setdefault(replace(key, start_block=0), {})[key] = run_model
+        if augment_spec(cfg.augment) is not None:
+            identity = (key.digest(), cfg.augment, cfg.augment_views, cfg.augment_seed)
+            views.setdefault(identity, (cfg, run_model))
+    for group in plain.values():
+        deepest = max(group, key=lambda k: k.start_block)
+        encoder = group[deepest].model.to(torch_device).backbone
+        for site in manifest.clients:
+            precompute(prepared, site, manifest.shard_sha256[site], encoder, tuple(group), torch_device)
+    for cfg, run_model in views.values():
         run_model.model.to(torch_device)
         for site in manifest.clients:
             client, _ = build_client(cfg, prepared, manifest, site, run_model, torch_device)
             if isinstance(client.views, CachedViews):
                 client.views.tensors  # noqa: B018 (builds the views file)
-    return len(seen)
+    return sum(len(group) for group in plain.values()) + len(views)
 
 
 # --- worker processes ------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def _consortium_html(doc: Mapping[str, Any], figures: Mapping[str, Path]) -> lis
     if not consortium:
         return []
     return ["<h2>The consortium: how non-IID are the sites? (cmrfed inspect)</h2>",
-            '<ul class="notes">' + "".join(f"<li>{html.escape(n)}</li>" for n in headline(consortium))
+            '<ul class="notes">' + "".join(f"<li>{_inline(n)}</li>" for n in headline(consortium))
             + "</ul>", _html_table(*site_rows(consortium)), _html_table(*transfer_rows(consortium)),
             _figure(CONSORTIUM_FIGURE, figures[CONSORTIUM_FIGURE])]
 

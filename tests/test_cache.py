@@ -87,8 +87,8 @@ def test_cache_is_reused_and_keyed_by_everything_it_depends_on(small_prepared, m
     cfg, manifest, run_model = setup(small_prepared)
     load_client_data(small_prepared, manifest, "ge", run_model, cfg, CPU)
     calls = []
-    real = cache_module.compute_trunk
-    monkeypatch.setattr(cache_module, "compute_trunk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = cache_module.compute_trunks
+    monkeypatch.setattr(cache_module, "compute_trunks", lambda *a, **k: calls.append(1) or real(*a, **k))
     load_client_data(small_prepared, manifest, "ge", run_model, cfg, CPU)
     assert calls == [], "a valid cache entry must be reused"
 

@@ -326,7 +326,7 @@ class CineMASaxEncoder(nn.Module):
                 in_chans, size.conv_chans, size.embed_dim, size.mlp_ratio, self.grid_size)})
             self.encoder = ViTEncoder(size.embed_dim, size.depth, size.n_heads, size.mlp_ratio)
             self.enc_fusion_dict = nn.ModuleDict({VIEW: MultiScaleFusion(size.conv_chans, size.embed_dim)})
-        self.to_empty(device="cpu")
+        allocate(self)
         init_weights(self, torch.Generator().manual_seed(seed))
 
     @property
@@ -389,6 +389,16 @@ def init_default_(module: nn.Linear | nn.Conv3d, generator: torch.Generator) -> 
         fan_in = module.weight[0].numel()
         bound = 1 / math.sqrt(fan_in)
         nn.init.uniform_(module.bias, -bound, bound, generator=generator)
+
+
+def allocate(module: nn.Module) -> nn.Module:
+    """Give a module built on the meta device uninitialised CPU storage, as ``Module.to_empty``.
+
+    ``to_empty`` allocates with ``torch.empty_like``, whose meta-tensor path imports sympy (about
+    2 s, in every process that builds a model: each Flower ClientApp message, each study worker);
+    ``torch.empty`` of the same shape and dtype allocates the same tensors without it.
+    """
+    return module._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device="cpu"))
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from cmrfed.errors import DataError
-from cmrfed.model.cinema import HEAD_PREFIX, HEAD_VIEWS, VIEW, CineMASaxEncoder, init_default_
+from cmrfed.model.cinema import HEAD_PREFIX, HEAD_VIEWS, VIEW, CineMASaxEncoder, allocate, init_default_
 from cmrfed.model.lora import adapter_group, set_trainable_groups
 from cmrfed.seeding import seeded_generator
 
@@ -82,7 +82,7 @@ class CineMAClassifier(nn.Module):
         self.n_classes = n_classes
         with torch.device("meta"):
             heads = {view: nn.Linear(backbone.embed_dim, n_classes) for view in HEAD_VIEWS}
-        self.pred_head_dict = nn.ModuleDict(heads).to_empty(device="cpu")
+        self.pred_head_dict = allocate(nn.ModuleDict(heads))
         # PyTorch's default Linear init (what CineMA's heads get), from a generator of their own
         generator = seeded_generator(seed, HEAD_GROUP)
         with torch.no_grad():

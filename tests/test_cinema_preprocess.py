@@ -13,6 +13,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from cmrfed.data import model_input as mi
 from cmrfed.data import preprocess as pp
 from cmrfed.data.layouts import SubjectFrames
 from cmrfed.data.nifti import read_nifti
@@ -203,7 +204,7 @@ def test_load_rescales_ed_and_es_together_and_pads_at_the_end():
     es = np.zeros((180, 150, 10), np.uint8)
     ed[0, 0, 0], ed[1, 0, 0] = 20, 200
     es[0, 0, 0], es[1, 0, 0] = 10, 250
-    out = pp.model_input(np.stack([ed, es]), (192, 192, 16))
+    out = mi.model_input(np.stack([ed, es]), (192, 192, 16))
     assert out.shape == (1, 2, 192, 192, 16) and out.dtype == np.float32
     # one min-max over both channels: min 0, max 250
     assert out[0, 0, 1, 0, 0] == np.float32(200) / np.float32(250)
@@ -215,18 +216,18 @@ def test_load_rescales_ed_and_es_together_and_pads_at_the_end():
 
 
 def test_windows_over_deep_stacks():
-    assert pp.window_starts(10, 16) == [0]
-    assert pp.window_starts(16, 16) == [0]
-    assert pp.window_starts(17, 16) == [0, 1]
-    assert pp.window_starts(24, 16) == [0, 8]
-    assert pp.window_starts(30, 16) == [0, 8, 14]
+    assert mi.window_starts(10, 16) == [0]
+    assert mi.window_starts(16, 16) == [0]
+    assert mi.window_starts(17, 16) == [0, 1]
+    assert mi.window_starts(24, 16) == [0, 8]
+    assert mi.window_starts(30, 16) == [0, 8, 14]
     stored = np.zeros((2, 192, 192, 20), np.uint8)
     stored[0, 0, 0, :] = np.arange(20) + 1
-    out = pp.model_input(stored, (192, 192, 16))
+    out = mi.model_input(stored, (192, 192, 16))
     assert out.shape == (2, 2, 192, 192, 16)  # windows [0, 16) and [4, 20)
     assert out[0, 0, 0, 0, 0] * 20 == pytest.approx(1) and out[1, 0, 0, 0, -1] == 1.0
     probs = np.array([[0.2, 0.8], [0.6, 0.4], [0.9, 0.1]])
-    np.testing.assert_allclose(pp.combine_windows(probs, np.array([0, 0, 1]), 2),
+    np.testing.assert_allclose(mi.combine_windows(probs, np.array([0, 0, 1]), 2),
                                [[0.4, 0.6], [0.9, 0.1]])
 
 

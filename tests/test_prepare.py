@@ -20,6 +20,7 @@ import pytest
 
 from cmrfed.atomic import sha256_file
 from cmrfed.cli import main
+from cmrfed.data import model_input as mi
 from cmrfed.data import preprocess as pp
 from cmrfed.data.layouts import read_subject, scan_dataset
 from cmrfed.data.nifti import from_sitk, read_nifti, to_sitk
@@ -711,7 +712,7 @@ def test_resample_and_crop_centre_on_lv():
     starts = tuple(pp.crop_start(c, n, 16) for c, n in zip(centre[:2], resampled.shape[:2], strict=False))
     cropped = pp.crop_in_plane(resampled, starts, (16, 16, 8))
     assert cropped.shape == (16, 16, 4) and cropped.sum() == resampled.sum()  # z never cropped
-    padded = pp.model_input(np.stack([cropped, cropped]).astype(np.uint8), (16, 16, 8))
+    padded = mi.model_input(np.stack([cropped, cropped]).astype(np.uint8), (16, 16, 8))
     assert padded.shape == (1, 2, 16, 16, 8) and not padded[..., 4:].any()
 
 

@@ -7,7 +7,7 @@ Shard layout (``format_version`` 2): root attrs ``format_version``, ``client``, 
 ``shape``, ``normalisation``, ``cmrfed_version``; one group ``/subjects/<subject_id>`` per subject
 with dataset ``image`` (2, x, y, z) uint8 (ED, ES; ``floor(255 v)`` of each volume rescaled to
 [0, 1], as CineMA stores them; x, y at most ``shape``, z every slice) and the subject's attrs.
-:func:`load_split` turns them into model inputs (:func:`cmrfed.data.preprocess.model_input`).
+:func:`load_split` turns them into model inputs (:func:`cmrfed.data.model_input.model_input`).
 Format 1 (float32, padded and cropped to ``shape``) is refused: re-run ``cmrfed prepare``.
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from cmrfed import __version__
 from cmrfed.atomic import sha256_file, write_json
-from cmrfed.data.preprocess import model_input
+from cmrfed.data.model_input import model_input
 from cmrfed.errors import DataError, UsageError
 from cmrfed.outputs import MANIFEST_KIND
 from cmrfed.paths import manifest_path, shard_path

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmrfed.data.preprocess import combine_windows
+from cmrfed.data.model_input import combine_windows
 from cmrfed.errors import DataError
 from cmrfed.faults import fault_point
 from cmrfed.fed.methods import REFERENCE, MethodSpec, Phase

@@ -1,7 +1,7 @@
 """Stacks deeper than the model's input depth: CineMA's z windows in training and evaluation.
 
 :func:`cmrfed.data.shards.load_split` gives one input row per ``--shape`` z-deep window of each
-subject (:func:`cmrfed.data.preprocess.window_starts`; half-overlapping, the last one ending at
+subject (:func:`cmrfed.data.model_input.window_starts`; half-overlapping, the last one ending at
 the last slice), for raw images and the frozen-trunk cache alike. As CineMA does,
 :meth:`cmrfed.fed.client.Client.predict` averages the class probabilities of a subject's windows,
 and :meth:`cmrfed.fed.client.Client.fit` trains on one uniformly drawn window per subject and

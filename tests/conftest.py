@@ -46,9 +46,9 @@ E2E_TIMEOUT_S = 900
 killed and resumed seven times takes minutes on two busy cores; a hang still fails."""
 
 
-SHARED_FEDERATION = {"federation", "runs"}
-"""Module fixtures of tests/test_flower.py that hold one running Flower federation: the tests using
-them run on one pytest-xdist worker (group ``flower-federation``), so it is started once."""
+SHARED_FEDERATION = {"runs"}
+"""Module fixtures of tests/test_flower.py that hold one Flower run: the tests using them run on
+one pytest-xdist worker (group ``flower-federation``), so it runs once."""
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # several test workers share the cores: one thread each,
     torch.set_num_threads(1)  # and the same in the subprocesses they start (bitwise comparisons)

@@ -2,8 +2,8 @@
 that stops everything it started (tests/test_flower.py, tests/test_flower_tls.py).
 
 Each process runs in a session of its own with its own FLWR_HOME and log file, from the test's
-environment (so the ServerApp and ClientApp import this checkout's cmrfed), with telemetry off
-and one thread per process.
+environment (so the ServerApp and ClientApp import this checkout's cmrfed), with telemetry off,
+one thread per process, and Flower's SuperExec polling for apps to start every 0.1 s.
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ class Processes:
         self.started: list[subprocess.Popen] = []
         bin_dir = str(Path(sys.executable).parent)
         self.env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
-                        FLWR_TELEMETRY_ENABLED="0", OMP_NUM_THREADS="1")
+                        FLWR_TELEMETRY_ENABLED="0", OMP_NUM_THREADS="1",
+                        # Flower's SuperExec looks for a new app to start every second by default
+                        FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1")
 
     def start(self, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
         log = self.root / f"{name}.log"

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -45,7 +46,7 @@ from cmrfed.fed.flower_config import (
     run_config_of,
     site_node_config,
 )
-from cmrfed.fed.flower_launch import COMPONENTS, run_flower, write_app
+from cmrfed.fed.flower_launch import COMPONENTS, write_app
 from cmrfed.fed.flower_server import check_shared_keys, serve
 from cmrfed.fed.inprocess import federate
 from cmrfed.fed.methods import resolve_method
@@ -203,6 +204,21 @@ def test_min_sites_must_be_reachable(tmp_path: Path) -> None:
             run_config_of(cfg, tmp_path / "RUN", sites=4, min_sites=bad)
 
 
+def _rounds_without_time(run: Path) -> list[dict]:
+    records = [json.loads(line) for line in paths.rounds_log_path(run).read_text().splitlines()]
+    for record in records:
+        record.pop("wall_s")
+    return records
+
+
+def _wait_until(condition, what: str, timeout_s: float = RUN_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
 # --- the loopback federation ---------------------------------------------------------------------
 def _toml(flat: dict) -> str:
     import tomli_w
@@ -230,6 +246,7 @@ class Federation:
 
     def __init__(self, prepared: Path, root: Path) -> None:
         self.prepared, self.root = prepared, root
+        root.mkdir(parents=True, exist_ok=True)
         self.processes = Processes(root)
         self.clients = list(load_manifest(prepared).clients)
         self.nodes: dict[str, subprocess.Popen] = {}
@@ -275,38 +292,70 @@ def _is_serverapp(process: psutil.Process) -> bool:
     return False
 
 
-@pytest.fixture(scope="module")
-def federation(cohort: Path, tmp_path_factory: pytest.TempPathFactory):
-    """One loopback federation for every run of this module that kills no SuperNode."""
-    deployed = Federation(cohort, tmp_path_factory.mktemp("federation"))
+@pytest.fixture
+def federation(cohort: Path, tmp_path: Path):
+    """A loopback federation of its own for one test (tests on other workers run theirs)."""
+    deployed = Federation(cohort, tmp_path / "federation")
     try:
         yield deployed
     finally:
         deployed.processes.stop()
 
 
+# A real SIGKILL of the ServerApp process after round 1 is logged but not checkpointed: the resumed
+# run redoes round 1 (every federated method is interrupted at its own point and resumed over the
+# same apps in tests/test_engines.py; each ServerApp here costs a Flower run of real processes).
+KILL = "federate.round-logged:1"
+ROUNDS = 2
+
+
 @pytest.fixture(scope="module")
-def runs(cohort: Path, federation: Federation, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The same duallora run twice: in-process, and over the loopback Flower federation."""
+def runs(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The same duallora run twice: in-process, and over a loopback Flower federation whose
+    ServerApp SIGKILLs itself after round 1 is logged (before its checkpoint) and which
+    `cmrfed flower run --resume` then finishes. One Flower run proves both that the Flower engine
+    trains what the in-process one trains and that a resumed Flower run is the uninterrupted one."""
     root = tmp_path_factory.mktemp("flower-runs")
-    cfg = FederateConfig(data=str(cohort), method="duallora", rounds=2, backbone="tiny", seed=3)
-    federate(cfg, root / "inprocess", device="cpu", console=_quiet())
-    started = time.perf_counter()
+    options = {"method": "duallora", "rounds": ROUNDS, "rank": 2, "seed": 4}
+    cfg = FederateConfig(data=str(cohort), backbone="tiny", **options)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as every Flower process runs (OMP_NUM_THREADS=1): bitwise equal
     try:
-        summary = run_flower(cfg, root / "flower", sites=len(federation.clients),
-                             superlink=federation.superlink, insecure=True, node_timeout_s=120.0,
-                             wait_s=RUN_TIMEOUT_S, console=_quiet())
+        federate(cfg, root / "inprocess", device="cpu", console=_quiet())
+    finally:
+        torch.set_num_threads(threads)
+    federation = Federation(cohort, root / "federation")
+    out = root / "flower"
+    args = [f"--{k}={v}" for k, v in options.items()] + ["--backbone=tiny", "--node-timeout", "120"]
+    log = root / "killed.log"
+    try:
+        with log.open("wb") as handle:
+            killed = subprocess.Popen(federation.command(out, *args), stdout=handle, stderr=subprocess.STDOUT,
+                                      env=dict(federation.processes.env, CMRFED_FAULT=KILL),
+                                      start_new_session=True)
+        _wait_until(lambda: paths.run_config_path(out).exists(), "the killed run to start")
+        _wait_until(lambda: not federation.serverapps(), "the ServerApp to kill itself")
+        os.killpg(killed.pid, signal.SIGKILL)  # the submitting client: it would stream until Flower
+        killed.wait(timeout=15)  # notices the dead ServerApp (its heartbeat), which we need not wait for
+        killed_info = json.loads(paths.run_config_path(out).read_text())
+        resumed = subprocess.run(federation.command(out, "--resume"), env=federation.processes.env,
+                                 capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     except Exception as exc:
-        raise AssertionError(f"the loopback Flower run failed: {exc}\n{federation.processes.logs()}") from exc
+        raise AssertionError(f"the loopback Flower run failed: {exc}\n{log.read_text()[-3000:]}\n"
+                             f"{federation.processes.logs()}") from exc
+    finally:
+        federation.processes.stop()
     for client in federation.clients:  # the sites' RUN-shaped folders, as each site keeps them
         shutil.copytree(paths.site_run_dir(federation.site_dir(client), "flower"),
                         paths.site_run_dir(root / f"site-{client}", "flower"))
-    return {"root": root, "cfg": cfg, "clients": federation.clients, "summary": summary,
-            "flower_s": time.perf_counter() - started}
+    return {"root": root, "cfg": cfg, "clients": federation.clients, "killed_info": killed_info}
 
 
 def test_flower_run_writes_the_same_run_folder(runs: dict) -> None:
+    """The killed run had recorded no result; the resumed one records the in-process run's."""
     flower, inprocess = runs["root"] / "flower", runs["root"] / "inprocess"
+    assert "result" not in runs["killed_info"]
     info = json.loads(paths.run_config_path(flower).read_text())
     reference = json.loads(paths.run_config_path(inprocess).read_text())
     assert info["config"] == reference["config"] | {"data": info["config"]["data"]}
@@ -314,33 +363,37 @@ def test_flower_run_writes_the_same_run_folder(runs: dict) -> None:
     assert info["data"]["manifest_sha256"] == reference["data"]["manifest_sha256"]
     assert info["backbone"] == reference["backbone"]
     assert info["engine"]["name"] == "flower"
-    assert info["result"]["completed_rounds"] == 2
+    assert info["result"]["completed_rounds"] == ROUNDS
+    cfg = runs["cfg"]
+    for key in ("completed_rounds", "best_round", "stopped", f"best_mean_val_{cfg.select}"):
+        assert info["result"].get(key) == reference["result"].get(key), key
     rounds = [json.loads(line) for line in paths.rounds_log_path(flower).read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2]
+    assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))  # round 1 once, though run twice
     for record, ref in zip(rounds, (json.loads(x) for x in paths.rounds_log_path(inprocess).read_text()
                                     .splitlines()), strict=True):
+        assert record["participants"] == ref["participants"] and record["failed"] == ref["failed"] == {}
         for client, entry in record["clients"].items():
             # bytes are those of the ArrayRecords Flower carried: the tensors plus small headers
             assert entry["bytes_up"] >= 4 * entry["params_up"] > 0
-            assert entry["params_up"] == ref["clients"][client]["params_up"]
-            assert entry["train_loss"] == pytest.approx(ref["clients"][client]["train_loss"], abs=1e-5)
+            for key in ("train_loss", "val", "n_train", "params_up"):
+                assert entry[key] == ref["clients"][client][key], (record["round"], client, key)
 
 
 def test_flower_shared_and_private_tensors_equal_the_inprocess_ones(runs: dict) -> None:
+    """Bit for bit: the Flower processes and the in-process run train alike on one thread each,
+    and the resumed Flower run redid round 1 from the sites' own checkpoints."""
     flower, inprocess = runs["root"] / "flower", runs["root"] / "inprocess"
     for which in ("final", "best"):
         got = load_file(str(paths.shared_tensors_path(flower, which)))
         want = load_file(str(paths.shared_tensors_path(inprocess, which)))
         assert set(got) == set(want) and got
-        for key in want:
-            torch.testing.assert_close(got[key], want[key], atol=ATOL, rtol=0)
+        assert all(torch.equal(got[k], want[k]) for k in want), which
         for client in runs["clients"]:
             site_run = paths.site_run_dir(runs["root"] / f"site-{client}", flower.name)
             got = load_file(str(paths.private_tensors_path(site_run, client, which)))
             want = load_file(str(paths.private_tensors_path(inprocess, client, which)))
             assert set(got) == set(want) and got
-            for key in want:
-                torch.testing.assert_close(got[key], want[key], atol=ATOL, rtol=0)
+            assert all(torch.equal(got[k], want[k]) for k in want), (client, which)
     assert not (flower / "clients").exists()  # the server never wrote a private tensor
 
 
@@ -349,8 +402,9 @@ def test_no_private_tensor_ever_reached_the_server(runs: dict) -> None:
     wire_log = paths.wire_log_path(runs["root"] / "flower")
     entries = [json.loads(line) for line in wire_log.read_text().splitlines()]
     received = {key for e in entries if e["direction"] == "up" for key in e["keys"]}
-    assert len([e for e in entries if e["direction"] == "up" and e["message_type"] == "train"]) == \
-        2 * len(runs["clients"])
+    trained = Counter(e["round"] for e in entries if e["direction"] == "up" and e["message_type"] == "train")
+    sites = len(runs["clients"])  # round 1 trained by the killed ServerApp and again by the resumed one
+    assert trained == {1: 2 * sites, **{r: sites for r in range(2, ROUNDS + 1)}}
     private_keys = {key for client in runs["clients"]
                     for key in load_file(str(paths.private_tensors_path(runs["root"] / "inprocess", client)))}
     assert received and private_keys
@@ -378,76 +432,6 @@ def test_evaluate_reads_the_flower_run_once_sites_copy_their_private_tensors(run
 def _rows(path: Path) -> list[dict[str, str]]:
     with path.open(newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
-
-
-# --- a ServerApp killed mid-run, resumed -------------------------------------------------------------
-# one kill point per method (sampled to keep the suite's time), each a different moment of a round
-# A real SIGKILL of the ServerApp process after a round is logged but not checkpointed. Every
-# federated method is interrupted at its own point and resumed over the same apps in
-# tests/test_engines.py (each ServerApp here costs a Flower run of real processes).
-KILLS = {"duallora": "federate.round-logged:1"}
-
-
-def _rounds_without_time(run: Path) -> list[dict]:
-    records = [json.loads(line) for line in paths.rounds_log_path(run).read_text().splitlines()]
-    for record in records:
-        record.pop("wall_s")
-    return records
-
-
-def _wait_until(condition, what: str, timeout_s: float = RUN_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
-@pytest.mark.e2e
-@pytest.mark.parametrize("method", sorted(KILLS))
-def test_a_killed_serverapp_resumes_to_the_uninterrupted_run(cohort, federation, tmp_path, method):
-    """The ServerApp SIGKILLs itself at a fault point; `cmrfed flower run --resume` then continues
-    RUN from its checkpoint, the sites from their own, and ends where an uninterrupted Flower run
-    (the same apps over :class:`LoopbackGrid`) ends: tensors, rounds.jsonl and metrics."""
-    options = {"method": method, "rounds": 2, "rank": 2, "seed": 4}
-    cfg = FederateConfig(data=str(cohort), **options)
-    reference = tmp_path / "reference"
-    grid = LoopbackGrid([{"client": c, "prepared": str(cohort), "site-dir": str(tmp_path / f"site-{c}"),
-                          "device": "cpu"} for c in federation.clients])
-    serve(grid, run_config_of(cfg, reference, sites=len(federation.clients)), console=_quiet())
-
-    out = tmp_path / f"resumed-{method}"
-    args = [f"--{k}={v}" for k, v in options.items()] + ["--node-timeout", "120"]
-    log = tmp_path / "killed.log"
-    try:
-        with log.open("wb") as handle:
-            killed = subprocess.Popen(federation.command(out, *args), stdout=handle, stderr=subprocess.STDOUT,
-                                      env=dict(federation.processes.env, CMRFED_FAULT=KILLS[method]),
-                                      start_new_session=True)
-        _wait_until(lambda: paths.run_config_path(out).exists(), "the killed run to start")
-        _wait_until(lambda: not federation.serverapps(), "the ServerApp to kill itself")
-        os.killpg(killed.pid, signal.SIGKILL)  # the submitting client: it would stream until Flower
-        killed.wait(timeout=15)  # notices the dead ServerApp (its heartbeat), which we need not wait for
-        assert "result" not in json.loads(paths.run_config_path(out).read_text())
-        resumed = subprocess.run(federation.command(out, "--resume"), env=federation.processes.env,
-                                 capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-    except Exception as exc:
-        raise AssertionError(f"{exc}\n{log.read_text()[-3000:]}\n{federation.processes.logs()}") from exc
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-
-    for which in ("final", "best"):
-        want = load_file(str(paths.shared_tensors_path(reference, which)))
-        got = load_file(str(paths.shared_tensors_path(out, which)))
-        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), which
-        for client in federation.clients:
-            want = load_file(str(paths.private_tensors_path(
-                paths.site_run_dir(tmp_path / f"site-{client}", reference.name), client, which)))
-            got = load_file(str(paths.private_tensors_path(
-                paths.site_run_dir(federation.site_dir(client), out.name), client, which)))
-            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), client
-    assert _rounds_without_time(out) == _rounds_without_time(reference)
-    infos = [json.loads(paths.run_config_path(run).read_text()) for run in (out, reference)]
-    assert infos[0]["config"] == infos[1]["config"] and infos[0]["result"] == infos[1]["result"]
 
 
 # --- drop-outs: real SuperNodes killed mid-run ------------------------------------------------------
@@ -562,8 +546,7 @@ def test_a_restarted_supernode_rejoins_from_its_own_state(cohort, federation, tm
     under a new node id; the server knows it by its client name, and the site continues from the
     state it kept in its site folder (not a fresh init): the run ends with the uninterrupted run's
     final tensors. It is not asked in round 2 (so the others need not wait for it) and misses that
-    round's aggregate, which its round 3 train message carries. Runs last: it replaces a node of
-    the module's federation."""
+    round's aggregate, which its round 3 train message carries."""
     clients = federation.clients
     victim = clients[0]
     seed = next(s for s in range(100) if participants(clients, 1, s, 2) != [victim]

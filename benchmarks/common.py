@@ -3,7 +3,7 @@ around ``federate`` and markdown tables.
 
 The engine records one wall time per round. The benchmarks also need CPU time per round, the
 moment set-up ends and the time spent building or reading the frozen-trunk cache; rather than
-add benchmark hooks to the engine, :func:`probe_federate` wraps three of the functions it calls
+add benchmark hooks to the engine, :func:`timed_federate` wraps three of the functions it calls
 (``build_clients``, ``append_round``, ``load_or_compute``) for the duration of one run.
 """
 
@@ -31,7 +31,7 @@ from cmrfed.atomic import atomic_file
 from cmrfed.data.prepare import PrepareOptions, prepare
 from cmrfed.data.shards import load_manifest
 from cmrfed.data.synth import write_synthetic_cohort
-from cmrfed.fed import inprocess, task
+from cmrfed.fed import inprocess, rounds, task
 from cmrfed.fed.config import FederateConfig
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -208,7 +208,7 @@ def timed_federate(cfg: FederateConfig, out: Path, device: str = "cpu",
         return run
 
     with (_wrapped(inprocess, "build_clients", after_setup),
-          _wrapped(inprocess, "append_round", round_logged),
+          _wrapped(rounds, "append_round", round_logged),
           _wrapped(task, "load_or_compute", cache_timer)):
         inprocess.federate(cfg, out, device=device, overwrite=True, console=Console(quiet=True))
     timing.total = Stamp.now() - start

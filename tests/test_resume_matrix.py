@@ -17,9 +17,11 @@ selection on MCC) rather than take the defaults, so resume keeps being proven wi
 whatever the defaults become (this absorbed the in-process test_resume_recipe.py, whose interrupt
 was weaker than these kills).
 
-Under ``--precision bf16`` every method of the table runs a shorter chain (a fresh run killed after
-round 2's line is logged but before its checkpoint, so the resumed run recomputes round 2 in bf16;
-then ``--resume`` to the end): the bf16 forward and its cache must be just as deterministic.
+The ``--head local`` variant of every federated method, and every method under ``--precision
+bf16``, run a shorter chain: a fresh run killed after round 2's line is logged but before its
+checkpoint, so the resumed run recomputes round 2 from the checkpoint (the private head restored;
+the bf16 forward and its cache just as deterministic); then ``--resume`` to the end. The kill points
+themselves are the one round loop's, proven on every method by the full chain above.
 """
 
 from __future__ import annotations
@@ -59,7 +61,11 @@ KILL_CHAIN = (
     ("federate.round-logged:2", True),
     ("federate.final-write:1", True),
 )
-CHAINS = {"fp32": KILL_CHAIN, "bf16": (("federate.round-logged:2", False),)}
+SHORT_CHAIN = (("federate.round-logged:2", False),)
+
+
+def _chain(head: str, precision: str) -> tuple[tuple[str, bool], ...]:
+    return KILL_CHAIN if (head, precision) == ("shared", "fp32") else SHORT_CHAIN
 
 
 def _cli_args(prepared: Path, out: Path, method: str, head: str, precision: str) -> list[str]:
@@ -85,7 +91,7 @@ def test_resume_after_kills_at_every_point_equals_an_uninterrupted_run(small_pre
     inprocess.federate(cfg, reference, device="cpu", console=quiet_console())
 
     killed = tmp_path / "killed"
-    for fault, resume in CHAINS[precision]:
+    for fault, resume in _chain(head, precision):
         command = [sys.executable, "-m", "cmrfed.cli",
                    *_cli_args(small_prepared, killed, method, head, precision)]
         if resume:

@@ -33,7 +33,7 @@ FAST = {"rounds": 2, "local_epochs": 1, "batch_size": 8, "rank": 4, "lr": 5e-3}
 VARIANTS = [*((m, "shared") for m in METHODS), ("duallora", "local")]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def without_new_site(small_prepared, tmp_path_factory) -> Path:
     """The prepared data as the training sites hold it: the new site's shard is not there."""
     root = tmp_path_factory.mktemp("no-ge") / "prepared"
@@ -42,7 +42,7 @@ def without_new_site(small_prepared, tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def holdout_runs(without_new_site, tmp_path_factory) -> dict[tuple[str, str], Path]:
     root = tmp_path_factory.mktemp("holdout-runs")
     out = {}

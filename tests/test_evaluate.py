@@ -18,7 +18,7 @@ from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.inprocess import federate
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def finished_run(small_prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "dual"
     cfg = FederateConfig(data=str(small_prepared), method="duallora", rounds=2, rank=4, lr=5e-3)

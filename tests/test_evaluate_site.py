@@ -30,7 +30,7 @@ N_BOOT = 60
 POOLED_ONLY = ("cross_site", "created_by")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(small_prepared, tmp_path_factory):
     """One finished in-process run per method (and DualLoRA with a private head)."""
     root = tmp_path_factory.mktemp("site-eval-runs")

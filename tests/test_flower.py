@@ -226,7 +226,7 @@ def _toml(flat: dict) -> str:
     return tomli_w.dumps(flat)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("flower-cohort")
     write_synthetic_cohort(root / "raw", seed=0, subjects=8, shape=SHAPE)
@@ -309,7 +309,7 @@ KILL = "federate.round-logged:1"
 ROUNDS = 2
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The same duallora run twice: in-process, and over a loopback Flower federation whose
     ServerApp SIGKILLs itself after round 1 is logged (before its checkpoint) and which

@@ -54,7 +54,7 @@ def metadata_of(path: Path) -> dict[str, str]:
         return handle.metadata()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(small_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("pretrain") / "reference.safetensors"
     return pretrain(small_config(small_prepared), out, device="cpu", console=quiet_console())

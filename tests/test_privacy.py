@@ -61,7 +61,7 @@ def rounds_of(run: Path) -> list[dict]:
     return [json.loads(line) for line in paths.rounds_log_path(run).read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dp_run(small_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished DP duallora run (2 rounds, epsilon 3, class balancing with private counts)."""
     return federate(small_prepared, tmp_path_factory.mktemp("dp") / "run")
@@ -410,7 +410,7 @@ def test_dp_epsilon_alone_balances_classes_with_private_counts_and_records_it(sm
         assert plan["noise_multiplier"] < record["privacy"]["sites"][site]["noise_multiplier"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pretrained_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cohort at the grid the shipped tiny-pretrained backbone was trained on (64 x 64 x 8)."""
     from cmrfed.data.prepare import PrepareOptions, prepare

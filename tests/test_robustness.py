@@ -83,7 +83,7 @@ def dead_pid() -> int:
     return proc.pid
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def finished_run(small_prepared, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("finished") / "run"
     cfg = FederateConfig(data=str(small_prepared), method="fedlora", rounds=1, rank=2, seed=0)
@@ -187,7 +187,7 @@ def test_overwrite_builds_beside_and_swaps_when_done(finished_run, tmp_path):
 # ------------------------------------------------------------------------------------- case 2
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def flower_recipe(tmp_path_factory) -> Path:
     """The README's Flower recipe sizes: three of four clients have no test subjects."""
     root = tmp_path_factory.mktemp("recipe")

@@ -28,7 +28,7 @@ from cmrfed.study.config import load_study, parse_study
 from cmrfed.study.runner import run_study
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def gap_study(small_prepared, tmp_path_factory):
     root = tmp_path_factory.mktemp("participation")
     file = root / "gap.toml"

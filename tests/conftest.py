@@ -46,21 +46,39 @@ E2E_TIMEOUT_S = 900
 killed and resumed seven times takes minutes on two busy cores; a hang still fails."""
 
 
-SHARED_RESULTS = (
-    "runs",  # tests/test_flower.py (a Flower run, killed and resumed), tests/test_evaluate_site.py
-    "toy_study",  # this file: a study of every method
-    "cohort",  # tests/test_synth.py: the default cohort (tests/test_flower.py's: through ``runs``)
-    "without_new_site",  # tests/test_adapt.py (and ``holdout_runs``, built from it)
-    "dp_run", "pretrained_cohort",  # tests/test_privacy.py
-    "gap_study",  # tests/test_study_participation.py
-    "reference",  # tests/test_pretrain.py
-    "finished_run",  # tests/test_robustness.py, tests/test_evaluate.py
-)
-"""Session fixtures that cost a run or a study: every test using one (by fixture and the module
-that defines it; the first in this order) goes to one pytest-xdist worker (``--dist loadgroup``),
-so each is built once.
-Session scope, not module scope: a worker that interleaves modules would tear a module fixture
-down and build it again."""
+SHARED_FIXTURE_GROUPS = {
+    "test_flower.py": "flower",  # ``runs``: a Flower run, killed and resumed
+    "test_evaluate_site.py": "evaluate-site",  # ``runs``
+    "test_compare.py": "compare",  # ``runs``
+    "test_study.py": "toy-study",  # ``toy_study`` (this file): a study of every method
+    "test_report_browser.py": "toy-study",
+    "test_synth.py": "synth",  # ``cohort``
+    "test_adapt.py": "adapt",  # ``without_new_site``, ``holdout_runs``
+    "test_privacy.py": "privacy",  # ``dp_run``, ``pretrained_cohort``
+    "test_study_participation.py": "participation",  # ``gap_study``
+    "test_pretrain.py": "pretrain",  # ``reference``
+    "test_robustness.py": "robustness",  # ``finished_run``, ``flower_recipe``
+    "test_evaluate.py": "evaluate",  # ``finished_run``
+}
+"""Test modules whose session fixtures cost a run or a study, by the pytest-xdist work unit their
+tests share: a unit runs on one worker, so each such fixture is built once (every other test is a
+unit of its own). Session scope, not module scope: a worker that interleaves modules would tear a
+module fixture down and build it again."""
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Schedule tests one by one, except the modules of :data:`SHARED_FIXTURE_GROUPS`: pytest-xdist's
+    own ``--dist loadgroup`` no longer groups under pytest 9 (it renames ``item._nodeid``, which
+    pytest 9 no longer reads), so the grouping is done here, from the node ids."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = Path(nodeid.split("::", 1)[0]).name
+            return SHARED_FIXTURE_GROUPS.get(module, nodeid)
+
+    return SharedFixtureScheduling(config, log)
+
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # several test workers share the cores: one thread each,
     torch.set_num_threads(1)  # and the same in the subprocesses they start (bitwise comparisons)
@@ -70,24 +88,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # several test workers share the core
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        group = _shared_result_group(item)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
         if GENERATED & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("flower"):
             item.add_marker(pytest.mark.e2e)
         if item.get_closest_marker("e2e") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(E2E_TIMEOUT_S))
-
-
-def _shared_result_group(item: pytest.Item) -> str | None:
-    """``NAME@MODULE`` of the first :data:`SHARED_RESULTS` fixture ``item`` uses, else None."""
-    info = getattr(item, "_fixtureinfo", None)
-    used = set(getattr(item, "fixturenames", ()))
-    for name in (name for name in SHARED_RESULTS if name in used):
-        definitions = info.name2fixturedefs.get(name) if info is not None else None
-        where = definitions[-1].baseid if definitions else ""
-        return f"{name}@{where or 'conftest'}"
-    return None
 
 
 def quiet_console() -> Console:

@@ -36,7 +36,8 @@ SMALL_SPACING = (4.0, 4.0, 10.0)
 GENERATED = frozenset({
     "small_prepared",  # this file: the shared cohort, synthesised and prepared
     "prep_synth",  # tests/test_prepare.py: a synthetic cohort for prepare
-    "cohort",  # tests/test_synth.py (the default cohort) and tests/test_flower.py
+    "cohort",  # tests/test_synth.py: the default cohort
+    "flower_cohort",  # this file: the Flower tests' cohort
     "flower_recipe",  # tests/test_robustness.py: the Flower recipe's cohort, prepared
 })
 """Fixtures that build a generated cohort: every test using one is end to end."""
@@ -47,7 +48,7 @@ killed and resumed seven times takes minutes on two busy cores; a hang still fai
 
 
 SHARED_FIXTURE_GROUPS = {
-    "test_flower.py": "flower",  # ``runs``: a Flower run, killed and resumed
+    "test_flower_run.py": "flower-run",  # ``runs``: a Flower run, killed and resumed
     "test_evaluate_site.py": "evaluate-site",  # ``runs``
     "test_compare.py": "compare",  # ``runs``
     "test_study.py": "toy-study",  # ``toy_study`` (this file): a study of every method
@@ -110,6 +111,16 @@ def small_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ),
         console=quiet_console(),
     )
+    return root / "prepared"
+
+
+@pytest.fixture(scope="session")
+def flower_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared folder of two vendor sites (M&Ms-2, 8 subjects) at 32 x 32 x 4 for Flower runs."""
+    root = tmp_path_factory.mktemp("flower-cohort")
+    write_synthetic_cohort(root / "raw", seed=0, subjects=8, shape=SMALL_SHAPE)
+    prepare(PrepareOptions(out=root / "prepared", mnms2=root / "raw" / "mnms2", spacing=SMALL_SPACING,
+                           shape=SMALL_SHAPE), console=quiet_console())
     return root / "prepared"
 
 

@@ -1,5 +1,6 @@
 """Real Flower processes on loopback for the tests: free ports, a port to wait for, and a launcher
-that stops everything it started (tests/test_flower.py, tests/test_flower_tls.py).
+that stops everything it started, and a loopback federation of a prepared folder
+(tests/test_flower.py, tests/test_flower_run.py, tests/test_flower_tls.py).
 
 Each process runs in a session of its own with its own FLWR_HOME and log file, from the test's
 environment (so the ServerApp and ClientApp import this checkout's cmrfed), with telemetry off,
@@ -19,7 +20,11 @@ from pathlib import Path
 
 import psutil
 
+from cmrfed.data.shards import load_manifest
+from cmrfed.fed.flower_config import site_node_config
+
 START_TIMEOUT_S = 60.0
+RUN_TIMEOUT_S = 300.0
 
 
 def free_port() -> int:
@@ -89,3 +94,63 @@ class Processes:
     def logs(self) -> str:
         logs = sorted(self.root.glob("*.log"))
         return "\n".join(f"== {log.name}\n{log.read_text()[-2000:]}" for log in logs)
+
+
+def wait_until(condition, what: str, timeout_s: float = RUN_TIMEOUT_S) -> None:
+    """Until ``condition()`` holds; fails, naming ``what``, after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+class Federation:
+    """A SuperLink and one SuperNode per client of ``prepared`` on loopback, kept for several runs."""
+
+    def __init__(self, prepared: Path, root: Path) -> None:
+        self.prepared, self.root = prepared, root
+        root.mkdir(parents=True, exist_ok=True)
+        self.processes = Processes(root)
+        self.clients = list(load_manifest(prepared).clients)
+        self.nodes: dict[str, subprocess.Popen] = {}
+        self.port = free_port()
+        self.link, link_log = self.processes.start("superlink", [
+            "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+            "--host", "127.0.0.1", "--port", str(self.port)])
+        wait_for_port(self.port, self.link, link_log)
+        for client in self.clients:
+            self.start_node(client)
+
+    @property
+    def superlink(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def site_dir(self, client: str) -> Path:
+        return self.root / f"site-{client}"
+
+    def start_node(self, client: str) -> subprocess.Popen:
+        """A SuperNode for ``client``, always with the same node config (its restart too)."""
+        node_config = site_node_config(client, self.prepared, self.site_dir(client), device="cpu")
+        self.nodes[client], _ = self.processes.start(f"supernode-{client}-{len(self.processes.started)}", [
+            "flower-supernode", "--insecure", "--superlink", self.superlink,
+            "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config,
+            "--max-wait-time", str(START_TIMEOUT_S)])
+        return self.nodes[client]
+
+    def command(self, out: Path, *options: str) -> list[str]:
+        """`cmrfed flower run` of this federation, as the README documents it."""
+        return [sys.executable, "-m", "cmrfed.cli", "flower", "run", "--superlink", self.superlink,
+                "--insecure", "--sites", str(len(self.clients)), "--data", str(self.prepared),
+                "--out", str(out), *options]
+
+    def serverapps(self) -> list[psutil.Process]:
+        """The ServerApp processes the SuperLink has started and that are still alive."""
+        family = psutil.Process(self.link.pid).children(recursive=True)
+        return [p for p in family if is_serverapp(p)]
+
+
+def is_serverapp(process: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return any("flwr-serverapp" in part for part in process.cmdline())
+    return False

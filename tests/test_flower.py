@@ -1,25 +1,21 @@
-"""The Flower engine drives the same Client and FedAvg as the in-process engine.
+"""The Flower engine's pieces, and its runs surviving sites that fail.
 
-A real SuperLink and one SuperNode per client run on loopback (127.0.0.1, free ports); the run is
-submitted with the wrapper the README documents. The final shared tensors must equal the
-in-process engine's with the same seed, every site's private tensors must equal the in-process
-ones, no private tensor may ever reach the server, and ``evaluate`` must read the resulting RUN
-folder (once the sites' private tensors are copied in) exactly as it reads an in-process one.
+The run config, the app, site configs, the server's refusals, message TTLs and a site that missed
+an aggregate, in-process; then real SuperLinks and SuperNodes on loopback (127.0.0.1, free ports),
+each test with a federation of its own: a killed SuperNode survived with --min-sites, and a
+restarted one rejoining from its own state. The Flower run against the in-process one, killed and
+resumed: tests/test_flower_run.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 import tomllib
-from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -28,16 +24,22 @@ import pytest
 pytest.importorskip("flwr", reason="Flower is an optional extra: pip install 'cmrfed[flower]'")
 
 import torch
+from conftest import quiet_console
 from flower_loopback import LoopbackGrid, as_serverapp
-from flower_processes import START_TIMEOUT_S, Processes, free_port, wait_for_port
+from flower_processes import (
+    RUN_TIMEOUT_S,
+    START_TIMEOUT_S,
+    Federation,
+    Processes,
+    free_port,
+    wait_for_port,
+    wait_until,
+)
 from safetensors.torch import load_file
 
 from cmrfed import paths
-from cmrfed.data.prepare import PrepareOptions, prepare
 from cmrfed.data.shards import load_manifest
-from cmrfed.data.synth import write_synthetic_cohort
 from cmrfed.errors import DataError, UsageError
-from cmrfed.eval.evaluate_run import evaluate_run
 from cmrfed.fed.config import FederateConfig
 from cmrfed.fed.flower_config import (
     SiteConfig,
@@ -48,7 +50,6 @@ from cmrfed.fed.flower_config import (
 )
 from cmrfed.fed.flower_launch import COMPONENTS, write_app
 from cmrfed.fed.flower_server import check_shared_keys, serve
-from cmrfed.fed.inprocess import federate
 from cmrfed.fed.methods import resolve_method
 from cmrfed.fed.sampling import participants
 from cmrfed.fed.task import build_run_model
@@ -57,8 +58,6 @@ from cmrfed.model.classifier import param_group
 pytestmark = pytest.mark.flower
 
 SHAPE = (32, 32, 4)
-RUN_TIMEOUT_S = 300.0
-ATOL = 1e-5
 
 
 # --- fast checks of the pieces -------------------------------------------------------------------
@@ -204,21 +203,6 @@ def test_min_sites_must_be_reachable(tmp_path: Path) -> None:
             run_config_of(cfg, tmp_path / "RUN", sites=4, min_sites=bad)
 
 
-def _rounds_without_time(run: Path) -> list[dict]:
-    records = [json.loads(line) for line in paths.rounds_log_path(run).read_text().splitlines()]
-    for record in records:
-        record.pop("wall_s")
-    return records
-
-
-def _wait_until(condition, what: str, timeout_s: float = RUN_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
 # --- the loopback federation ---------------------------------------------------------------------
 def _toml(flat: dict) -> str:
     import tomli_w
@@ -226,212 +210,14 @@ def _toml(flat: dict) -> str:
     return tomli_w.dumps(flat)
 
 
-@pytest.fixture(scope="session")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("flower-cohort")
-    write_synthetic_cohort(root / "raw", seed=0, subjects=8, shape=SHAPE)
-    prepare(PrepareOptions(out=root / "prepared", mnms2=root / "raw" / "mnms2", spacing=(4.0, 4.0, 10.0),
-                           shape=SHAPE), console=_quiet())
-    return root / "prepared"
-
-
-def _quiet():
-    from rich.console import Console
-
-    return Console(quiet=True)
-
-
-class Federation:
-    """A SuperLink and one SuperNode per client of ``prepared`` on loopback, kept for several runs."""
-
-    def __init__(self, prepared: Path, root: Path) -> None:
-        self.prepared, self.root = prepared, root
-        root.mkdir(parents=True, exist_ok=True)
-        self.processes = Processes(root)
-        self.clients = list(load_manifest(prepared).clients)
-        self.nodes: dict[str, subprocess.Popen] = {}
-        self.port = free_port()
-        self.link, link_log = self.processes.start("superlink", [
-            "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1", "--port", str(self.port)])
-        wait_for_port(self.port, self.link, link_log)
-        for client in self.clients:
-            self.start_node(client)
-
-    @property
-    def superlink(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def site_dir(self, client: str) -> Path:
-        return self.root / f"site-{client}"
-
-    def start_node(self, client: str) -> subprocess.Popen:
-        """A SuperNode for ``client``, always with the same node config (its restart too)."""
-        node_config = site_node_config(client, self.prepared, self.site_dir(client), device="cpu")
-        self.nodes[client], _ = self.processes.start(f"supernode-{client}-{len(self.processes.started)}", [
-            "flower-supernode", "--insecure", "--superlink", self.superlink,
-            "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config,
-            "--max-wait-time", str(START_TIMEOUT_S)])
-        return self.nodes[client]
-
-    def command(self, out: Path, *options: str) -> list[str]:
-        """`cmrfed flower run` of this federation, as the README documents it."""
-        return [sys.executable, "-m", "cmrfed.cli", "flower", "run", "--superlink", self.superlink,
-                "--insecure", "--sites", str(len(self.clients)), "--data", str(self.prepared),
-                "--out", str(out), *options]
-
-    def serverapps(self) -> list[psutil.Process]:
-        """The ServerApp processes the SuperLink has started and that are still alive."""
-        family = psutil.Process(self.link.pid).children(recursive=True)
-        return [p for p in family if _is_serverapp(p)]
-
-
-def _is_serverapp(process: psutil.Process) -> bool:
-    with contextlib.suppress(psutil.Error):
-        return any("flwr-serverapp" in part for part in process.cmdline())
-    return False
-
-
 @pytest.fixture
-def federation(cohort: Path, tmp_path: Path):
+def federation(flower_cohort: Path, tmp_path: Path):
     """A loopback federation of its own for one test (tests on other workers run theirs)."""
-    deployed = Federation(cohort, tmp_path / "federation")
+    deployed = Federation(flower_cohort, tmp_path / "federation")
     try:
         yield deployed
     finally:
         deployed.processes.stop()
-
-
-# A real SIGKILL of the ServerApp process after round 1 is logged but not checkpointed: the resumed
-# run redoes round 1 (every federated method is interrupted at its own point and resumed over the
-# same apps in tests/test_engines.py; each ServerApp here costs a Flower run of real processes).
-KILL = "federate.round-logged:1"
-ROUNDS = 2
-
-
-@pytest.fixture(scope="session")
-def runs(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The same duallora run twice: in-process, and over a loopback Flower federation whose
-    ServerApp SIGKILLs itself after round 1 is logged (before its checkpoint) and which
-    `cmrfed flower run --resume` then finishes. One Flower run proves both that the Flower engine
-    trains what the in-process one trains and that a resumed Flower run is the uninterrupted one."""
-    root = tmp_path_factory.mktemp("flower-runs")
-    options = {"method": "duallora", "rounds": ROUNDS, "rank": 2, "seed": 4}
-    cfg = FederateConfig(data=str(cohort), backbone="tiny", **options)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as every Flower process runs (OMP_NUM_THREADS=1): bitwise equal
-    try:
-        federate(cfg, root / "inprocess", device="cpu", console=_quiet())
-    finally:
-        torch.set_num_threads(threads)
-    federation = Federation(cohort, root / "federation")
-    out = root / "flower"
-    args = [f"--{k}={v}" for k, v in options.items()] + ["--backbone=tiny", "--node-timeout", "120"]
-    log = root / "killed.log"
-    try:
-        with log.open("wb") as handle:
-            killed = subprocess.Popen(federation.command(out, *args), stdout=handle, stderr=subprocess.STDOUT,
-                                      env=dict(federation.processes.env, CMRFED_FAULT=KILL),
-                                      start_new_session=True)
-        _wait_until(lambda: paths.run_config_path(out).exists(), "the killed run to start")
-        _wait_until(lambda: not federation.serverapps(), "the ServerApp to kill itself")
-        os.killpg(killed.pid, signal.SIGKILL)  # the submitting client: it would stream until Flower
-        killed.wait(timeout=15)  # notices the dead ServerApp (its heartbeat), which we need not wait for
-        killed_info = json.loads(paths.run_config_path(out).read_text())
-        resumed = subprocess.run(federation.command(out, "--resume"), env=federation.processes.env,
-                                 capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    except Exception as exc:
-        raise AssertionError(f"the loopback Flower run failed: {exc}\n{log.read_text()[-3000:]}\n"
-                             f"{federation.processes.logs()}") from exc
-    finally:
-        federation.processes.stop()
-    for client in federation.clients:  # the sites' RUN-shaped folders, as each site keeps them
-        shutil.copytree(paths.site_run_dir(federation.site_dir(client), "flower"),
-                        paths.site_run_dir(root / f"site-{client}", "flower"))
-    return {"root": root, "cfg": cfg, "clients": federation.clients, "killed_info": killed_info}
-
-
-def test_flower_run_writes_the_same_run_folder(runs: dict) -> None:
-    """The killed run had recorded no result; the resumed one records the in-process run's."""
-    flower, inprocess = runs["root"] / "flower", runs["root"] / "inprocess"
-    assert "result" not in runs["killed_info"]
-    info = json.loads(paths.run_config_path(flower).read_text())
-    reference = json.loads(paths.run_config_path(inprocess).read_text())
-    assert info["config"] == reference["config"] | {"data": info["config"]["data"]}
-    assert info["clients"] == reference["clients"]
-    assert info["data"]["manifest_sha256"] == reference["data"]["manifest_sha256"]
-    assert info["backbone"] == reference["backbone"]
-    assert info["engine"]["name"] == "flower"
-    assert info["result"]["completed_rounds"] == ROUNDS
-    cfg = runs["cfg"]
-    for key in ("completed_rounds", "best_round", "stopped", f"best_mean_val_{cfg.select}"):
-        assert info["result"].get(key) == reference["result"].get(key), key
-    rounds = [json.loads(line) for line in paths.rounds_log_path(flower).read_text().splitlines()]
-    assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))  # round 1 once, though run twice
-    for record, ref in zip(rounds, (json.loads(x) for x in paths.rounds_log_path(inprocess).read_text()
-                                    .splitlines()), strict=True):
-        assert record["participants"] == ref["participants"] and record["failed"] == ref["failed"] == {}
-        for client, entry in record["clients"].items():
-            # bytes are those of the ArrayRecords Flower carried: the tensors plus small headers
-            assert entry["bytes_up"] >= 4 * entry["params_up"] > 0
-            for key in ("train_loss", "val", "n_train", "params_up"):
-                assert entry[key] == ref["clients"][client][key], (record["round"], client, key)
-
-
-def test_flower_shared_and_private_tensors_equal_the_inprocess_ones(runs: dict) -> None:
-    """Bit for bit: the Flower processes and the in-process run train alike on one thread each,
-    and the resumed Flower run redid round 1 from the sites' own checkpoints."""
-    flower, inprocess = runs["root"] / "flower", runs["root"] / "inprocess"
-    for which in ("final", "best"):
-        got = load_file(str(paths.shared_tensors_path(flower, which)))
-        want = load_file(str(paths.shared_tensors_path(inprocess, which)))
-        assert set(got) == set(want) and got
-        assert all(torch.equal(got[k], want[k]) for k in want), which
-        for client in runs["clients"]:
-            site_run = paths.site_run_dir(runs["root"] / f"site-{client}", flower.name)
-            got = load_file(str(paths.private_tensors_path(site_run, client, which)))
-            want = load_file(str(paths.private_tensors_path(inprocess, client, which)))
-            assert set(got) == set(want) and got
-            assert all(torch.equal(got[k], want[k]) for k in want), (client, which)
-    assert not (flower / "clients").exists()  # the server never wrote a private tensor
-
-
-def test_no_private_tensor_ever_reached_the_server(runs: dict) -> None:
-    spec = resolve_method("duallora")
-    wire_log = paths.wire_log_path(runs["root"] / "flower")
-    entries = [json.loads(line) for line in wire_log.read_text().splitlines()]
-    received = {key for e in entries if e["direction"] == "up" for key in e["keys"]}
-    trained = Counter(e["round"] for e in entries if e["direction"] == "up" and e["message_type"] == "train")
-    sites = len(runs["clients"])  # round 1 trained by the killed ServerApp and again by the resumed one
-    assert trained == {1: 2 * sites, **{r: sites for r in range(2, ROUNDS + 1)}}
-    private_keys = {key for client in runs["clients"]
-                    for key in load_file(str(paths.private_tensors_path(runs["root"] / "inprocess", client)))}
-    assert received and private_keys
-    assert not received & private_keys
-    assert {param_group(key) for key in received} <= spec.shared
-    assert all(param_group(key) not in spec.private for e in entries for key in e["keys"])
-
-
-def test_evaluate_reads_the_flower_run_once_sites_copy_their_private_tensors(runs: dict) -> None:
-    flower, inprocess = runs["root"] / "flower", runs["root"] / "inprocess"
-    for client in runs["clients"]:
-        shutil.copytree(paths.site_run_dir(runs["root"] / f"site-{client}", flower.name), flower,
-                        dirs_exist_ok=True)
-    evaluate_run(flower, split="val", n_boot=20, device="cpu", console=_quiet())
-    evaluate_run(inprocess, split="val", n_boot=20, device="cpu", console=_quiet())
-    got = _rows(paths.predictions_path(flower))
-    want = _rows(paths.predictions_path(inprocess))
-    assert len(got) == len(want) > 0
-    for row, ref in zip(got, want, strict=True):
-        assert (row["subject"], row["client"], row["model"], row["label"]) == \
-            (ref["subject"], ref["client"], ref["model"], ref["label"])
-        assert float(row["probability"]) == pytest.approx(float(ref["probability"]), abs=1e-5)
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
 
 
 # --- drop-outs: real SuperNodes killed mid-run ------------------------------------------------------
@@ -541,7 +327,7 @@ def _logged_rounds(run: Path) -> list[int]:
 
 # --- a site rejoins: its SuperNode killed after round 1 and restarted -----------------------------
 @pytest.mark.e2e
-def test_a_restarted_supernode_rejoins_from_its_own_state(cohort, federation, tmp_path):
+def test_a_restarted_supernode_rejoins_from_its_own_state(flower_cohort, federation, tmp_path):
     """A SuperNode SIGKILLed after round 1 and restarted with the same node config comes back
     under a new node id; the server knows it by its client name, and the site continues from the
     state it kept in its site folder (not a fresh init): the run ends with the uninterrupted run's
@@ -552,11 +338,12 @@ def test_a_restarted_supernode_rejoins_from_its_own_state(cohort, federation, tm
     seed = next(s for s in range(100) if participants(clients, 1, s, 2) != [victim]
                 and participants(clients, 1, s, 3) == [victim])
     options = {"method": "duallora", "rounds": 3, "rank": 2, "seed": seed, "sites-per-round": 1}
-    cfg = FederateConfig(data=str(cohort), method="duallora", rounds=3, rank=2, seed=seed, sites_per_round=1)
+    cfg = FederateConfig(data=str(flower_cohort), method="duallora", rounds=3, rank=2, seed=seed,
+                         sites_per_round=1)
     reference = tmp_path / "reference"
-    grid = LoopbackGrid([{"client": c, "prepared": str(cohort), "site-dir": str(tmp_path / f"site-{c}"),
-                          "device": "cpu"} for c in clients])
-    serve(grid, run_config_of(cfg, reference, sites=len(clients)), console=_quiet())
+    grid = LoopbackGrid([{"client": c, "prepared": str(flower_cohort),
+                          "site-dir": str(tmp_path / f"site-{c}"), "device": "cpu"} for c in clients])
+    serve(grid, run_config_of(cfg, reference, sites=len(clients)), console=quiet_console())
 
     out = tmp_path / "rejoined"
     log = tmp_path / "cli.log"
@@ -565,7 +352,7 @@ def test_a_restarted_supernode_rejoins_from_its_own_state(cohort, federation, tm
             cli = subprocess.Popen(federation.command(out, *(f"--{k}={v}" for k, v in options.items()),
                                                       "--node-timeout", "120"),
                                    env=federation.processes.env, stdout=handle, stderr=subprocess.STDOUT)
-        _wait_until(lambda: _logged_rounds(out) == [1] or cli.poll() is not None, "round 1")
+        wait_until(lambda: _logged_rounds(out) == [1] or cli.poll() is not None, "round 1")
         _kill_tree(federation.nodes[victim])
         federation.start_node(victim)
         code = cli.wait(timeout=RUN_TIMEOUT_S)

@@ -171,8 +171,6 @@ def normalise_uint8(volume: np.ndarray) -> np.ndarray:
     return from_sitk(sitk.Cast(image * 255, sitk.sitkUInt8))
 
 
-
-
 @contextmanager
 def one_itk_thread() -> Iterator[None]:
     """Run SimpleITK on one thread: its resampling (scanline increments per thread region) and

@@ -6,16 +6,12 @@ step runs only the adapted blocks, and there the LoRA branch is no longer small 
 product by ``alpha / r``, and ``LoRALinear.forward`` adds each adapter's full-size output to the
 frozen output separately. Both are passes over (tokens x out) memory, and so are their backward
 counterparts. The proposals, applied here by replacing the method for the measurement only
-(cmrfed now uses ``stacked``; ``before`` and ``fused`` re-create its earlier forwards):
+(cmrfed now uses ``fused``; ``before`` re-creates the earlier two-pass forward for the comparison):
 
 - ``scale-rank``: scale the (tokens x r) intermediate instead of the (tokens x out) product
   (one line in ``LoRAAdapter.forward``; bit-identical when alpha / r is a power of two);
 - ``fused``: concatenate the active adapters' scaled rank-r products and add them to the frozen
-  output with one ``addmm`` (equal up to float rounding);
-- ``stacked``: as ``fused``, but the active adapters' A are stacked first, so ``x`` meets them in
-  one product and the scaling is one multiplication of the (tokens x sum r) intermediate
-  (``LoRALinear.forward``; equal up to float rounding). It matters most at small widths, where
-  a step is many small products (the demo's tiny encoder).
+  output with one ``addmm`` (``LoRALinear.forward``; equal up to float rounding).
 """
 
 from __future__ import annotations
@@ -23,7 +19,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -57,25 +52,10 @@ def forward_scale_rank(self: lora.LoRALinear, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def forward_fused(self: lora.LoRALinear, x: torch.Tensor) -> torch.Tensor:
-    """The forward before ``stacked``: one rank-r product per adapter, scaled, concatenated, and
-    added to the frozen output with one ``addmm``."""
-    out = F.linear(x, self.weight, self.bias)
-    active = [(name, adapter) for name, adapter in self.adapters.items()
-              if self.active_adapters is None or name in self.active_adapters]
-    if not active:
-        return out
-    low = torch.cat([F.linear(x, a.A) * self._scale(name, a, x) for name, a in active], dim=-1)
-    up = torch.cat([a.B for _, a in active], dim=1)
-    flat = torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), up.t())
-    return flat.view_as(out)
-
-
 VARIANTS: dict[str, Callable[[lora.LoRALinear, torch.Tensor], torch.Tensor]] = {
     "before": forward_two_pass,
     "scale-rank": forward_scale_rank,
-    "fused": forward_fused,
-    "stacked": lora.LoRALinear.forward,  # what cmrfed uses
+    "fused": lora.LoRALinear.forward,  # what cmrfed uses: all adapters in one addmm
 }
 
 
@@ -91,8 +71,7 @@ def lora_forward(variant: str) -> Iterator[None]:
 
 def micro(suite: Suite, size: str, batch: int = 8, repeats: int = 5) -> str:
     """The adapted blocks' train step (fwd, bwd, AdamW) and validation pass from cached tokens."""
-    cfg = replace(config(suite.prepared, size, 2, True, 1),
-                  backbone="tiny-pretrained" if size == "tiny" else size)
+    cfg = config(suite.prepared, size, 2, True, 1)
     run_model = build_run_model(cfg, suite.cohort.shape)
     model, start = run_model.model, run_model.start_block
     generator = torch.Generator().manual_seed(0)
@@ -176,7 +155,7 @@ def _variants_table(times: dict[tuple[str, str], list[float]],
 def rounds(suite: Suite, size: str, repeats: int, n_rounds: int) -> str:
     """Steady round times, plain and cached, with the earlier and the fused forward."""
     samples: dict[tuple[str, bool], list[float]] = {}
-    plan = [(v, c) for v in ("before", "stacked") for c in (False, True)]
+    plan = [(v, c) for v in ("before", "fused") for c in (False, True)]
     for repeat in range(repeats):
         for variant, cache in plan if repeat % 2 == 0 else list(reversed(plan)):
             with lora_forward(variant):
@@ -185,7 +164,7 @@ def rounds(suite: Suite, size: str, repeats: int, n_rounds: int) -> str:
             samples.setdefault((variant, cache), []).extend(r.cpu for r in timing.steady_rounds)
             suite.console.log(f"lora {variant} cache={cache}: {[round(r.wall, 2) for r in timing.rounds]} s")
     rows = []
-    for variant in ("before", "stacked"):
+    for variant in ("before", "fused"):
         plain, cached = median(samples[(variant, False)]), median(samples[(variant, True)])
         rows.append([variant, f"{plain:.2f}", f"{cached:.2f}", f"{plain / cached:.2f}x"])
     return markdown_table(["LoRA forward", "plain CPU s / round", "cached CPU s / round",
@@ -199,9 +178,6 @@ def run(suite: Suite) -> str:
         "## LoRA forward: the cost the cache leaves\n\n"
         + (__doc__ or "").split("\n\n", 1)[1].replace("Run: ``python benchmarks/bench_lora.py "
                                                       "[--quick]``. ", "")
-        + "\n\n### The adapted blocks alone (the demo's tiny pretrained encoder, 2 blocks, duallora "
-        "rank 8, batch 8)\n\n"
-        + micro(suite, "tiny", repeats=15)
         + f"\n\n### The adapted blocks alone ({size}, 2 blocks, duallora rank 8, batch 8)\n\n"
         + micro(suite, size)
         + f"\n\n### Whole rounds ({size}, 2 blocks; {repeats} interleaved repeats x {n_rounds} rounds, "

@@ -49,6 +49,9 @@ killed and resumed seven times takes minutes on two busy cores; a hang still fai
 
 SHARED_FIXTURE_GROUPS = {
     "test_flower_run.py": "flower-run",  # ``runs``: a Flower run, killed and resumed
+    # mostly waiting on Flower's heartbeat (a SuperNode is found dead ~60 s after it dies), so one
+    # worker waits through them in turn while the others use the cores
+    "test_flower.py": "flower-failures",
     "test_evaluate_site.py": "evaluate-site",  # ``runs``
     "test_compare.py": "compare",  # ``runs``
     "test_study.py": "toy-study",  # ``toy_study`` (this file): a study of every method
@@ -66,19 +69,57 @@ tests share: a unit runs on one worker, so each such fixture is built once (ever
 unit of its own). Session scope, not module scope: a worker that interleaves modules would tear a
 module fixture down and build it again."""
 
+LONGEST_FIRST = ("flower-failures", "toy-study", "privacy", "flower-run", "participation",
+                 "test_flower_tls.py", "test_learning.py", "adapt", "robustness", "pretrain")
+"""The longest work units, longest first (measured: ``pytest --durations``). Workers take units in
+this order, then the rest, largest first: the longest-first rule, so the suite does not end on
+one worker still running a long unit that started late."""
+
+
+def work_unit(nodeid: str) -> str:
+    """The pytest-xdist work unit of a test: its module's group, else the test itself."""
+    module = Path(nodeid.split("::", 1)[0]).name
+    return SHARED_FIXTURE_GROUPS.get(module, nodeid)
+
+
+def _unit_rank(unit: str, nodeid: str) -> int:
+    module = Path(nodeid.split("::", 1)[0]).name
+    for rank, name in enumerate(LONGEST_FIRST):
+        if name in (unit, module):
+            return rank
+    return len(LONGEST_FIRST)
+
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """Schedule tests one by one, except the modules of :data:`SHARED_FIXTURE_GROUPS`: pytest-xdist's
     own ``--dist loadgroup`` no longer groups under pytest 9 (it renames ``item._nodeid``, which
-    pytest 9 no longer reads), so the grouping is done here, from the node ids."""
+    pytest 9 no longer reads), so the grouping is done here, from the node ids. Units are handed
+    out in collection order, which :func:`order_longest_first` has set."""
     from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False  # keep the order set at collection
 
     class SharedFixtureScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module = Path(nodeid.split("::", 1)[0]).name
-            return SHARED_FIXTURE_GROUPS.get(module, nodeid)
+            return work_unit(nodeid)
 
     return SharedFixtureScheduling(config, log)
+
+
+def order_longest_first(items: list[pytest.Item]) -> None:
+    """Reorder ``items`` by work unit: :data:`LONGEST_FIRST`, then the other units by their number
+    of tests (xdist's own rule), each unit's tests together and in their collected order."""
+    units: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        units.setdefault(work_unit(item.nodeid), []).append(index)
+
+    def key(index: int) -> tuple[int, int, int, int]:
+        nodeid = items[index].nodeid
+        unit = work_unit(nodeid)
+        members = units[unit]
+        return _unit_rank(unit, nodeid), -len(members), members[0], index
+
+    items[:] = [items[i] for i in sorted(range(len(items)), key=key)]
 
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # several test workers share the cores: one thread each,
@@ -93,6 +134,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e)
         if item.get_closest_marker("e2e") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(E2E_TIMEOUT_S))
+    order_longest_first(items)
 
 
 def quiet_console() -> Console:

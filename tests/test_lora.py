@@ -87,6 +87,14 @@ def test_output_is_base_plus_sum_of_active_adapters() -> None:
         assert torch.allclose(layer(x), plain, atol=1e-5)
         set_active_adapters(layer, None)
         assert torch.allclose(layer(x), plain + global_part + local_part, atol=1e-5)
+        # FedDPA's mix: a weight per batch row for one adapter, a number for the other
+        rows = torch.tensor([0.0, 0.5, 2.0])
+        set_active_adapters(layer, ["global", "local"], {"global": rows, "local": 0.25})
+        mixed = plain + rows.reshape(3, 1, 1) * global_part + 0.25 * local_part
+        assert torch.allclose(layer(x), mixed, atol=1e-5)
+        # plain weights on both
+        set_active_adapters(layer, ["global", "local"], {"global": 0.5, "local": 1.0})
+        assert torch.allclose(layer(x), plain + 0.5 * global_part + local_part, atol=1e-5)
     with pytest.raises(UsageError, match="unknown adapters"):
         set_active_adapters(layer, ["nope"])
 

@@ -69,11 +69,17 @@ tests share: a unit runs on one worker, so each such fixture is built once (ever
 unit of its own). Session scope, not module scope: a worker that interleaves modules would tear a
 module fixture down and build it again."""
 
-LONGEST_FIRST = ("flower-failures", "toy-study", "privacy", "flower-run", "participation",
-                 "test_flower_tls.py", "test_learning.py", "adapt", "robustness", "pretrain")
-"""The longest work units, longest first (measured: ``pytest --durations``). Workers take units in
-this order, then the rest, largest first: the longest-first rule, so the suite does not end on
-one worker still running a long unit that started late."""
+LONGEST_FIRST = (
+    "toy-study", "flower-failures", "privacy", "flower-run", "test_flower_tls.py", "participation",
+    "pretrain", "test_learning.py", "robustness", "test_demo.py", "evaluate-site", "adapt",
+    # modules of many single-test units, by their tests' length
+    "test_resume_matrix.py", "test_inspect.py", "test_engines.py", "test_federate.py",
+    "test_cli_options.py", "test_sampling.py",
+)
+"""The longest work units (or modules of long single tests), longest first, as measured with
+``pytest --durations=0``. Workers take units in this order, then the rest, largest first: the
+longest-first rule, so the suite ends on short tests rather than on one worker still running a
+long unit that started late."""
 
 
 def work_unit(nodeid: str) -> str:

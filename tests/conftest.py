@@ -69,8 +69,16 @@ tests share: a unit runs on one worker, so each such fixture is built once (ever
 unit of its own). Session scope, not module scope: a worker that interleaves modules would tear a
 module fixture down and build it again."""
 
+OWN_UNITS = frozenset({
+    # builds its own study of every method and kills it seven times: no ``toy_study``
+    "test_study.py::test_study_killed_at_every_point_resumes_to_the_uninterrupted_result",
+})
+"""Tests of a grouped module that use none of its costly fixtures and are long enough to be a work
+unit of their own (``module::test``), so the rest of their module does not wait behind them."""
+
 LONGEST_FIRST = (
-    "toy-study", "flower-failures", "privacy", "flower-run", "test_flower_tls.py", "participation",
+    "toy-study", "flower-failures", *sorted(OWN_UNITS), "privacy", "flower-run", "test_flower_tls.py",
+    "participation",
     "pretrain", "test_learning.py", "robustness", "test_demo.py", "evaluate-site", "adapt",
     # modules of many single-test units, by their tests' length
     "test_resume_matrix.py", "test_inspect.py", "test_engines.py", "test_federate.py",
@@ -82,16 +90,26 @@ longest-first rule, so the suite ends on short tests rather than on one worker s
 long unit that started late."""
 
 
+def _short_id(nodeid: str) -> tuple[str, str]:
+    """(module file name, ``module::test`` without parameters) of a node id."""
+    path, _, test = nodeid.partition("::")
+    module = Path(path).name
+    return module, f"{module}::{test.split('[', 1)[0]}"
+
+
 def work_unit(nodeid: str) -> str:
-    """The pytest-xdist work unit of a test: its module's group, else the test itself."""
-    module = Path(nodeid.split("::", 1)[0]).name
+    """The pytest-xdist work unit of a test: its module's group (unless it is one of
+    :data:`OWN_UNITS`), else the test itself."""
+    module, short = _short_id(nodeid)
+    if short in OWN_UNITS:
+        return nodeid
     return SHARED_FIXTURE_GROUPS.get(module, nodeid)
 
 
 def _unit_rank(unit: str, nodeid: str) -> int:
-    module = Path(nodeid.split("::", 1)[0]).name
+    names = (unit, *_short_id(nodeid))
     for rank, name in enumerate(LONGEST_FIRST):
-        if name in (unit, module):
+        if name in names:
             return rank
     return len(LONGEST_FIRST)
 
@@ -115,6 +133,11 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 def order_longest_first(items: list[pytest.Item]) -> None:
     """Reorder ``items`` by work unit: :data:`LONGEST_FIRST`, then the other units by their number
     of tests (xdist's own rule), each unit's tests together and in their collected order."""
+    modules = {_short_id(item.nodeid)[0] for item in items}
+    shorts = {_short_id(item.nodeid)[1] for item in items}
+    stale = sorted(name for name in OWN_UNITS if name.split("::")[0] in modules and name not in shorts)
+    if stale:
+        raise pytest.UsageError(f"OWN_UNITS in tests/conftest.py names tests that do not exist: {stale}")
     units: dict[str, list[int]] = {}
     for index, item in enumerate(items):
         units.setdefault(work_unit(item.nodeid), []).append(index)

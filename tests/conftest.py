@@ -138,15 +138,14 @@ def order_longest_first(items: list[pytest.Item]) -> None:
     stale = sorted(name for name in OWN_UNITS if name.split("::")[0] in modules and name not in shorts)
     if stale:
         raise pytest.UsageError(f"OWN_UNITS in tests/conftest.py names tests that do not exist: {stale}")
-    units: dict[str, list[int]] = {}
-    for index, item in enumerate(items):
-        units.setdefault(work_unit(item.nodeid), []).append(index)
+    unit_of = [work_unit(item.nodeid) for item in items]
+    members: dict[str, list[int]] = {}
+    for index, unit in enumerate(unit_of):
+        members.setdefault(unit, []).append(index)
 
     def key(index: int) -> tuple[int, int, int, int]:
-        nodeid = items[index].nodeid
-        unit = work_unit(nodeid)
-        members = units[unit]
-        return _unit_rank(unit, nodeid), -len(members), members[0], index
+        unit = unit_of[index]
+        return _unit_rank(unit, items[index].nodeid), -len(members[unit]), members[unit][0], index
 
     items[:] = [items[i] for i in sorted(range(len(items)), key=key)]
 

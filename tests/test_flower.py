@@ -13,8 +13,6 @@ import contextlib
 import json
 import signal
 import subprocess
-import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -28,11 +26,7 @@ from conftest import quiet_console
 from flower_loopback import LoopbackGrid, as_serverapp
 from flower_processes import (
     RUN_TIMEOUT_S,
-    START_TIMEOUT_S,
     Federation,
-    Processes,
-    free_port,
-    wait_for_port,
     wait_until,
 )
 from safetensors.torch import load_file
@@ -46,7 +40,6 @@ from cmrfed.fed.flower_config import (
     config_text,
     federate_config_of,
     run_config_of,
-    site_node_config,
 )
 from cmrfed.fed.flower_launch import COMPONENTS, write_app
 from cmrfed.fed.flower_server import check_shared_keys, serve
@@ -248,41 +241,26 @@ def _victims(sites: list[str], per_round: int) -> tuple[int, str, str]:
 def test_a_killed_supernode_is_survived_with_min_sites_and_stops_the_run_below(small_prepared, tmp_path):
     sites = list(load_manifest(small_prepared).clients)
     seed, first, second = _victims(sites, 3)
-    processes = Processes(tmp_path)
     out = tmp_path / "run"
-    nodes = {}
+    federation = Federation(small_prepared, tmp_path)  # site folders: tmp_path / site-<client>
     try:
-        link_port = free_port()
-        link, link_log = processes.start("superlink", [
-            "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1", "--port", str(link_port)])
-        wait_for_port(link_port, link, link_log)
-        for client in sites:
-            node_config = site_node_config(client, small_prepared, tmp_path / f"site-{client}", device="cpu")
-            nodes[client], _ = processes.start(f"supernode-{client}", [
-                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config,
-                "--max-wait-time", str(START_TIMEOUT_S)])
-        command = [sys.executable, "-m", "cmrfed.cli", "flower", "run", "--superlink",
-                   f"127.0.0.1:{link_port}", "--insecure", "--sites", str(len(sites)), "--data",
-                   str(small_prepared), "--method", "duallora", "--rounds", "3", "--rank", "4",
-                   "--seed", str(seed), "--sites-per-round", "3", "--min-sites", "2",
-                   "--node-timeout", "150", "--out", str(out)]
+        command = federation.command(out, "--method", "duallora", "--rounds", "3", "--rank", "4",
+                                     "--seed", str(seed), "--sites-per-round", "3", "--min-sites", "2",
+                                     "--node-timeout", "150")
         cli_log = tmp_path / "cli.log"
         with cli_log.open("wb") as handle:
-            cli = subprocess.Popen(command, env=processes.env, stdout=handle, stderr=subprocess.STDOUT)
+            cli = subprocess.Popen(command, env=federation.processes.env, stdout=handle,
+                                   stderr=subprocess.STDOUT)
         # the marker: round 1 is in rounds.jsonl, so both victims have answered it
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not _logged_rounds(out) and cli.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: _logged_rounds(out) or cli.poll() is not None, "round 1")
         assert _logged_rounds(out) == [1], cli_log.read_text()[-3000:]
-        _kill_tree(nodes[first])
-        _kill_tree(nodes[second])
+        _kill_tree(federation.nodes[first])
+        _kill_tree(federation.nodes[second])
         code = cli.wait(timeout=RUN_TIMEOUT_S)
     except Exception as exc:
-        raise AssertionError(f"the drop-out run failed: {exc}\n{processes.logs()}") from exc
+        raise AssertionError(f"the drop-out run failed: {exc}\n{federation.processes.logs()}") from exc
     finally:
-        processes.stop()
+        federation.processes.stop()
     output = cli_log.read_text()
     # stopped cleanly, with a clear message, at round 3: only one of the three sites asked answered
     assert code == 1, output[-3000:]

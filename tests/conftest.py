@@ -48,10 +48,13 @@ killed and resumed seven times takes minutes on two busy cores; a hang still fai
 
 
 SHARED_FIXTURE_GROUPS = {
-    "test_flower_run.py": "flower-run",  # ``runs``: a Flower run, killed and resumed
-    # mostly waiting on Flower's heartbeat (a SuperNode is found dead ~60 s after it dies), so one
-    # worker waits through them in turn while the others use the cores
-    "test_flower.py": "flower-failures",
+    # Every Flower test mostly waits: on Flower's heartbeat (a SuperNode is found dead ~60 s after
+    # it dies), on SuperLinks and SuperNodes starting, on a ClientApp process per message. One
+    # worker waits through all of them in turn while the other two keep both cores busy; two
+    # workers waiting at once left a core idle (measured: 157 % of 2 cores over the whole run).
+    "test_flower.py": "flower",
+    "test_flower_run.py": "flower",  # ``runs``: a Flower run, killed and resumed
+    "test_flower_tls.py": "flower",
     "test_evaluate_site.py": "evaluate-site",  # ``runs``
     "test_compare.py": "compare",  # ``runs``
     "test_study.py": "toy-study",  # ``toy_study`` (this file): a study of every method
@@ -77,8 +80,7 @@ OWN_UNITS = frozenset({
 unit of their own (``module::test``), so the rest of their module does not wait behind them."""
 
 LONGEST_FIRST = (
-    "toy-study", "flower-failures", *sorted(OWN_UNITS), "privacy", "flower-run", "test_flower_tls.py",
-    "participation",
+    "flower", "toy-study", *sorted(OWN_UNITS), "privacy", "participation",
     "pretrain", "test_learning.py", "robustness", "test_demo.py", "evaluate-site", "adapt",
     # modules of many single-test units, by their tests' length
     "test_resume_matrix.py", "test_inspect.py", "test_engines.py", "test_federate.py",

@@ -22,6 +22,7 @@ from cmrfed.errors import DataError
 from cmrfed.faults import fault_point
 from cmrfed.fed.methods import REFERENCE, MethodSpec, Phase
 from cmrfed.fed.mixing import DEFAULT_K, DEFAULT_SCALE, MIXING_RULES, REFERENCE_STREAM, state_group
+from cmrfed.fed.optimizer import AdamW
 from cmrfed.fed.privacy import SitePlan
 from cmrfed.fed.schedule import LrSchedule
 from cmrfed.fed.strategy import FitResult, TensorState
@@ -302,7 +303,7 @@ class Client:
         cfg = self.config
         params = self._activate(model, groups)
         set_active_adapters(model, phase.adapters, dict(phase.mix or ()))
-        optimizer = torch.optim.AdamW(
+        optimizer = AdamW(
             self._param_groups(model, params), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
         )
         schedule = cfg.schedule or LrSchedule(kind="constant", lr=cfg.lr)

@@ -21,6 +21,7 @@ import bench_comm
 import bench_dp
 import bench_lora
 import bench_memory
+import bench_optimizer
 import bench_precision
 import bench_probe
 import bench_scaling
@@ -30,8 +31,8 @@ from rich.rule import Rule
 
 # the cheap, load-insensitive table first. Standalone only: bench_gpu (a prepared GPU script) and
 # bench_demo (whole demos, one variant per invocation).
-MODULES = (bench_comm, bench_cache, bench_augment, bench_lora, bench_scaling, bench_memory, bench_precision,
-           bench_probe, bench_dp)
+MODULES = (bench_comm, bench_optimizer, bench_cache, bench_augment, bench_lora, bench_scaling, bench_memory,
+           bench_precision, bench_probe, bench_dp)
 
 
 def main() -> None:

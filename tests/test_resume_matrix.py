@@ -1,7 +1,8 @@
 """``federate --resume`` after a SIGKILL at every kill point, for every row of the method table.
 
-Each case kills a real ``cmrfed federate`` subprocess at deterministic points (``CMRFED_FAULT``,
-see cmrfed/faults.py), one after the other, each time resuming what the previous kill left:
+Each case kills a real ``cmrfed federate`` process (tests/cli_process.py) at deterministic points
+(``CMRFED_FAULT``, see cmrfed/faults.py), one after the other, each time resuming what the previous
+kill left:
 
 1. a fresh run, killed in the middle of writing the checkpoint of round 2;
 2. ``--resume``, killed at its first local training step (round 2, after a checkpoint);
@@ -29,11 +30,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_process import run_cmrfed
 from conftest import assert_same_tensors, quiet_console, rounds_without_time
 
 from cmrfed import paths
@@ -92,12 +92,8 @@ def test_resume_after_kills_at_every_point_equals_an_uninterrupted_run(small_pre
 
     killed = tmp_path / "killed"
     for fault, resume in _chain(head, precision):
-        command = [sys.executable, "-m", "cmrfed.cli",
-                   *_cli_args(small_prepared, killed, method, head, precision)]
-        if resume:
-            command.append("--resume")
-        proc = subprocess.run(command, env={**os.environ, ENV: fault, "COLUMNS": "120"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+        args = _cli_args(small_prepared, killed, method, head, precision) + (["--resume"] if resume else [])
+        proc = run_cmrfed(args, env={**os.environ, ENV: fault, "COLUMNS": "120"}, timeout=300)
         assert proc.returncode == -signal.SIGKILL, (
             f"expected the run to be killed at {fault}; it exited {proc.returncode}:\n{proc.stderr}"
         )

@@ -14,14 +14,13 @@ import math
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_process import Finished, run_cmrfed
 from conftest import assert_same_tensors, quiet_console, study_text, tensor_files
 from safetensors.torch import load_file
 from scipy import stats as sps
@@ -257,13 +256,12 @@ KILL_CHAIN = (
 )
 
 
-def _study(args: list[str], fault: str | None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+def _study(args: list[str], fault: str | None) -> Finished:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("CMRFED_FAULT", None)
     if fault:
         env["CMRFED_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "cmrfed.cli", "study", *args], env=env,
-                          capture_output=True, text=True, timeout=600)
+    return run_cmrfed(["study", *args], env=env, timeout=600)
 
 
 def _rounds(out: Path) -> dict[str, list]:

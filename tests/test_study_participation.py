@@ -11,13 +11,12 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_process import run_cmrfed
 from conftest import SITE, participation_text, quiet_console
 from safetensors.torch import load_file
 
@@ -150,13 +149,12 @@ def test_study_killed_while_a_newcomer_adapts_resumes_to_the_same_numbers(small_
         reference = run_study(load_study(file), tmp_path / "reference", console=quiet_console())
     finally:
         torch.set_num_threads(threads)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "killed"
     for index, fault in enumerate(("study.newcomer-adapted:1", None)):
-        args = [sys.executable, "-m", "cmrfed.cli", "study", str(file), "--out", str(out)]
-        run = subprocess.run(args + (["--resume"] if index else []),
-                             env={**env, **({"CMRFED_FAULT": fault} if fault else {})},
-                             capture_output=True, text=True, timeout=600)
+        args = ["study", str(file), "--out", str(out)]
+        run = run_cmrfed(args + (["--resume"] if index else []),
+                         env={**env, **({"CMRFED_FAULT": fault} if fault else {})}, timeout=600)
         assert run.returncode == (-signal.SIGKILL if fault else 0), run.stderr[-3000:]
     doc = json.loads((paths.study_report_dir(out) / "report.json").read_text())
     assert doc["participation"] == json.loads(json.dumps(reference.report.document["participation"]))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import tempfile
 import time
@@ -35,8 +36,8 @@ from rich.console import Console
 
 from cmrfed import paths
 from cmrfed.demo import DEMO_JOBS, demo_paths, run_demo
-from cmrfed.study import template_text
 from cmrfed.study.timing import PHASES
+from cmrfed.templates import template_text
 
 NAME = "demo"
 TITLE = "cmrfed demo: where the time goes"
@@ -63,6 +64,7 @@ def study_text(variant: str, seeds: int | None, rounds: int | None) -> str:
         text = text.replace(f"seeds = {grid['seeds']}".replace("'", '"'), f"seeds = {kept}", 1)
         assert tomllib.loads(text)["grid"]["seeds"] == kept, "the demo template's seeds line moved"
     if variant == "before":
+        text = re.sub(r'^precision = ".*"\n', "", text, flags=re.M)  # the template's own line, if any
         return text.replace("[federate]\n", '[federate]\nprecision = "fp32"\n', 1)
     return text
 

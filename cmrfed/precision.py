@@ -26,6 +26,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import torch
+import torch.nn.functional as F
 
 from cmrfed.errors import UsageError
 
@@ -76,3 +77,28 @@ def in_precision(forward: Callable[..., torch.Tensor], precision: str,
         return out.float()
 
     return wrapped
+
+
+
+FLOAT32_ATTENTION_BELOW = 1024
+"""Sequences shorter than this many tokens attend in float32 on a CPU under bf16 (:func:`attention`)."""
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """``softmax(q k^T scale) v`` (scaled dot-product attention); on a CPU under bf16, in float32
+    for sequences shorter than :data:`FLOAT32_ATTENTION_BELOW` tokens.
+
+    PyTorch's CPU flash attention (forward + backward, one thread, AVX512-BF16) is slower in
+    bfloat16 than in float32 on short sequences and faster on long ones: 2.8x slower at 129 tokens
+    (the demo's tiny encoder: 8 x 3 heads of 32), 1.14x slower at 577, 0.86-0.92x at 1,025 and
+    0.83x at 2,305 (CineMA's 192 x 192 x 16 grid, 12 heads of 64). At 129 tokens it made a bf16
+    demo cell slower than fp32 (17.8-20.2 against 15.3 s CPU) although its matrix products ran
+    1.6-1.7x faster; with the attention in float32 the cell takes 13.3 s
+    (docs/precision.md). So below the crossover the attention runs in float32 (its
+    inputs cast up; the next linear layer casts its output down again) and only the linear products
+    run in bfloat16. On CUDA, bfloat16 flash attention is fast and runs as autocast decides.
+    """
+    if q.device.type == "cpu" and q.shape[-2] < FLOAT32_ATTENTION_BELOW and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)

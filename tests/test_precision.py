@@ -19,7 +19,17 @@ from cmrfed.fed.methods import METHODS
 from cmrfed.fed.privacy import per_sample_grads
 from cmrfed.fed.task import build_run_model, cache_key, load_client_data
 from cmrfed.model.classifier import param_group
-from cmrfed.precision import AUTO, BF16, FP32, autocast, in_precision, native_bf16, resolve_precision
+from cmrfed.precision import (
+    AUTO,
+    BF16,
+    FLOAT32_ATTENTION_BELOW,
+    FP32,
+    attention,
+    autocast,
+    in_precision,
+    native_bf16,
+    resolve_precision,
+)
 
 CPU = torch.device("cpu")
 # bfloat16 keeps 8 bits of mantissa (about 0.4 % per product); through the tiny encoder's blocks
@@ -128,3 +138,33 @@ def test_dp_trains_under_bf16_with_float32_per_sample_gradients_that_clip_to_the
 def test_autocast_refuses_an_unresolved_precision():
     with pytest.raises(ValueError, match="not resolved"):
         autocast(AUTO, CPU)
+
+
+def _qkv(tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(tokens)
+    return tuple(torch.randn(2, 3, tokens, 32, generator=generator).to(dtype) for _ in range(3))
+
+
+def test_short_sequences_attend_in_float32_on_a_cpu_under_bf16():
+    """Below FLOAT32_ATTENTION_BELOW tokens the attention is exactly float32 attention of the
+    bfloat16 inputs (the demo's 129 tokens: PyTorch's CPU bf16 flash attention is the slower one)."""
+    q, k, v = _qkv(129, torch.bfloat16)
+    with autocast(BF16, torch.device("cpu")):
+        out = attention(q, k, v, scale=32**-0.5)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=32**-0.5))
+    # and it is differentiable through the casts, as training needs
+    leaves = [t.float().requires_grad_() for t in _qkv(129, torch.float32)]
+    with autocast(BF16, torch.device("cpu")):
+        attention(*leaves, scale=32**-0.5).sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
+
+
+def test_long_sequences_and_fp32_attend_as_autocast_decides():
+    q, k, v = _qkv(FLOAT32_ATTENTION_BELOW, torch.bfloat16)
+    with autocast(BF16, torch.device("cpu")):
+        long = attention(q, k, v, scale=32**-0.5)
+    assert long.dtype == torch.bfloat16  # at and above the crossover bf16 is the faster one
+    q, k, v = _qkv(129, torch.float32)
+    with autocast(FP32, torch.device("cpu")):
+        assert torch.equal(attention(q, k, v, scale=0.1), F.scaled_dot_product_attention(q, k, v, scale=0.1))

@@ -31,6 +31,7 @@ from torch import nn
 
 from cmrfed.errors import DataError, UsageError
 from cmrfed.model.lora import adapter_group
+from cmrfed.precision import attention
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ class Attention(nn.Module):
         q = self.q(x).reshape(batch, n_tokens, self.n_heads, self.head_dim).transpose(1, 2)
         kv = self.kv(x).reshape(batch, n_tokens, 2, self.n_heads, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
+        out = attention(q, k, v, scale=self.head_dim**-0.5)
         return self.proj(out.transpose(1, 2).reshape(batch, n_tokens, dim))
 
 

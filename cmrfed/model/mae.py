@@ -47,6 +47,7 @@ from cmrfed.model.cinema import (
     patchify,
     sincos_pos_table,
 )
+from cmrfed.precision import attention
 from cmrfed.seeding import seeded_generator
 
 MASK_RATIO = 0.75
@@ -123,7 +124,7 @@ class CrossAttention(Attention):
         q = self.q(x).reshape(batch, n_q, self.n_heads, self.head_dim).transpose(1, 2)
         kv = self.kv(context).reshape(batch, n_k, 2, self.n_heads, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
+        out = attention(q, k, v, scale=self.head_dim**-0.5)
         return self.proj(out.transpose(1, 2).reshape(batch, n_q, dim))
 
 

@@ -295,7 +295,11 @@ def _plot_roc(c: Comparison, path: Path) -> None:
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")
         ax.set_aspect("equal")
-        ax.legend(fontsize="x-small", loc="lower right")
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize="x-small", loc="lower right")
+        else:  # a site without test subjects (or one class) has no curve: say so in its panel
+            ax.text(0.5, 0.5, "no ROC curve\n(no subjects of both classes)", ha="center",
+                    va="center", fontsize="small", color="0.4", transform=ax.transAxes)
     for ax in axes[len(c.clients):]:
         ax.set_visible(False)
     figure.suptitle("ROC per client (test subjects pooled over seeds)")

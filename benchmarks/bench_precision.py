@@ -69,8 +69,8 @@ def run(suite: Suite) -> str:
     lines = [f"{suite.cohort.describe()}. Method duallora, 2 adapted blocks, rank 8, E = 1, no augmentation, "
              f"{rounds} rounds per run, one run per precision; medians over the steady rounds (round 2 on). "
              f"This CPU computes bf16 natively: {native_bf16(CPU)} (so `--precision auto` is "
-             f"{'bf16' if native_bf16(CPU) else 'fp32'} here). The machine is shared with other jobs "
-             "and busy: the wall columns are noisy and the CPU columns less so; read the ratios.", "",
+             f"{'bf16' if native_bf16(CPU) else 'fp32'} here). Wall times also count any neighbours on "
+             "the machine (the load at start and end is above); the CPU columns do not. Read the ratios.", "",
              markdown_table(columns, rows)]
     return "\n".join(lines)
 

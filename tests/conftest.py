@@ -254,7 +254,9 @@ def rounds_without_time(run: Path) -> list[dict]:
 
 
 def study_text(prepared: Path, methods=("duallora", "fedlora", "ffalora"), blocks="[1, 2]",
-               seeds="[0, 1]", rounds: int = 2) -> str:
+               seeds="[0, 1]", rounds: int = 2, tail: str = '[report]\ntitle = "toy study"\n') -> str:
+    """A toy study file: tiny backbone, rank 2, ``rounds`` rounds of one local epoch; ``tail`` holds
+    the sections after [evaluate]."""
     return f"""
 [data]
 prepared = "{prepared}"
@@ -271,9 +273,7 @@ blocks = {blocks}
 ranks = [2]
 [evaluate]
 n-boot = 50
-[report]
-title = "toy study"
-"""
+{tail}"""
 
 
 @pytest.fixture(scope="session")
@@ -299,24 +299,5 @@ SITE = "canon"
 
 def participation_text(prepared: Path, holdout: str = SITE, seeds: str = "[0, 1]",
                        methods: tuple[str, ...] = ("duallora", "fedlora")) -> str:
-    return f"""
-[data]
-prepared = "{prepared}"
-[federate]
-backbone = "tiny"
-rounds = 2
-local-epochs = 1
-batch-size = 8
-device = "cpu"
-[grid]
-methods = {json.dumps(list(methods))}
-seeds = {seeds}
-blocks = [1]
-ranks = [2]
-[evaluate]
-n-boot = 50
-[participation]
-holdout = ["{holdout}"]
-[adapt]
-epochs = 2
-"""
+    return study_text(prepared, methods, blocks="[1]", seeds=seeds,
+                      tail=f'[participation]\nholdout = ["{holdout}"]\n[adapt]\nepochs = 2\n')

@@ -57,6 +57,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -183,7 +184,10 @@ def composed_epsilon(history: tuple[Mechanism, ...], delta: float,
 
     acc = create_accountant(mechanism=accountant)
     acc.history = list(history)
-    with warnings.catch_warnings():  # "optimal order is the largest alpha": a looser bound, still valid
+    # RDP may warn "optimal order is the largest alpha": a looser bound, still valid. PRV at a
+    # sample rate of 1 (the label-count release) takes log(1 - q) = -inf inside a np.where that
+    # then picks the other branch: numpy's divide warning, not a wrong number.
+    with warnings.catch_warnings(), np.errstate(divide="ignore"):
         warnings.simplefilter("ignore", UserWarning)
         return float(acc.get_epsilon(delta=delta, **_accountant_options(accountant)))
 

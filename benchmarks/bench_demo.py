@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import resource
 import tempfile
 import time
 import tomllib
 from pathlib import Path
 
 import torch
-from common import RESULTS_DIR, Machine, markdown_table, show, write_results
+from common import RESULTS_DIR, Machine, cpu_seconds, markdown_table, show, write_results
 from rich.console import Console
 
 from cmrfed import paths
@@ -77,18 +76,13 @@ def demo_rounds() -> int:
     return int(tomllib.loads(template_text("demo"))["federate"]["rounds"])
 
 
-def _children_cpu() -> float:
-    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    return sum(u.ru_utime + u.ru_stime for u in usage)
-
-
 def measure(variant: str, seeds: int | None, rounds: int | None, scratch: Path, console: Console) -> dict:
     """One whole demo; its phase table, elapsed wall and total CPU (this process and its workers)."""
     jobs = 1 if variant == "before" else DEMO_JOBS
-    cpu, wall = _children_cpu(), time.perf_counter()
+    cpu, wall = cpu_seconds(), time.perf_counter()
     text = study_text(variant, seeds, rounds)
     result = run_demo(scratch / "demo", study_text=text, jobs=jobs, console=console)
-    wall, cpu = time.perf_counter() - wall, _children_cpu() - cpu
+    wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
     record = json.loads(paths.study_record_path(result.out).read_text(encoding="utf-8"))
     cells = len(record["cells"])
     assert paths.study_report_dir(demo_paths(scratch / "demo")["study"]).exists()

@@ -23,14 +23,23 @@ level and reads the medians (the hypotheses unchanged).
 from __future__ import annotations
 
 import json
-import resource
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import RESULTS_DIR, CohortSpec, Machine, make_cohort, markdown_table, median, show, write_results
+from common import (
+    RESULTS_DIR,
+    CohortSpec,
+    Machine,
+    cpu_seconds,
+    make_cohort,
+    markdown_table,
+    median,
+    show,
+    write_results,
+)
 from rich.console import Console
 
 from cmrfed import paths
@@ -80,11 +89,6 @@ n-boot = 100
 """
 
 
-def _cpu() -> float:
-    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    return sum(u.ru_utime + u.ru_stime for u in usage)
-
-
 def _numbers(doc: object) -> object:
     if isinstance(doc, dict):
         return {k: _numbers(v) for k, v in doc.items() if k not in ("seconds_per_round", "versions")}
@@ -106,10 +110,10 @@ def measure(level: Level, scratch: Path) -> tuple[list[list[str]], float, list[f
     run_study(study, scratch / "warm", jobs=1, console=Console(quiet=True))  # builds the cache
     for repeat in range(REPEATS):
         for jobs in (1, 2):
-            cpu, wall = _cpu(), time.perf_counter()
+            cpu, wall = cpu_seconds(), time.perf_counter()
             result = run_study(study, scratch / f"jobs{jobs}-{repeat}", jobs=jobs,
                                console=Console(quiet=True))
-            wall, cpu = time.perf_counter() - wall, _cpu() - cpu
+            wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
             reports.append(_numbers(json.loads((result.report.out / "report.json").read_text())))
             record = json.loads(paths.study_record_path(result.out).read_text())
             runs[jobs].append((wall, cpu, sum(p["cpu_s"] for p in record["timings"].values())))

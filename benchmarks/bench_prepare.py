@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
 
-from common import Machine, markdown_table, write_results
+from common import Machine, cpu_seconds, markdown_table, write_results
 from rich.console import Console
 from rich.table import Table
 
@@ -30,13 +29,6 @@ COLUMNS = ("workers", "subjects", "wall s", "subjects / s", "speed-up vs first",
 
 def _triple(text: str, kind: type) -> tuple:
     return tuple(kind(v) for v in text.split(","))
-
-
-def _cpu_seconds() -> float:
-    """User + system CPU time of this process and its finished children (the pool's workers):
-    unlike wall time, it does not depend on what else the machine is running."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def main() -> None:
@@ -61,9 +53,9 @@ def main() -> None:
                 mnms2=cohort / "mnms2", spacing=_triple(args.spacing, float), shape=_triple(args.shape, int),
                 workers=workers,
             )
-            cpu_before, start = _cpu_seconds(), time.perf_counter()
+            cpu_before, start = cpu_seconds(), time.perf_counter()
             result = prepare(options, console=Console(quiet=True))
-            seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_before
+            seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_before
             size = sum(path.stat().st_size for path in (options.out / SHARDS_DIR).glob("*.h5"))
             rows.append((workers, len(result.manifest["subjects"]), seconds, cpu, size,
                          result.manifest["shards"]))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import h5py
 import numpy as np
 import SimpleITK as sitk
 import torch
-from common import Machine, markdown_table, write_results
+from common import Machine, cpu_seconds, markdown_table, write_results
 from rich.console import Console
 from rich.table import Table
 
@@ -37,11 +36,6 @@ SITE = "bench"
 
 def _triple(text: str, kind: type) -> tuple:
     return tuple(kind(v) for v in text.split(","))
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _nifti_twin(site: Path) -> Path:
@@ -97,9 +91,9 @@ def main() -> None:
         for name, table in tables.items():
             options = PrepareOptions(out=Path(scratch) / f"prepared-{name}", csv=(table,),
                                      spacing=_triple(args.spacing, float), shape=_triple(args.shape, int))
-            cpu_before, start = _cpu_seconds(), time.perf_counter()
+            cpu_before, start = cpu_seconds(), time.perf_counter()
             result = prepare(options, console=Console(quiet=True))
-            seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_before
+            seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_before
             subjects = len(result.manifest["subjects"])
             files = n_files / subjects if name == "DICOM" else 2
             rows.append((name, subjects, files, seconds, cpu))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
+import resource
 import shutil
 import statistics
 import time
@@ -213,6 +214,13 @@ def timed_federate(cfg: FederateConfig, out: Path, device: str = "cpu",
         inprocess.federate(cfg, out, device=device, overwrite=True, console=Console(quiet=True))
     timing.total = Stamp.now() - start
     return timing
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (a pool's or a study's
+    workers): unlike wall time, it does not depend on what else the machine is running."""
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
 
 
 def median(values: Sequence[float]) -> float:

@@ -79,7 +79,6 @@ def in_precision(forward: Callable[..., torch.Tensor], precision: str,
     return wrapped
 
 
-
 FLOAT32_ATTENTION_BELOW = 1024
 """Sequences shorter than this many tokens attend in float32 on a CPU under bf16 (:func:`attention`)."""
 
